@@ -1,0 +1,386 @@
+"""Configuration: frozen dataclasses, named presets, JSON round trip and overrides.
+
+Every number of the method lives here (see SPEC.md). The reference Torch release's option name
+stands beside ours where it had one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+PADDING_MODES = ("reflect", "symmetric", "zero")
+UPSAMPLING_MODES = ("bilinear", "nearest")
+ON_BAD_ANNOTATION = ("error", "skip")
+
+# The trunk's total stride: the four feature taps are at strides 2, 4, 8 and 16.
+TRUNK_STRIDE = 16
+
+
+def _fail(section: str, name: str, value: Any, why: str) -> None:
+    raise ValueError(f"{section}.{name} {why}. Received: {name}={value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: ResNet trunk, head C and the refinement modules."""
+
+    patch_size: int = 160  # iSz: side of the window the mask covers
+    context: int = 16  # extra context on every side; the network sees patch_size + 2*context
+    trunk_blocks: tuple[int, int, int] = (3, 4, 6)  # residual blocks in conv2_x, conv3_x, conv4_x
+    trunk_width: int = 64  # conv1 filters; every stage scales from it as in ResNet-50
+    padding: str = "reflect"  # padding of every 3x3/7x7 trunk conv: reflect | symmetric | zero
+    trunk_weights: Optional[str] = None  # None, "imagenet", or a Keras ResNet50 weights file
+    head_channels: int = 128  # the "F128" 1x1 reduction of conv4 features
+    object_dim: int = 512  # the object vector
+    mask_size: int = 56  # oSz: coarse mask logits side
+    score_hidden: int = 1024  # hidden units of the score branch
+    dropout: float = 0.5  # score branch dropout
+    refinement: bool = True  # SharpMask (True) or DeepMask only (False)
+    refine_k: int = 32  # k: mask channels entering R1, halved by every module
+    refine_skip_hidden: int = 64  # horizontal nets' first conv width (R1..R3)
+    refine_skip_hidden_last: int = 32  # horizontal net's first conv width at the finest stage (R4)
+    upsampling: str = "bilinear"  # refinement upsampling; the reference used nearest
+
+    def __post_init__(self) -> None:
+        s = "model"
+        if self.patch_size <= 0 or self.patch_size % TRUNK_STRIDE:
+            _fail(s, "patch_size", self.patch_size, f"must be a positive multiple of {TRUNK_STRIDE}")
+        if self.context < 0 or self.context % TRUNK_STRIDE:
+            _fail(s, "context", self.context, f"must be a non-negative multiple of {TRUNK_STRIDE}")
+        if len(self.trunk_blocks) != 3 or any(int(b) < 1 for b in self.trunk_blocks):
+            _fail(s, "trunk_blocks", self.trunk_blocks, "must be three positive block counts")
+        if self.trunk_width < 1:
+            _fail(s, "trunk_width", self.trunk_width, "must be positive")
+        if self.padding not in PADDING_MODES:
+            _fail(s, "padding", self.padding, f"must be one of {PADDING_MODES}")
+        for name in ("head_channels", "object_dim", "mask_size", "score_hidden"):
+            if getattr(self, name) < 1:
+                _fail(s, name, getattr(self, name), "must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail(s, "dropout", self.dropout, "must be in [0, 1)")
+        if self.refine_k < 16 or self.refine_k % 16:
+            _fail(s, "refine_k", self.refine_k, "must be a positive multiple of 16")
+        for name in ("refine_skip_hidden", "refine_skip_hidden_last"):
+            if getattr(self, name) < 1:
+                _fail(s, name, getattr(self, name), "must be positive")
+        if self.upsampling not in UPSAMPLING_MODES:
+            _fail(s, "upsampling", self.upsampling, f"must be one of {UPSAMPLING_MODES}")
+        object.__setattr__(self, "trunk_blocks", tuple(int(b) for b in self.trunk_blocks))
+
+    @property
+    def input_size(self) -> int:
+        """Side of the context-padded patch the network sees (192 for the paper)."""
+        return self.patch_size + 2 * self.context
+
+    @property
+    def feature_size(self) -> int:
+        """Side of the conv4 features over the window (10 for the paper)."""
+        return self.patch_size // TRUNK_STRIDE
+
+    @property
+    def refine_channels(self) -> tuple[int, ...]:
+        """Mask channels entering R1..R4 and leaving R4: k, k/2, k/4, k/8, k/16."""
+        return tuple(self.refine_k // 2**i for i in range(5))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Datasets and the patch sampler (SPEC.md section 3)."""
+
+    train_annotations: str = "data/synthetic/annotations/instances_train.json"
+    train_images: str = "data/synthetic/train"
+    val_annotations: str = "data/synthetic/annotations/instances_val.json"
+    val_images: str = "data/synthetic/val"
+    label_size: int = 112  # gSz: stage-1 label side; stage 2 uses the patch size
+    object_fraction: float = 128 / 224  # canonical object longest side / patch_size
+    scale_jitter: float = 0.25  # scale: log2 range of positive scale jitter
+    shift_jitter: float = 16.0  # shift: max centre jitter of positives, in px
+    negative_shift: float = 32.0  # negatives are at least this far (px) from every object ...
+    negative_scale: float = 1.0  # ... or this far in log2 scale from its canonical size
+    score_frequency: float = 0.5  # hfreq: probability that a stage-1 batch is score samples
+    flip_probability: float = 0.5  # horizontal flip
+    min_area: float = 100.0  # objects smaller than this (px^2) are not sampled
+    min_side: float = 5.0  # objects whose box side is under this are not sampled
+    on_bad_annotation: str = "skip"  # "error" raises; "skip" counts, logs and drops
+    num_parallel_calls: int = -1  # tf.data parallelism; -1 is AUTOTUNE
+    shuffle_buffer: int = 256  # image shuffling buffer
+    seed: int = 0  # sampler seed
+
+    def __post_init__(self) -> None:
+        s = "data"
+        if self.label_size < 1:
+            _fail(s, "label_size", self.label_size, "must be positive")
+        if not 0.0 < self.object_fraction <= 1.0:
+            _fail(s, "object_fraction", self.object_fraction, "must be in (0, 1]")
+        for name in ("scale_jitter", "shift_jitter", "negative_shift", "negative_scale"):
+            if getattr(self, name) < 0:
+                _fail(s, name, getattr(self, name), "must be non-negative")
+        for name in ("score_frequency", "flip_probability"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                _fail(s, name, getattr(self, name), "must be a probability in [0, 1]")
+        if self.on_bad_annotation not in ON_BAD_ANNOTATION:
+            _fail(s, "on_bad_annotation", self.on_bad_annotation, f"must be one of {ON_BAD_ANNOTATION}")
+        if self.num_parallel_calls == 0 or self.num_parallel_calls < -1:
+            _fail(s, "num_parallel_calls", self.num_parallel_calls, "must be -1 (AUTOTUNE) or positive")
+        if self.shuffle_buffer < 1:
+            _fail(s, "shuffle_buffer", self.shuffle_buffer, "must be positive")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The two-stage schedule (SPEC.md section 3)."""
+
+    batch_size: int = 32  # global batch, split across replicas
+    stage1_steps: int = 100_000  # DeepMask steps
+    stage2_steps: int = 50_000  # refinement steps
+    learning_rate: float = 1e-3  # stage 1 initial rate
+    lr_decay_rates: tuple[float, ...] = (5e-4, 1e-4)  # stage 1: 1e-3 -> 5e-4 -> 1e-4
+    lr_decay_at: tuple[float, ...] = (0.5, 0.8)  # ... at these fractions of stage1_steps
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    score_weight: float = 1 / 32  # weight of the score loss against the mask loss
+    stage2_learning_rate: float = 1e-3  # plain SGD on the refinement only
+    checkpoint_every: int = 500  # steps between checkpoints
+    validate_every: int = 1000  # steps between validations
+    val_patches: int = 256  # held-out jittered patches per validation
+    log_every: int = 50  # steps between TensorBoard scalars
+    mixed_precision: bool = False  # mixed_float16 compute, float32 variables
+    jit: bool = False  # XLA-compile the train step
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        s = "training"
+        for name in ("batch_size", "checkpoint_every", "validate_every", "val_patches", "log_every"):
+            if getattr(self, name) < 1:
+                _fail(s, name, getattr(self, name), "must be positive")
+        for name in ("stage1_steps", "stage2_steps"):
+            if getattr(self, name) < 0:
+                _fail(s, name, getattr(self, name), "must be non-negative")
+        for name in ("learning_rate", "stage2_learning_rate"):
+            if getattr(self, name) <= 0:
+                _fail(s, name, getattr(self, name), "must be positive")
+        if len(self.lr_decay_rates) != len(self.lr_decay_at):
+            _fail(s, "lr_decay_at", self.lr_decay_at, "must have one fraction per lr_decay_rates entry")
+        if list(self.lr_decay_at) != sorted(self.lr_decay_at) or any(
+            not 0 < f < 1 for f in self.lr_decay_at
+        ):
+            _fail(s, "lr_decay_at", self.lr_decay_at, "must be increasing fractions in (0, 1)")
+        if not 0 <= self.momentum < 1:
+            _fail(s, "momentum", self.momentum, "must be in [0, 1)")
+        if self.weight_decay < 0 or self.score_weight < 0:
+            _fail(s, "weight_decay", (self.weight_decay, self.score_weight), "and score_weight must be >= 0")
+        object.__setattr__(self, "lr_decay_rates", tuple(float(r) for r in self.lr_decay_rates))
+        object.__setattr__(self, "lr_decay_at", tuple(float(f) for f in self.lr_decay_at))
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Full-image proposals (SPEC.md section 4)."""
+
+    scale_min: float = -2.5  # log2 of the smallest pyramid scale
+    scale_max: float = 0.5  # log2 of the largest pyramid scale
+    scale_step: float = 0.5  # log2 step between scales
+    top_n: int = 500  # proposals kept
+    mask_threshold: float = 0.2  # binarisation threshold on mask probability
+    max_side: int = 1024  # images are downscaled so their longest side is at most this
+    nms_threshold: Optional[float] = None  # mask-IoU NMS threshold; None (the paper) is off
+    crop_size: int = 56  # side of the fixed-size mask crops returned beside boxes
+
+    def __post_init__(self) -> None:
+        s = "inference"
+        if self.scale_step <= 0:
+            _fail(s, "scale_step", self.scale_step, "must be positive")
+        if self.scale_max < self.scale_min:
+            _fail(s, "scale_max", self.scale_max, f"must be >= scale_min={self.scale_min}")
+        for name in ("top_n", "max_side", "crop_size"):
+            if getattr(self, name) < 1:
+                _fail(s, name, getattr(self, name), "must be positive")
+        if not 0.0 < self.mask_threshold < 1.0:
+            _fail(s, "mask_threshold", self.mask_threshold, "must be in (0, 1)")
+        if self.nms_threshold is not None and not 0.0 < self.nms_threshold <= 1.0:
+            _fail(s, "nms_threshold", self.nms_threshold, "must be None or in (0, 1]")
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """The pyramid's scale factors, smallest first."""
+        n = int(math.floor((self.scale_max - self.scale_min) / self.scale_step + 1e-6)) + 1
+        return tuple(2.0 ** (self.scale_min + i * self.scale_step) for i in range(n))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """SavedModel export for TensorFlow Serving."""
+
+    model_name: str = "sharpmask"  # the <model_name> directory under the base path
+    base_path: str = "exports"  # <base_path>/<model_name>/<version>/
+    version: int = 0  # 0 picks the next free version number
+    top_n: int = 100  # proposals returned per image by the serving signature
+    warmup_requests: int = 1  # requests written to assets.extra/tf_serving_warmup_requests
+
+    def __post_init__(self) -> None:
+        s = "export"
+        if not self.model_name or "/" in self.model_name:
+            _fail(s, "model_name", self.model_name, "must be a non-empty name without '/'")
+        if self.version < 0:
+            _fail(s, "version", self.version, "must be >= 0")
+        if self.top_n < 1:
+            _fail(s, "top_n", self.top_n, "must be positive")
+        if self.warmup_requests < 0:
+            _fail(s, "warmup_requests", self.warmup_requests, "must be >= 0")
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "inference": InferenceConfig,
+    "export": ExportConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, one frozen section per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        unknown = set(d) - set(SECTIONS)
+        if unknown:
+            raise ValueError(f"Unknown config sections {sorted(unknown)}; expected {list(SECTIONS)}")
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            values = dict(d.get(name, {}))
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            bad = set(values) - known
+            if bad:
+                raise ValueError(f"Unknown fields in config section '{name}': {sorted(bad)}")
+            hints = typing.get_type_hints(section_cls)
+            sections[name] = section_cls(**{k: _coerce(hints[k], v, f"{name}.{k}") for k, v in values.items()})
+        return cls(**sections)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        return cls.from_dict(json.loads(text))
+
+    def override(self, assignments: list[str] | tuple[str, ...]) -> "Config":
+        """Returns a copy with `section.field=value` assignments applied (values parsed as JSON,
+        else taken as strings)."""
+        d = self.to_dict()
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            section, dot, name = key.strip().partition(".")
+            if not sep or not dot:
+                raise ValueError(f"An override must look like section.field=value. Received: {item!r}")
+            if section not in SECTIONS:
+                raise ValueError(f"Unknown config section {section!r} in override. Received: {item!r}")
+            if name not in d[section]:
+                raise ValueError(f"Unknown field {name!r} in config section {section!r}. Received: {item!r}")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            d[section][name] = value
+        return Config.from_dict(d)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """Turns a JSON value into the field's declared type, or raises a ValueError naming it."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list. Received: {where.split('.')[-1]}={value!r}")
+        elem = args[0]
+        return tuple(_coerce(elem, v, where) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false. Received: {where.split('.')[-1]}={value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ValueError(f"{where} must be an integer. Received: {where.split('.')[-1]}={value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number. Received: {where.split('.')[-1]}={value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string. Received: {where.split('.')[-1]}={value!r}")
+        return value
+    return value
+
+
+def _small() -> Config:
+    """The CPU preset: the same four taps and strides as ResNet-50 with one block per stage,
+    a quarter of the width, a 64 px window (96 px patches) and a narrow head."""
+    return Config(
+        model=ModelConfig(
+            patch_size=64,
+            context=16,
+            trunk_blocks=(1, 1, 1),
+            trunk_width=16,
+            head_channels=32,
+            object_dim=128,
+            mask_size=32,
+            score_hidden=128,
+            refine_k=16,
+            refine_skip_hidden=16,
+            refine_skip_hidden_last=8,
+        ),
+        data=DataConfig(label_size=48, shift_jitter=6.4, negative_shift=12.8),
+        training=TrainingConfig(
+            batch_size=16,
+            stage1_steps=600,
+            stage2_steps=300,
+            learning_rate=0.02,
+            lr_decay_rates=(0.01, 0.002),
+            stage2_learning_rate=0.05,
+            checkpoint_every=100,
+            validate_every=200,
+            val_patches=64,
+            log_every=20,
+        ),
+        inference=InferenceConfig(top_n=100, max_side=512, crop_size=32),
+        export=ExportConfig(top_n=50),
+    )
+
+
+PRESETS = {
+    "sharpmask_resnet50": lambda: Config(model=ModelConfig(refinement=True)),
+    "deepmask_resnet50": lambda: Config(model=ModelConfig(refinement=False)),
+    "small": _small,
+}
+
+
+def get_config(preset: str = "sharpmask_resnet50", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Returns a named preset with `section.field=value` overrides applied.
+
+    Raises:
+        ValueError: for an unknown preset or a bad override.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset. Expected one of {sorted(PRESETS)}. Received: preset={preset!r}")
+    return PRESETS[preset]().override(list(overrides))
