@@ -1,0 +1,126 @@
+"""Custom layers. All are serialisable and work on inputs of unknown spatial size."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from sharpmask_tf.config import PADDING_MODES, UPSAMPLING_MODES
+
+# ImageNet statistics; the models take RGB in [0, 1] and normalise inside the graph.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_TF_PAD_MODES = {"reflect": "REFLECT", "symmetric": "SYMMETRIC", "zero": "CONSTANT"}
+
+
+@keras.saving.register_keras_serializable(package="sharpmask_tf")
+class MirrorPad2D(keras.layers.Layer):
+    """Pads height and width of an NHWC tensor by mirroring (or zeros).
+
+    `reflect` mirrors without repeating the edge pixel (the paper's reflective padding),
+    `symmetric` repeats it (the 2016 release's choice), `zero` pads with zeros.
+    """
+
+    def __init__(self, padding: int = 1, mode: str = "reflect", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in PADDING_MODES:
+            raise ValueError(f"padding mode must be one of {PADDING_MODES}. Received: mode={mode!r}")
+        if padding < 0:
+            raise ValueError(f"padding must be >= 0. Received: padding={padding!r}")
+        self.padding = int(padding)
+        self.mode = mode
+
+    def call(self, x):
+        p = self.padding
+        return tf.pad(x, [[0, 0], [p, p], [p, p], [0, 0]], mode=_TF_PAD_MODES[self.mode])
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, c = input_shape
+        grow = lambda n: None if n is None else n + 2 * self.padding  # noqa: E731
+        return (b, grow(h), grow(w), c)
+
+    def get_config(self):
+        return {**super().get_config(), "padding": self.padding, "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="sharpmask_tf")
+class CenterCrop2D(keras.layers.Layer):
+    """Removes `crop` pixels from every side of an NHWC tensor."""
+
+    def __init__(self, crop: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        if crop < 0:
+            raise ValueError(f"crop must be >= 0. Received: crop={crop!r}")
+        self.crop = int(crop)
+
+    def call(self, x):
+        c = self.crop
+        if c == 0:
+            return x
+        return x[:, c:-c, c:-c, :]
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, ch = input_shape
+        shrink = lambda n: None if n is None else n - 2 * self.crop  # noqa: E731
+        return (b, shrink(h), shrink(w), ch)
+
+    def get_config(self):
+        return {**super().get_config(), "crop": self.crop}
+
+
+@keras.saving.register_keras_serializable(package="sharpmask_tf")
+class Upsample2D(keras.layers.Layer):
+    """Integer-factor upsampling, bilinear or nearest, for any (also unknown) spatial size.
+
+    Keras 3.15's `UpSampling2D(interpolation="bilinear")` fails when height/width are unknown;
+    this computes the output size from the tensor's runtime shape.
+    """
+
+    def __init__(self, factor: int = 2, interpolation: str = "bilinear", **kwargs):
+        super().__init__(**kwargs)
+        if interpolation not in UPSAMPLING_MODES:
+            raise ValueError(
+                f"interpolation must be one of {UPSAMPLING_MODES}. Received: interpolation={interpolation!r}"
+            )
+        if factor < 1:
+            raise ValueError(f"factor must be >= 1. Received: factor={factor!r}")
+        self.factor = int(factor)
+        self.interpolation = interpolation
+
+    def call(self, x):
+        size = tf.shape(x)[1:3] * self.factor
+        method = "bilinear" if self.interpolation == "bilinear" else "nearest"
+        return tf.cast(tf.image.resize(x, size, method=method), x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, c = input_shape
+        grow = lambda n: None if n is None else n * self.factor  # noqa: E731
+        return (b, grow(h), grow(w), c)
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor, "interpolation": self.interpolation}
+
+
+@keras.saving.register_keras_serializable(package="sharpmask_tf")
+class ImageNormalization(keras.layers.Layer):
+    """Maps RGB in [0, 1] to ImageNet-normalised values."""
+
+    def call(self, x):
+        mean = tf.constant(IMAGENET_MEAN, dtype=x.dtype)
+        std = tf.constant(IMAGENET_STD, dtype=x.dtype)
+        return (x - mean) / std
+
+
+@keras.saving.register_keras_serializable(package="sharpmask_tf")
+class FrozenBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization used as a fixed affine transform: never trains, always uses the
+    moving statistics, whatever `training` says. Its weights have BatchNormalization's names
+    so ImageNet weights transfer unchanged."""
+
+    def __init__(self, **kwargs):
+        kwargs["trainable"] = False
+        super().__init__(**kwargs)
+
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs, training=False, mask=mask)
