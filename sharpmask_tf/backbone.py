@@ -15,6 +15,10 @@ RESNET50_BLOCKS = (3, 4, 6)
 RESNET50_WIDTH = 64
 # The four taps and their strides, finest first; refinement module R(5-i) uses tap i.
 TAP_STRIDES = {"conv1": 2, "conv2": 4, "conv3": 8, "conv4": 16}
+_NEEDS_RESNET50 = (
+    f"ImageNet weights need the ResNet-50 geometry (model.trunk_blocks={RESNET50_BLOCKS}, "
+    f"model.trunk_width={RESNET50_WIDTH})."
+)
 
 
 def _conv(x, filters: int, kernel: int, name: str, padding: str, strides: int = 1):
@@ -116,16 +120,13 @@ def load_imagenet_weights(trunk: keras.Model, weights: str = "imagenet") -> list
         if not values or layer.name.startswith("conv5"):
             continue
         if layer.name not in ours:
-            raise ValueError(
-                f"The trunk has no layer {layer.name!r}: ImageNet weights need the ResNet-50 "
-                f"geometry (trunk_blocks={RESNET50_BLOCKS}, trunk_width={RESNET50_WIDTH})."
-            )
+            raise ValueError(f"The trunk has no layer {layer.name!r}. {_NEEDS_RESNET50}")
         target = ours[layer.name]
         for have, want in zip(target.get_weights(), values):
             if have.shape != want.shape:
                 raise ValueError(
                     f"Shape mismatch in {layer.name!r}: trunk {have.shape} vs weights {want.shape}. "
-                    f"ImageNet weights need trunk_blocks={RESNET50_BLOCKS}, trunk_width={RESNET50_WIDTH}."
+                    f"{_NEEDS_RESNET50}"
                 )
         target.set_weights(values)
         copied.append(layer.name)

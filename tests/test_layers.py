@@ -1,0 +1,78 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sharpmask_tf.layers import CenterCrop2D, FrozenBatchNormalization, ImageNormalization, MirrorPad2D, Upsample2D
+
+KNOWN = np.arange(2 * 5 * 4 * 3, dtype="float32").reshape(2, 5, 4, 3)
+
+
+@pytest.mark.parametrize("mode, np_mode", [("reflect", "reflect"), ("symmetric", "symmetric"), ("zero", "constant")])
+@pytest.mark.parametrize("pad", [1, 3])
+def test_mirror_pad_matches_numpy(mode, np_mode, pad):
+    got = MirrorPad2D(pad, mode)(KNOWN)
+    want = np.pad(KNOWN, [(0, 0), (pad, pad), (pad, pad), (0, 0)], mode=np_mode)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_reflect_and_symmetric_differ_at_the_edge():
+    r = np.asarray(MirrorPad2D(1, "reflect")(KNOWN))
+    s = np.asarray(MirrorPad2D(1, "symmetric")(KNOWN))
+    np.testing.assert_array_equal(r[:, 0, 1:-1], KNOWN[:, 1])  # reflect skips the edge row
+    np.testing.assert_array_equal(s[:, 0, 1:-1], KNOWN[:, 0])  # symmetric repeats it
+
+
+def test_bad_layer_arguments():
+    with pytest.raises(ValueError, match="mode='wrap'"):
+        MirrorPad2D(1, "wrap")
+    with pytest.raises(ValueError, match="interpolation='area'"):
+        Upsample2D(2, "area")
+
+
+def test_center_crop():
+    got = np.asarray(CenterCrop2D(1)(KNOWN))
+    np.testing.assert_array_equal(got, KNOWN[:, 1:-1, 1:-1])
+
+
+def test_upsample_on_unknown_spatial_size():
+    layer = Upsample2D(2, "bilinear")
+    fn = tf.function(layer.call, input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    for h, w in [(5, 4), (3, 7)]:
+        x = np.random.default_rng(0).random((1, h, w, 3)).astype("float32")
+        got = fn(tf.constant(x)).numpy()
+        assert got.shape == (1, 2 * h, 2 * w, 3)
+        want = keras.layers.UpSampling2D(2, interpolation="bilinear")(x)
+        np.testing.assert_allclose(got, np.asarray(want), atol=1e-6)
+    nearest = Upsample2D(2, "nearest")(KNOWN)
+    np.testing.assert_array_equal(np.asarray(nearest), KNOWN.repeat(2, axis=1).repeat(2, axis=2))
+
+
+def test_frozen_batchnorm_ignores_training_flag():
+    bn = FrozenBatchNormalization(epsilon=1e-3)
+    x = np.random.default_rng(1).normal(3.0, 2.0, (4, 3, 3, 2)).astype("float32")
+    bn.build(x.shape)
+    bn.set_weights([np.full(2, 2.0), np.full(2, 0.5), np.full(2, 1.0), np.full(2, 4.0)])
+    want = 2.0 * (x - 1.0) / np.sqrt(4.0 + 1e-3) + 0.5
+    np.testing.assert_allclose(np.asarray(bn(x, training=True)), want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn.moving_mean), [1.0, 1.0])
+    assert not bn.trainable and not bn.trainable_weights
+
+
+def test_normalization():
+    x = np.full((1, 1, 1, 3), 0.5, "float32")
+    want = (0.5 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(np.asarray(ImageNormalization()(x))[0, 0, 0], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [MirrorPad2D(2, "symmetric"), CenterCrop2D(3), Upsample2D(4, "nearest"), ImageNormalization(),
+     FrozenBatchNormalization(epsilon=1e-3)],
+)
+def test_layers_serialise(layer):
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert type(clone) is type(layer)
+    assert {k: v for k, v in clone.get_config().items() if k != "name"} == {
+        k: v for k, v in layer.get_config().items() if k != "name"
+    }

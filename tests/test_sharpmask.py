@@ -1,0 +1,92 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sharpmask_tf.config import get_config
+from sharpmask_tf.sharpmask import build_model, copy_weights, sharpmask_model
+
+X = np.random.default_rng(0).random((2, 96, 96, 3)).astype("float32")
+
+
+def _refinement_params(model):
+    return model.get_layer("skip").count_params() + model.get_layer("refine").count_params()
+
+
+def test_parameter_counts_of_the_resnet50_preset():
+    model = build_model(get_config("sharpmask_resnet50"))
+    assert _refinement_params(model) == pytest.approx(2.75e6, rel=0.05)
+    assert model.count_params() - _refinement_params(model) == pytest.approx(17.3e6, rel=0.03)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_output_shapes(batch):
+    model = build_model(get_config("sharpmask_resnet50"))
+    out = model(np.random.default_rng(0).random((batch, 192, 192, 3)).astype("float32"))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "masks": (batch, 160, 160),
+        "scores": (batch, 1),
+        "coarse_masks": (batch, 56, 56),
+    }
+
+
+def test_each_refinement_stage_doubles_the_size():
+    refine = build_model(get_config("sharpmask_resnet50")).get_layer("refine")
+    stages = [refine.get_layer("refine_m1_reshape")] + [refine.get_layer(f"refine{i}_up") for i in range(1, 5)]
+    probe = keras.Model(refine.inputs, [s.output for s in stages])
+    outs = probe([np.zeros((1, *t.shape[1:]), "float32") for t in refine.inputs])
+    assert [tuple(o.shape[1:]) for o in outs] == [(10, 10, 32), (20, 20, 16), (40, 40, 8), (80, 80, 4), (160, 160, 2)]
+
+
+def test_refinement_taps_are_the_papers():
+    refine = build_model(get_config("sharpmask_resnet50")).get_layer("refine")
+    assert [tuple(t.shape[1:]) for t in refine.inputs] == [(512,), (10, 10, 16), (20, 20, 8), (40, 40, 4), (80, 80, 2)]
+
+
+def test_bad_k_is_refused():
+    with pytest.raises(ValueError, match="refine_k=24"):
+        sharpmask_model(refine_k=24)
+
+
+def test_keras_save_load_gives_identical_outputs(tmp_path):
+    model = build_model(get_config("small"))
+    path = str(tmp_path / "sharpmask.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    want, got = model(X), loaded(X)
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]))
+
+
+def test_config_round_trip():
+    model = build_model(get_config("small"))
+    clone = keras.Model.from_config(model.get_config())
+    assert [l.name for l in clone.layers] == [l.name for l in model.layers]
+    clone.set_weights(model.get_weights())
+    for k, v in model(X).items():
+        np.testing.assert_allclose(np.asarray(clone(X)[k]), np.asarray(v), atol=1e-5)
+
+
+@pytest.mark.parametrize("refinement", [True, False])
+def test_saved_model_export_matches_the_live_model(tmp_path, refinement):
+    model = build_model(get_config("small", [f"model.refinement={str(refinement).lower()}"]))
+    path = str(tmp_path / "saved")
+    model.export(path, format="tf_saved_model", verbose=False)
+    reloaded = tf.saved_model.load(path)
+    got = reloaded.serve(tf.constant(X))
+    want = model(X)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k].numpy(), np.asarray(want[k]), atol=1e-5)
+
+
+def test_copy_weights_carries_deepmask_into_sharpmask():
+    deep = build_model(get_config("small", ["model.refinement=false"]))
+    sharp = build_model(get_config("small"))
+    copied = copy_weights(deep, sharp)
+    assert "head_object" in copied and "conv1_conv" in copied and "score_logits" in copied
+    d, s = deep(X), sharp(X)
+    np.testing.assert_allclose(np.asarray(s["coarse_masks"]), np.asarray(d["masks"]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(s["scores"]), np.asarray(d["scores"]), atol=1e-5)
+    with pytest.raises(ValueError, match="different configs"):
+        copy_weights(deep, build_model(get_config("small", ["model.object_dim=64"])))
