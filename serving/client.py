@@ -17,7 +17,8 @@ import base64
 import json
 import sys
 import time
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -86,8 +87,8 @@ class ServingClient:
         model_name: str,
         *,
         signature_name: str = DEFAULT_SIGNATURE,
-        version: Optional[int] = None,
-        version_label: Optional[str] = None,
+        version: int | None = None,
+        version_label: str | None = None,
         timeout: float = 30.0,
         max_attempts: int = 5,
         initial_backoff: float = 0.2,
@@ -159,7 +160,7 @@ class ServingClient:
     def predict(
         self,
         inputs: Mapping[str, Any],
-        signature_name: Optional[str] = None,
+        signature_name: str | None = None,
         output_filter: Sequence[str] = (),
     ) -> dict[str, np.ndarray]:
         """Calls Predict with `inputs` (name -> array-like, converted by tf.make_tensor_proto).
@@ -183,7 +184,7 @@ class ServingClient:
         return {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
 
     def predict_images(
-        self, images: Sequence[bytes], input_name: str = "images", signature_name: Optional[str] = None
+        self, images: Sequence[bytes], input_name: str = "images", signature_name: str | None = None
     ) -> dict[str, np.ndarray]:
         """Calls Predict with encoded JPEG/PNG file bytes as a 1-D string tensor (see `predict`)."""
         return self.predict({input_name: np.array(list(images), dtype=object)}, signature_name)
@@ -205,7 +206,8 @@ class ServingClient:
                 "GetModelMetadata answered without a SignatureDefMap. "
                 f"Received: type_url={response.metadata['signature_def'].type_url!r}",
             )
-        return ModelMetadata(response.model_spec.name, response.model_spec.version.value, dict(signature_map.signature_def))
+        spec = response.model_spec
+        return ModelMetadata(spec.name, spec.version.value, dict(signature_map.signature_def))
 
     def get_model_status(self) -> list[VersionStatus]:
         """Calls GetModelStatus for the client's version (or every version when none is set).
@@ -232,7 +234,7 @@ class ServingClient:
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "ServingClient":
+    def __enter__(self) -> ServingClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -246,7 +248,7 @@ def to_json(value: np.ndarray) -> Any:
     return value.tolist()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="TensorFlow Serving gRPC client; writes JSON.")
     parser.add_argument("command", choices=["predict", "metadata", "status"])
     parser.add_argument("images", nargs="*", help="JPEG/PNG files (predict)")

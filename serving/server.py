@@ -20,8 +20,9 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 import grpc
 import tensorflow as tf
@@ -135,7 +136,7 @@ class VersionManager:
         base_path: str,
         model_name: str,
         num_versions: int = 1,
-        version_labels: Optional[Mapping[str, int]] = None,
+        version_labels: Mapping[str, int] | None = None,
     ):
         if num_versions < 1:
             raise ValueError(f"num_versions must be positive. Received: num_versions={num_versions}")
@@ -199,7 +200,9 @@ class VersionManager:
         try:
             loaded = load_version(path, version)
         except Exception as e:  # noqa: BLE001 -- any load failure leaves the served versions as they are
-            logger.warning("Loading version %d of %s failed; keeping the served versions: %s", version, self.model_name, e)
+            logger.warning(
+                "Loading version %d of %s failed; keeping the served versions: %s", version, self.model_name, e
+            )
             self._failed_fingerprints[version] = fingerprint
             code = _GRPC_CODES.get(e.error_code) if isinstance(e, tf.errors.OpError) else None
             with self._lock:
@@ -257,7 +260,7 @@ def _serving_rpc(method):
             return method(self, request)
         except RequestError as e:
             code, message = e.code, e.message
-        except Exception as e:  # noqa: BLE001 -- the server answers INTERNAL and keeps running
+        except Exception as e:
             logger.exception("%s failed", method.__name__)
             code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
         context.abort(code, message)
@@ -424,7 +427,7 @@ class ModelServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
-        version_labels: Optional[Mapping[str, int]] = None,
+        version_labels: Mapping[str, int] | None = None,
         num_versions: int = 1,
         poll_interval: float = 1.0,
         max_workers: int = 8,
@@ -437,7 +440,7 @@ class ModelServer:
         self.port = port
         self.poll_interval = poll_interval
         self._stop = threading.Event()
-        self._poller: Optional[threading.Thread] = None
+        self._poller: threading.Thread | None = None
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -467,14 +470,16 @@ class ModelServer:
         self._server.start()
         self._poller = threading.Thread(target=self._poll, name="serving-version-poller", daemon=True)
         self._poller.start()
-        logger.info("Serving model %s from %s on %s:%d", self.manager.model_name, self.manager.base_path, self.host, self.port)
+        logger.info(
+            "Serving model %s from %s on %s:%d", self.manager.model_name, self.manager.base_path, self.host, self.port
+        )
         return self.port
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_interval):
             try:
                 self.manager.refresh()
-            except Exception:  # noqa: BLE001 -- a scan failure must not stop future scans
+            except Exception:
                 logger.exception("Scanning %s failed", self.manager.base_path)
 
     def stop(self, grace: float = 5.0) -> None:
@@ -488,7 +493,7 @@ class ModelServer:
         """Blocks until the server has stopped."""
         self._server.wait_for_termination()
 
-    def __enter__(self) -> "ModelServer":
+    def __enter__(self) -> ModelServer:
         self.start()
         return self
 
@@ -519,7 +524,7 @@ def parse_version_labels(text: str) -> dict[str, int]:
     return labels
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-base-path", required=True, help="directory of numbered SavedModel versions")
     parser.add_argument("--model-name", required=True, help="the name requests use in model_spec.name")

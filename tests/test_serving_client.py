@@ -81,7 +81,7 @@ def test_metadata_and_status_helpers(server):
 def test_server_errors_are_raised_with_their_code_without_retrying(server):
     with ServingClient(f"127.0.0.1:{server.port}", MODEL, version=4, max_attempts=5, initial_backoff=2.0) as client:
         start = time.monotonic()
-        with pytest.raises(ServingError, match=r"NOT_FOUND: Servable not found for request: Specific\(stats, 4\)") as e:
+        with pytest.raises(ServingError, match=r"NOT_FOUND: Servable not found .*Specific\(stats, 4\)") as e:
             client.predict_images([b"x"])
 
     assert e.value.code == grpc.StatusCode.NOT_FOUND
@@ -93,7 +93,8 @@ def test_client_retries_until_a_late_server_comes_up(base_path, images):
     result = {}
 
     def call():
-        with ServingClient(f"127.0.0.1:{port}", MODEL, max_attempts=30, initial_backoff=0.05, max_backoff=0.2) as client:
+        target = f"127.0.0.1:{port}"
+        with ServingClient(target, MODEL, max_attempts=30, initial_backoff=0.05, max_backoff=0.2) as client:
             result["outputs"] = client.predict_images(images[1:])
 
     caller = threading.Thread(target=call)
@@ -144,7 +145,17 @@ def _wait_for_line(lines: queue.Queue, needle: str, timeout: float = 60.0) -> st
 def test_command_lines_serve_predict_as_json_and_stop_on_sigterm(base_path, images, tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO}
     server = subprocess.Popen(
-        [sys.executable, "-m", "serving.server", "--model-base-path", str(base_path), "--model-name", MODEL, "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "serving.server",
+            "--model-base-path",
+            str(base_path),
+            "--model-name",
+            MODEL,
+            "--port",
+            "0",
+        ],
         stderr=subprocess.PIPE,
         text=True,
         env=env,
@@ -166,9 +177,25 @@ def test_command_lines_serve_predict_as_json_and_stop_on_sigterm(base_path, imag
             paths[-1].write_bytes(data)
         out = tmp_path / "outputs.json"
         client = subprocess.run(
-            [sys.executable, "-m", "serving.client", "predict", *map(str, paths), "--server", f"127.0.0.1:{port}",
-             "--model-name", MODEL, "--output", str(out)],
-            capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+            [
+                sys.executable,
+                "-m",
+                "serving.client",
+                "predict",
+                *map(str, paths),
+                "--server",
+                f"127.0.0.1:{port}",
+                "--model-name",
+                MODEL,
+                "--output",
+                str(out),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+            timeout=120,
         )
         assert client.returncode == 0, client.stderr
         outputs = json.loads(out.read_text())

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from google.protobuf import text_format
 from PIL import Image
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (
@@ -24,10 +25,14 @@ from tensorflow_serving.apis import (
     predict_pb2,
     prediction_service_pb2_grpc,
 )
+from tensorflow_serving.config import model_server_config_pb2
 
 from serving.server import ModelServer, parse_version_labels, start_server
+from sharpmask_tf.config import ExportConfig
 
 MODEL = "stats"
+AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+END = get_model_status_pb2.ModelVersionStatus.END
 
 
 class ImageStats(tf.Module):
@@ -108,7 +113,7 @@ def base_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(base_path):
-    server, port = start_server(str(base_path), MODEL, version_labels={"stable": 1, "canary": 2}, max_workers=8)
+    server, _ = start_server(str(base_path), MODEL, version_labels={"stable": 1, "canary": 2}, max_workers=8)
     yield server
     server.stop()
 
@@ -167,7 +172,7 @@ def test_specific_versions_and_labels(predict, images):
 @pytest.mark.parametrize(
     "kwargs, code, detail",
     [
-        ({"inputs": {"images": [b"\x89PNG\r\n\x1a\n but not really"]}}, grpc.StatusCode.INVALID_ARGUMENT, "Invalid PNG"),
+        ({"inputs": {"images": [b"\x89PNG\r\n\x1a\n not"]}}, grpc.StatusCode.INVALID_ARGUMENT, "Invalid PNG"),
         ({"inputs": {"images": np.array([], dtype=object)}}, grpc.StatusCode.INVALID_ARGUMENT, "at least one"),
         ({"inputs": {"images": np.zeros([1], np.float32)}}, grpc.StatusCode.INVALID_ARGUMENT, "dtype=float32"),
         ({"inputs": {"images": [[b"a", b"b"]]}}, grpc.StatusCode.INVALID_ARGUMENT, "shape=(1, 2)"),
@@ -220,10 +225,12 @@ def test_concurrent_clients_all_get_their_own_correct_answers(server):
             for j in range(n_requests):
                 colour, height, width = (i * 30, j * 10, 7), 5 + i, 5 + j
                 try:
-                    response = predict(predict_request({"images": [encode(solid(colour, height, width), "PNG")]}), timeout=60)
-                    got = tf.make_ndarray(response.outputs["mean_colour"])[0], tf.make_ndarray(response.outputs["image_size"])[0]
-                    if not (np.allclose(got[0], np.add(colour, 10)) and list(got[1]) == [height, width]):
-                        failures.append((i, j, got))
+                    image = encode(solid(colour, height, width), "PNG")
+                    response = predict(predict_request({"images": [image]}), timeout=60)
+                    mean = tf.make_ndarray(response.outputs["mean_colour"])[0]
+                    size = tf.make_ndarray(response.outputs["image_size"])[0]
+                    if not (np.allclose(mean, np.add(colour, 10)) and list(size) == [height, width]):
+                        failures.append((i, j, mean, size))
                     answered.append((i, j))
                 except grpc.RpcError as e:
                     failures.append((i, j, e.code()))
@@ -266,10 +273,9 @@ def test_model_status_lists_loaded_versions_as_available(channel):
     request.model_spec.name = MODEL
     response = stub.GetModelStatus(request)
 
-    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
     assert [(s.version, s.state, s.status.error_code) for s in response.model_version_status] == [
-        (1, available, 0),
-        (2, available, 0),
+        (1, AVAILABLE, 0),
+        (2, AVAILABLE, 0),
     ]
     request.model_spec.version.value = 9
     with pytest.raises(grpc.RpcError) as error:
@@ -286,9 +292,10 @@ def test_new_versions_are_served_without_restart_and_half_written_ones_are_not(t
     base = tmp_path / MODEL
     save_stats_model(base / "1", offset=0.0)
     staged = save_stats_model(tmp_path / "staging", offset=20.0)
-    with ModelServer(str(base), MODEL, poll_interval=0.1) as server, grpc.insecure_channel(
-        f"127.0.0.1:{server.port}"
-    ) as channel:
+    with (
+        ModelServer(str(base), MODEL, poll_interval=0.1) as server,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
         predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
         status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus
         status_request = get_model_status_pb2.GetModelStatusRequest()
@@ -307,7 +314,7 @@ def test_new_versions_are_served_without_restart_and_half_written_ones_are_not(t
         (base / "2").mkdir()
         (base / "2" / "saved_model.pb").write_bytes(b"not a SavedModel")
         eventually(lambda: 2 in states())
-        assert states() == {1: get_model_status_pb2.ModelVersionStatus.AVAILABLE, 2: get_model_status_pb2.ModelVersionStatus.END}
+        assert states() == {1: AVAILABLE, 2: END}
         assert served() == (1, 200.0)
 
         # Version 2 completed (renamed into place, as an exporter should): it is loaded and served.
@@ -315,7 +322,7 @@ def test_new_versions_are_served_without_restart_and_half_written_ones_are_not(t
         os.rename(staged, base / "2")
         eventually(lambda: served()[0] == 2)
         assert served() == (2, 220.0)
-        assert states() == {1: get_model_status_pb2.ModelVersionStatus.END, 2: get_model_status_pb2.ModelVersionStatus.AVAILABLE}
+        assert states() == {1: END, 2: AVAILABLE}
 
 
 def test_parse_version_labels():
@@ -323,3 +330,14 @@ def test_parse_version_labels():
     assert parse_version_labels("") == {}
     with pytest.raises(ValueError, match="Received: 'stable:1'"):
         parse_version_labels("stable:1")
+
+
+def test_example_model_server_config_parses_and_labels_point_at_served_versions():
+    path = os.path.join(os.path.dirname(__file__), "..", "serving", "models.config")
+    with open(path) as f:
+        config = text_format.Parse(f.read(), model_server_config_pb2.ModelServerConfig())
+
+    (model,) = config.model_config_list.config
+    assert model.name == ExportConfig().model_name
+    assert os.path.basename(model.base_path) == ExportConfig().model_name
+    assert set(model.version_labels.values()) <= set(model.model_version_policy.specific.versions)
