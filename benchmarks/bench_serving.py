@@ -1,9 +1,9 @@
 """Latency and throughput of Predict over gRPC, against a running server or one started here.
 
     # against tensorflow_model_server or `python -m serving.server` already listening:
-    python benchmarks/bench_serving.py --server localhost:8500 --model-name sharpmask --images a.jpg b.jpg
+    python -m benchmarks.bench_serving --server localhost:8500 --model-name sharpmask --images a.jpg b.jpg
     # start serving.server in-process on the export first:
-    python benchmarks/bench_serving.py --model-base-path exports/sharpmask --concurrency 1 2 4
+    python -m benchmarks.bench_serving --model-base-path exports/sharpmask --concurrency 1 2 4
 
 Without --images it sends random-noise JPEGs of --image-size. Prints one JSON line per
 concurrency level: requests/s, images/s and latency percentiles in milliseconds.
