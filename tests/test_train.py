@@ -1,0 +1,201 @@
+"""The training library: distribution equivalence, stage-2 freezing, checkpoints, schedule."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import test_train_fakes as fakes
+from sharpmask_tf.config import get_config
+from sharpmask_tf.losses import joint_loss
+from sharpmask_tf.trainer import (
+    TrainingInterrupted,
+    _Stage,
+    _StopSignals,
+    Trainer,
+    check_model_dir,
+    learning_rate_schedule,
+    refinement_split,
+    stage_model,
+    train,
+)
+
+TINY = [
+    "training.batch_size=4",
+    "training.stage1_steps=3",
+    "training.stage2_steps=2",
+    "training.validate_every=100",
+    "training.checkpoint_every=100",
+    "training.log_every=1",
+    "training.val_patches=8",
+]
+DATA = dict(make_dataset=fakes.make_dataset, make_validation_patches=fakes.make_validation_patches)
+
+
+def _tiny(*extra):
+    return get_config("small", TINY + list(extra))
+
+
+def _weights(model):
+    return {v.path: v.numpy() for v in model.weights}
+
+
+def _pooled_dataset(config, split="train", stage=1, batch_size=None, input_context=None, seed=None, repeat=True):
+    """Examples from one fixed pool in one order, batched per replica: replica r of a global batch
+    gets examples [r*b, (r+1)*b), so one device and two replicas see the same global batches."""
+    pool = fakes._batch(config, split, stage, 64, tf.constant([7, 0], tf.int64), 0.5)
+    batch = config.training.batch_size if batch_size is None else batch_size
+    if input_context is not None:
+        batch = input_context.get_per_replica_batch_size(batch)
+    return tf.data.Dataset.from_tensor_slices(pool).repeat().batch(batch)
+
+
+def test_mirrored_two_devices_equal_one_device(tmp_path):
+    config = _tiny("model.dropout=0.0")
+    data = dict(make_dataset=_pooled_dataset, make_validation_patches=fakes.make_validation_patches)
+    single = train(config, str(tmp_path / "one"), strategy="default", progress=False, **data)
+    mirrored_strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert mirrored_strategy.num_replicas_in_sync == 2
+    mirrored = train(config, str(tmp_path / "two"), strategy=mirrored_strategy, progress=False, **data)
+    assert mirrored["deepmask"]["train_loss"] == pytest.approx(single["deepmask"]["train_loss"], rel=1e-4)
+    for name in ("deepmask.keras", "sharpmask.keras"):
+        a = _weights(keras.saving.load_model(tmp_path / "one" / name))
+        b = _weights(keras.saving.load_model(tmp_path / "two" / name))
+        assert a.keys() == b.keys()
+        initial = _weights(stage_model(config, name.split(".")[0]))
+        moved = [k for k in a if not np.allclose(a[k], initial[k])]
+        assert moved, "training changed no weight"
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_stage2_changes_no_trunk_or_head_weight(tmp_path):
+    train(_tiny(), str(tmp_path), progress=False, **DATA)
+    deepmask = keras.saving.load_model(tmp_path / "deepmask.keras")
+    sharpmask = keras.saving.load_model(tmp_path / "sharpmask.keras")
+    before = _weights(deepmask)
+    after = _weights(sharpmask)
+    shared = before.keys() & after.keys()
+    assert any(k.startswith("conv4_block1") for k in shared) and "head_object/kernel" in shared
+    for k in shared:
+        np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+    refinement = [k for k in after if k.startswith("refine")]
+    fresh = _weights(stage_model(_tiny(), "sharpmask"))
+    assert any(not np.array_equal(after[k], fresh[k]) for k in refinement)
+
+
+def test_only_refinement_weights_get_gradients():
+    config = _tiny()
+    model = stage_model(config, "sharpmask")
+    frozen, refinement = refinement_split(model)
+    trained = {v.path for v in refinement.trainable_variables}
+    assert trained == {v.path for v in model.trainable_variables if v.path.startswith("refine")}
+    assert trained.isdisjoint(v.path for v in frozen.weights)
+    batch = fakes._batch(config, "train", 2, 2, tf.constant([1, 2], tf.int64), 0.0)
+    features = frozen(batch["images"])
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(joint_loss(refinement(features), None, batch, 0.0)["loss"])
+    grads = tape.gradient(loss, model.trainable_variables)
+    for v, g in zip(model.trainable_variables, grads):
+        assert (g is not None) == (v.path in trained), v.path
+
+
+def test_learning_rate_schedule_scales_reference_steps_to_run_length():
+    config = get_config("small", ["training.stage1_steps=100"])
+    lr = learning_rate_schedule(config, "deepmask")
+    t = config.training
+    assert float(lr(0)) == pytest.approx(t.learning_rate)
+    assert float(lr(51)) == pytest.approx(t.lr_decay_rates[0])
+    assert float(lr(81)) == pytest.approx(t.lr_decay_rates[1])
+    assert learning_rate_schedule(config, "sharpmask") == t.stage2_learning_rate
+
+
+def _event_scalars(log_dir, tag):
+    values = []
+    for name in sorted(os.listdir(log_dir)):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(log_dir, name)):
+            for v in event.summary.value:
+                if v.tag == tag:
+                    values.append((event.step, float(tf.make_ndarray(v.tensor))))
+    return [v for _, v in sorted(values)]
+
+
+def test_training_writes_model_dir_and_resumes_without_retraining(tmp_path):
+    metrics = train(_tiny(), str(tmp_path), progress=False, **DATA)
+    for name in ("config.json", "deepmask.keras", "sharpmask.keras", "metrics.json"):
+        assert (tmp_path / name).exists(), name
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert metrics["sharpmask_mean_iou"] == metrics["sharpmask"]["mean_iou"]
+    assert len(_event_scalars(tmp_path / "logs" / "deepmask" / "train", "loss")) == 3
+    assert _event_scalars(tmp_path / "logs" / "sharpmask" / "val", "mean_iou")
+    before = _weights(keras.saving.load_model(tmp_path / "sharpmask.keras"))
+    again = train(_tiny(), str(tmp_path), progress=False, **DATA)
+    assert again["deepmask"]["step"] == 3 and again["sharpmask"]["step"] == 2
+    after = _weights(keras.saving.load_model(tmp_path / "sharpmask.keras"))
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+
+
+def test_crash_while_writing_leaves_latest_good_checkpoint(tmp_path):
+    train(_tiny(), str(tmp_path), stage="deepmask", progress=False, **DATA)
+    stage_dir = tmp_path / "deepmask"
+    good = tf.train.latest_checkpoint(str(stage_dir))
+    # A writer killed mid-save leaves partial files of the next checkpoint and the old state file:
+    # CheckpointManager writes the checkpoint first and only then atomically replaces `checkpoint`.
+    (stage_dir / "ckpt-4.index").write_bytes(b"\x00truncated")
+    (stage_dir / "ckpt-4.data-00000-of-00001").write_bytes(b"")
+    assert tf.train.latest_checkpoint(str(stage_dir)) == good
+    trainer = Trainer(_tiny("training.stage1_steps=5"), str(tmp_path), tf.distribute.get_strategy(), progress=False, **DATA)
+    stage = _Stage(trainer, "deepmask", None)
+    assert stage.restore() and int(stage.step.numpy()) == 3
+    assert int(stage.optimizer.iterations.numpy()) == 3
+
+
+def test_stop_signal_checkpoints_current_step(tmp_path):
+    trainer = Trainer(_tiny("training.stage1_steps=50"), str(tmp_path), tf.distribute.get_strategy(), progress=False, **DATA)
+    stage = _Stage(trainer, "deepmask", None)
+    stop = _StopSignals()
+    stop.signum = 15  # as if SIGTERM arrived during the first step
+    with pytest.raises(TrainingInterrupted) as info:
+        stage.run(stop)
+    assert info.value.step == 1
+    assert tf.train.latest_checkpoint(str(tmp_path / "deepmask")).endswith("ckpt-1")
+
+
+def test_model_dir_of_another_model_config_is_rejected(tmp_path):
+    (tmp_path / "config.json").write_text(get_config("small", ["model.head_channels=8"]).to_json())
+    with pytest.raises(ValueError, match="head_channels"):
+        check_model_dir(get_config("small"), str(tmp_path))
+    check_model_dir(get_config("small", ["model.head_channels=8", "training.batch_size=2"]), str(tmp_path))
+
+
+def test_mixed_precision_trains_float16_with_float32_weights(tmp_path):
+    metrics = train(_tiny("training.mixed_precision=true"), str(tmp_path), progress=False, **DATA)
+    assert np.isfinite(metrics["deepmask"]["train_loss"]) and np.isfinite(metrics["sharpmask"]["train_loss"])
+    assert keras.config.dtype_policy().name == "float32"
+    model = keras.saving.load_model(tmp_path / "sharpmask.keras")
+    assert model.get_layer("head_object").compute_dtype == "float16"
+    assert all(v.dtype == "float32" for v in model.weights)
+
+
+def test_jit_compiled_step_matches_plain_step(tmp_path):
+    config = _tiny("model.dropout=0.0", "training.stage2_steps=1")
+    data = dict(make_dataset=_pooled_dataset, make_validation_patches=fakes.make_validation_patches)
+    plain = train(config, str(tmp_path / "plain"), progress=False, **data)
+    jit = train(_tiny("model.dropout=0.0", "training.stage2_steps=1", "training.jit=true"), str(tmp_path / "jit"),
+                progress=False, **data)
+    assert jit["deepmask"]["train_loss"] == pytest.approx(plain["deepmask"]["train_loss"], rel=1e-3)
+    assert jit["sharpmask"]["train_loss"] == pytest.approx(plain["sharpmask"]["train_loss"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_loss_decreases(tmp_path):
+    config = get_config("small", ["training.stage1_steps=60", "training.log_every=1", "training.learning_rate=0.1",
+                                  "training.validate_every=1000", "training.val_patches=16"])
+    train(config, str(tmp_path), stage="deepmask", progress=False, **DATA)
+    losses = _event_scalars(tmp_path / "logs" / "deepmask" / "train", "mask_loss")
+    assert len(losses) > 20
+    assert np.mean(losses[-8:]) < 0.95 * np.mean(losses[:8])
