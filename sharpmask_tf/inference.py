@@ -1,0 +1,772 @@
+"""Full-image object proposals from a trained DeepMask or SharpMask (SPEC.md section 4).
+
+The pipeline, for an image of any size:
+
+1. The image is turned into RGB in [0, 1] (grayscale is replicated, alpha is composited onto
+   mid grey) and every pyramid scale s is applied to it together with the `max_side` cap c: the
+   scaled image has round(H*c*s) x round(W*c*s) pixels.
+2. Each scaled image is padded by patch_size/2 px of grey (0.5) on the top and left, and by
+   patch_size/2 plus up to 15 px on the bottom and right so its sides are multiples of 16.
+3. The trunk runs over the whole padded image; head C runs as convolutions: the 1x1 reduction,
+   the fs x fs linear layer as an fs x fs valid convolution (fs = patch_size/16), the score branch
+   as 1x1 convolutions. Score-map position (row, col) of a scale is the window whose top-left
+   corner is (16*row, 16*col) in the padded image (see `window_boxes`).
+4. All positions of all scales are ranked by score together; the top N are kept.
+5. Their masks are computed in one batch: DeepMask's coarse head, or SharpMask's vertical path
+   over windows cut out of skip features computed once per scale.
+6. Each mask (a probability map over its window of patch_size/s image px) is resampled
+   bilinearly onto the image grid and binarised at `mask_threshold`.
+
+Coordinates are image pixels of the input image, x to the right, y down, pixel (i, j) covering
+[j, j+1) x [i, i+1); boxes are (x0, y0, x1, y1) with exclusive x1, y1.
+
+`ProposalGenerator.propose_tensors` is graph-mode TensorFlow on a dynamic image size with
+fixed-size outputs, so a SavedModel signature can wrap it whole; `ProposalGenerator.propose` is
+the numpy API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from sharpmask_tf.config import TRUNK_STRIDE, Config, InferenceConfig
+from sharpmask_tf.deepmask import HEAD_OBJECT, HEAD_REDUCE, MASK_LOGITS, SCORE_HIDDEN, SCORE_LOGITS
+from sharpmask_tf.sharpmask import REFINE_TAPS
+
+# Area outside the picture, in [0, 1] RGB (SPEC.md section 2).
+GREY = 0.5
+# Trunk stride of each refinement module's skip features, skip1 (coarsest) first.
+SKIP_STRIDES = (16, 8, 4, 2)
+# Proposals pasted onto the image grid per step; bounds the float scratch to
+# PASTE_CHUNK * H * W * 4 bytes.
+PASTE_CHUNK = 16
+# Side of the grid on which the optional mask NMS measures mask IoU.
+NMS_GRID = 128
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure geometry: index arithmetic and window placement.
+# ---------------------------------------------------------------------------------------------
+
+
+def scaled_size(size, scale):
+    """Side of an image side `size` after scaling by `scale`: round(size*scale), at least 1.
+
+    Args:
+        size: () or (L,) int, a side in pixels.
+        scale: () or (L,) float.
+
+    Returns:
+        int32 tensor of the same shape.
+    """
+    scaled = tf.round(tf.cast(size, tf.float32) * tf.cast(scale, tf.float32))
+    return tf.maximum(tf.cast(scaled, tf.int32), 1)
+
+
+def padded_size(scaled, patch_size: int):
+    """Side of a scaled image padded by patch_size/2 px before and at least patch_size/2 after,
+    rounded up to a multiple of the trunk stride (16).
+
+    Args:
+        scaled: () or (L,) int, the scaled image side.
+        patch_size: the window side the masks cover.
+
+    Returns:
+        int32 tensor of the same shape.
+    """
+    s = TRUNK_STRIDE
+    return (tf.cast(scaled, tf.int32) + patch_size + s - 1) // s * s
+
+
+def score_map_size(padded, patch_size: int):
+    """Number of window positions along a padded side: padded/16 - patch_size/16 + 1.
+
+    The object vector is an fs x fs valid convolution (fs = patch_size/16) over conv4 features,
+    which have padded/16 cells.
+    """
+    return tf.cast(padded, tf.int32) // TRUNK_STRIDE - patch_size // TRUNK_STRIDE + 1
+
+
+def level_positions(index, level_offsets, level_widths):
+    """Maps indices into the concatenated, row-major score maps of all scales to (scale, row, col).
+
+    Indices are 0-based: the 2016 release recovered row and column from a 1-based index and
+    landed one row and one column off; this is the function the tests pin down.
+
+    Args:
+        index: (N,) int, flat indices into the concatenation.
+        level_offsets: (L,) int, increasing, the first flat index of each scale's map (0 first).
+        level_widths: (L,) int, the width (columns) of each scale's score map.
+
+    Returns:
+        (level, row, col), each (N,) int32.
+    """
+    index = tf.cast(index, tf.int32)
+    offsets = tf.cast(level_offsets, tf.int32)
+    level = tf.searchsorted(offsets, index, side="right") - 1
+    local = index - tf.gather(offsets, level)
+    width = tf.gather(tf.cast(level_widths, tf.int32), level)
+    return level, local // width, local % width
+
+
+def window_boxes(rows, cols, scale_y, scale_x, patch_size: int):
+    """Image-pixel boxes of the windows at score-map positions (row, col).
+
+    The window of position (row, col) starts at (16*row, 16*col) in the padded scaled image,
+    i.e. at 16*row - patch_size/2 in the scaled image, and is patch_size px wide; dividing by the
+    scale gives image pixels. Boxes may extend beyond the image.
+
+    Args:
+        rows: (N,) int, score-map rows.
+        cols: (N,) int, score-map columns.
+        scale_y: (N,) float, scaled height / image height of each window's scale.
+        scale_x: (N,) float, scaled width / image width.
+        patch_size: the window side in the scaled image.
+
+    Returns:
+        (N, 4) float32 boxes (x0, y0, x1, y1) in image pixels.
+    """
+    half = patch_size / 2
+    y0 = tf.cast(rows, tf.float32) * TRUNK_STRIDE - half
+    x0 = tf.cast(cols, tf.float32) * TRUNK_STRIDE - half
+    sy = tf.cast(scale_y, tf.float32)
+    sx = tf.cast(scale_x, tf.float32)
+    return tf.stack([x0 / sx, y0 / sy, (x0 + patch_size) / sx, (y0 + patch_size) / sy], axis=-1)
+
+
+def paste_masks(probabilities, boxes, height, width, threshold: float):
+    """Resamples mask probabilities over their windows onto the image grid and binarises them.
+
+    Pixel (i, j) takes the bilinear interpolation of its window's mask at its centre
+    (j + 0.5, i + 0.5), clamped to the mask's edge inside the window and 0 outside it.
+
+    Args:
+        probabilities: (N, M, M) float, mask probabilities; mask pixel k covers
+            [x0 + k*w/M, x0 + (k+1)*w/M) of its box.
+        boxes: (N, 4) float, (x0, y0, x1, y1) windows in image pixels.
+        height: () int, image height.
+        width: () int, image width.
+        threshold: probability at or above which a pixel is in the mask.
+
+    Returns:
+        (N, height, width) bool masks.
+    """
+    probabilities = tf.convert_to_tensor(probabilities, tf.float32)
+    boxes = tf.convert_to_tensor(boxes, tf.float32)
+    m = tf.cast(tf.shape(probabilities)[1], tf.float32)
+    h = tf.cast(height, tf.float32)
+    w = tf.cast(width, tf.float32)
+    x0, y0, x1, y1 = tf.unstack(boxes, axis=-1)
+    # Degenerate boxes (padding rows) paste nothing: the `inside` test below is empty for them.
+    x1 = tf.where(x1 > x0, x1, x0 + 1.0)
+    y1 = tf.where(y1 > y0, y1, y0 + 1.0)
+    degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    # Mask-pixel coordinate (0 = centre of the first mask pixel) of the first and last image
+    # pixel centres; +1 for the edge row added by padding below.
+    ky0 = (0.5 - y0) / (y1 - y0) * m - 0.5 + 1
+    ky1 = (h - 0.5 - y0) / (y1 - y0) * m - 0.5 + 1
+    kx0 = (0.5 - x0) / (x1 - x0) * m - 0.5 + 1
+    kx1 = (w - 0.5 - x0) / (x1 - x0) * m - 0.5 + 1
+    norm = m + 1  # the padded mask has M + 2 pixels: crop_and_resize coordinates are k / (M + 1)
+    crop_boxes = tf.stack([ky0 / norm, kx0 / norm, ky1 / norm, kx1 / norm], axis=-1)
+    padded = tf.pad(probabilities, [[0, 0], [1, 1], [1, 1]], mode="SYMMETRIC")[..., None]
+    ys = tf.range(h) + 0.5
+    xs = tf.range(w) + 0.5
+    inside_y = (ys[None] >= y0[:, None]) & (ys[None] < y1[:, None]) & ~degenerate[:, None]
+    inside_x = (xs[None] >= x0[:, None]) & (xs[None] < x1[:, None])
+    n = tf.shape(probabilities)[0]
+    values = tf.image.crop_and_resize(
+        padded, crop_boxes, tf.range(n), tf.stack([tf.cast(height, tf.int32), tf.cast(width, tf.int32)])
+    )[..., 0]
+    return (values >= threshold) & inside_y[:, :, None] & inside_x[:, None, :]
+
+
+def mask_boxes(masks):
+    """Tight boxes of binary masks.
+
+    Args:
+        masks: (N, H, W) bool.
+
+    Returns:
+        (N, 4) float32 (x0, y0, x1, y1) with exclusive x1, y1 (so x1 - x0 is the width COCO's
+        `toBbox` reports); (0, 0, 0, 0) for an empty mask.
+    """
+    rows = tf.reduce_any(masks, axis=2)
+    cols = tf.reduce_any(masks, axis=1)
+
+    def extent(any_along):
+        n = tf.shape(any_along)[1]
+        first = tf.argmax(tf.cast(any_along, tf.int32), axis=1, output_type=tf.int32)
+        last = n - tf.argmax(tf.cast(any_along[:, ::-1], tf.int32), axis=1, output_type=tf.int32)
+        return first, last
+
+    y0, y1 = extent(rows)
+    x0, x1 = extent(cols)
+    boxes = tf.cast(tf.stack([x0, y0, x1, y1], axis=-1), tf.float32)
+    return tf.where(tf.reduce_any(rows, axis=1)[:, None], boxes, tf.zeros_like(boxes))
+
+
+def mask_iou_matrix(masks):
+    """Pairwise IoU of binary masks.
+
+    Args:
+        masks: (N, H, W) bool.
+
+    Returns:
+        (N, N) float32; 0 where both masks are empty.
+    """
+    flat = tf.cast(tf.reshape(masks, [tf.shape(masks)[0], -1]), tf.float32)
+    inter = tf.matmul(flat, flat, transpose_b=True)
+    area = tf.reduce_sum(flat, axis=1)
+    union = area[:, None] + area[None, :] - inter
+    return tf.math.divide_no_nan(inter, union)
+
+
+def greedy_nms(iou, threshold: float):
+    """Greedy non-maximum suppression over items sorted by decreasing score.
+
+    Args:
+        iou: (N, N) float, pairwise overlaps of items in score order.
+        threshold: an item is dropped if its IoU with a kept, higher-scored item exceeds this.
+
+    Returns:
+        (N,) bool, the items kept.
+    """
+    n = tf.shape(iou)[0]
+    suppresses = iou > threshold
+
+    def body(i, keep):
+        dropped = tf.reduce_any(keep[:i] & suppresses[:i, i])
+        return i + 1, tf.tensor_scatter_nd_update(keep, [[i]], [tf.logical_not(dropped)])
+
+    _, keep = tf.while_loop(lambda i, _: i < n, body, (0, tf.ones([n], tf.bool)))
+    return keep
+
+
+def to_rgb(image):
+    """An image tensor as float32 RGB in [0, 1].
+
+    Args:
+        image: (H, W), (H, W, 1), (H, W, 2), (H, W, 3) or (H, W, 4); uint8 (0..255) or float
+            (taken as [0, 1]). Gray is replicated to RGB; alpha composites onto mid grey.
+
+    Returns:
+        (H, W, 3) float32.
+    """
+    image = tf.convert_to_tensor(image)
+    if image.dtype == tf.uint8:
+        image = tf.cast(image, tf.float32) / 255.0
+    else:
+        image = tf.cast(image, tf.float32)
+    if image.shape.rank == 2:
+        image = image[..., None]
+    channels = tf.shape(image)[-1]
+    color = tf.cond(channels < 3, lambda: tf.tile(image[..., :1], [1, 1, 3]), lambda: image[..., :3])
+    alpha = tf.cond(
+        tf.equal(channels % 2, 0), lambda: image[..., -1:], lambda: tf.ones_like(image[..., :1])
+    )
+    return color * alpha + GREY * (1.0 - alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator.
+# ---------------------------------------------------------------------------------------------
+
+
+def model_geometry(model: keras.Model) -> tuple[int, int]:
+    """(patch_size, context) of a DeepMask/SharpMask model, read from its layers.
+
+    Raises:
+        ValueError: if the model lacks DeepMask's named layers.
+    """
+    try:
+        crop = model.get_layer("head_crop").crop
+    except ValueError as err:
+        raise ValueError(
+            f"Expected a DeepMask or SharpMask model with a 'head_crop' layer. Received: model {model.name!r}"
+        ) from err
+    input_size = int(model.inputs[0].shape[1])
+    context = crop * TRUNK_STRIDE
+    return input_size - 2 * context, context
+
+
+class ProposalGenerator(tf.Module):
+    """Object proposals over whole images from a DeepMask or SharpMask model.
+
+    Example:
+        ```python
+        generator = ProposalGenerator.from_saved("runs/x")  # or ProposalGenerator(model, config)
+        out = generator.propose(image)  # numpy dict, see `propose`
+        ```
+
+    Args:
+        model: a model from `sharpmask_tf.sharpmask.build_model` (trained).
+        config: inference settings; `InferenceConfig()` if None.
+        coarse: use DeepMask's coarse masks even if the model has the refinement.
+        full_masks: also paste masks at image size ("masks"); crops and boxes are always given.
+        jit_compile: XLA-compile the per-scale network (trunk, head, skip features).
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        config: InferenceConfig | None = None,
+        coarse: bool = False,
+        full_masks: bool = True,
+        jit_compile: bool = False,
+    ):
+        super().__init__(name="proposal_generator")
+        self.model = model
+        self.config = config or InferenceConfig()
+        self.patch_size, self.context = model_geometry(model)
+        self.coarse = coarse
+        self.refine = not coarse and any(layer.name == "refine" for layer in model.layers)
+        self.full_masks = full_masks
+        self.scales = self.config.scales
+        self._normalize = model.get_layer("normalize")
+        self._trunk = model.get_layer("trunk")
+        self._head_reduce = model.get_layer(HEAD_REDUCE)
+        self._head_object = model.get_layer(HEAD_OBJECT)
+        self._score_hidden = model.get_layer(SCORE_HIDDEN)
+        self._score_logits = model.get_layer(SCORE_LOGITS)
+        self._mask_logits = None if self.refine else model.get_layer(MASK_LOGITS)
+        self._skip = model.get_layer("skip") if self.refine else None
+        self._refine_net = model.get_layer("refine") if self.refine else None
+        self._level = tf.function(self._level_features, jit_compile=jit_compile, reduce_retracing=True)
+        self._propose = tf.function(self.propose_tensors, reduce_retracing=True)
+
+    @classmethod
+    def from_saved(cls, path: str | os.PathLike, config: InferenceConfig | None = None, **kwargs):
+        """Loads a generator from a `.keras` file or a training run directory.
+
+        A directory must hold `sharpmask.keras` or `deepmask.keras` (SharpMask preferred); the
+        inference settings come from `config`, else `config.json` beside the model, else defaults.
+
+        Raises:
+            FileNotFoundError: if no model file is found.
+        """
+        import sharpmask_tf.layers  # noqa: F401  (registers the custom layers)
+
+        path = Path(path)
+        if path.is_dir():
+            candidates = [path / "sharpmask.keras", path / "deepmask.keras"]
+            found = [p for p in candidates if p.is_file()]
+            if not found:
+                raise FileNotFoundError(
+                    f"No sharpmask.keras or deepmask.keras in the model directory. Received: path={str(path)!r}"
+                )
+            model_path = found[0]
+        elif path.is_file():
+            model_path = path
+        else:
+            raise FileNotFoundError(f"No such model file or directory. Received: path={str(path)!r}")
+        if config is None:
+            config_json = model_path.parent / "config.json"
+            config = Config.from_json(config_json.read_text()).inference if config_json.is_file() else None
+        model = keras.saving.load_model(model_path, compile=False)
+        return cls(model, config, **kwargs)
+
+    def _level_features(self, padded):
+        """Network over one padded scaled image (1, Hp, Wp, 3): score logits (Ho, Wo), object
+        vectors (Ho, Wo, D) and, for SharpMask, skip features {skip_i: (Hp/t_i, Wp/t_i, c_i)}."""
+        taps = self._trunk(self._normalize(padded))
+        reduced = self._head_reduce(taps["conv4"])
+        fs = self.patch_size // TRUNK_STRIDE
+        kernel = tf.reshape(self._head_object.kernel, [fs, fs, reduced.shape[-1], -1])
+        objects = tf.nn.conv2d(reduced, kernel, 1, "VALID") + self._head_object.bias
+        scores = self._score_logits(self._score_hidden(objects))[0, :, :, 0]
+        skips = {}
+        if self.refine:
+            skips = {k: v[0] for k, v in self._skip({t: taps[t] for t in REFINE_TAPS}).items()}
+        return scores, objects[0], skips
+
+    def propose_tensors(self, image) -> dict[str, tf.Tensor]:
+        """Proposals for one image, as graph-mode TensorFlow (wrap in `tf.function` to export).
+
+        Args:
+            image: (H, W, C) with C in 1..4, or (H, W); uint8 or float in [0, 1]. H, W >= 1.
+
+        Returns:
+            A dict of tensors, proposals sorted by decreasing score, padded to N = top_n rows:
+            "scores" (N,) float32 probabilities (0 for padding rows);
+            "boxes" (N, 4) float32 tight boxes (x0, y0, x1, y1) of the binarised masks in image
+              pixels, x1/y1 exclusive, (0, 0, 0, 0) for empty masks and padding;
+            "window_boxes" (N, 4) float32, the windows (patch_size/scale image px) the masks cover;
+            "mask_crops" (N, crop_size, crop_size) float32 mask probabilities over window_boxes;
+            "scales" (N,) float32, the scale of each proposal relative to the input image
+              (pyramid scale times the max_side cap);
+            "masks" (N, H, W) bool, the binarised masks at image size (if full_masks);
+            "num_proposals" () int32, the number of valid rows.
+        """
+        cfg = self.config
+        p = self.patch_size
+        rgb = to_rgb(image)
+        height, width = tf.shape(rgb)[0], tf.shape(rgb)[1]
+        cap = tf.minimum(1.0, cfg.max_side / tf.cast(tf.maximum(height, width), tf.float32))
+        scores, objects, level_sizes, level_scale_y, level_scale_x = [], [], [], [], []
+        skip_maps = {f"skip{i}": [] for i in range(1, 5)}
+        skip_widths = {f"skip{i}": [] for i in range(1, 5)}
+        for s in self.scales:
+            hs, ws = scaled_size(height, cap * s), scaled_size(width, cap * s)
+            scaled = tf.image.resize(rgb, tf.stack([hs, ws]), method="bilinear", antialias=True)
+            hp, wp = padded_size(hs, p), padded_size(ws, p)
+            padding = [[p // 2, hp - hs - p // 2], [p // 2, wp - ws - p // 2], [0, 0]]
+            padded = tf.pad(scaled, padding, constant_values=GREY)
+            level_scores, level_objects, skips = self._level(padded[None])
+            scores.append(tf.reshape(level_scores, [-1]))
+            objects.append(tf.reshape(level_objects, [-1, level_objects.shape[-1]]))
+            level_sizes.append(tf.shape(level_scores))
+            level_scale_y.append(tf.cast(hs, tf.float32) / tf.cast(height, tf.float32))
+            level_scale_x.append(tf.cast(ws, tf.float32) / tf.cast(width, tf.float32))
+            for name, feature in skips.items():
+                skip_maps[name].append(tf.reshape(feature, [-1, feature.shape[-1]]))
+                skip_widths[name].append(tf.shape(feature)[1])
+        level_sizes = tf.stack(level_sizes)
+        counts = level_sizes[:, 0] * level_sizes[:, 1]
+        offsets = tf.concat([[0], tf.cumsum(counts)[:-1]], axis=0)
+        all_scores = tf.concat(scores, axis=0)
+        k = tf.minimum(cfg.top_n, tf.shape(all_scores)[0])
+        top_scores, top_index = tf.math.top_k(all_scores, k=k)
+        level, rows, cols = level_positions(top_index, offsets, level_sizes[:, 1])
+        windows = window_boxes(
+            rows, cols, tf.gather(tf.stack(level_scale_y), level), tf.gather(tf.stack(level_scale_x), level), p
+        )
+        top_objects = tf.gather(tf.concat(objects, axis=0), top_index)
+        if self.refine:
+            window_skips = []
+            for i, (name, stride) in enumerate(zip(skip_maps, SKIP_STRIDES)):
+                widths = tf.stack(skip_widths[name])
+                sizes = tf.stack([tf.shape(f)[0] for f in skip_maps[name]])
+                skip_offsets = tf.concat([[0], tf.cumsum(sizes)[:-1]], axis=0)
+                window_skips.append(
+                    _gather_windows(
+                        tf.concat(skip_maps[name], axis=0),
+                        tf.gather(skip_offsets, level) + rows * (TRUNK_STRIDE // stride) * tf.gather(widths, level)
+                        + cols * (TRUNK_STRIDE // stride),
+                        tf.gather(widths, level),
+                        p // stride,
+                    )
+                )
+            logits = self._refine_net([top_objects, *window_skips])
+        else:
+            m = self._mask_logits.units
+            side = round(math.sqrt(m))
+            logits = tf.reshape(self._mask_logits(top_objects), [-1, side, side])
+        probabilities = tf.sigmoid(tf.cast(logits, tf.float32))
+        probabilities, windows, top_scores, level = _pad_rows(cfg.top_n, probabilities, windows, top_scores, level)
+        num = k
+        masks = boxes = None
+        if self.full_masks or cfg.nms_threshold is not None:
+            masks, boxes = _paste_in_chunks(probabilities, windows, height, width, cfg.mask_threshold)
+        if cfg.nms_threshold is not None:
+            keep = greedy_nms(mask_iou_matrix(_nms_view(masks)), cfg.nms_threshold)
+            keep = keep & (tf.range(cfg.top_n) < k)
+            order = tf.concat([tf.where(keep)[:, 0], tf.where(~keep)[:, 0]], axis=0)
+            num = tf.reduce_sum(tf.cast(keep, tf.int32))
+            probabilities, windows, top_scores, level, masks, boxes = (
+                tf.gather(t, order) for t in (probabilities, windows, top_scores, level, masks, boxes)
+            )
+            valid = tf.range(cfg.top_n) < num
+            top_scores = tf.where(valid, top_scores, 0.0)
+            masks = masks & valid[:, None, None]
+            boxes = tf.where(valid[:, None], boxes, 0.0)
+        valid = tf.range(cfg.top_n) < num
+        crop = cfg.crop_size
+        crops = tf.image.resize(probabilities[..., None], [crop, crop], method="bilinear", antialias=True)[..., 0]
+        out = {
+            "scores": tf.where(valid, tf.sigmoid(top_scores), 0.0),
+            "window_boxes": tf.where(valid[:, None], windows, 0.0),
+            "mask_crops": crops * tf.cast(valid, tf.float32)[:, None, None],
+            "scales": tf.where(valid, tf.gather(tf.constant(self.scales, tf.float32), level) * cap, 0.0),
+            "num_proposals": tf.cast(num, tf.int32),
+        }
+        if self.full_masks:
+            out["masks"] = masks
+            out["boxes"] = boxes
+        else:
+            out["boxes"] = _crop_boxes(crops, out["window_boxes"], height, width, cfg.mask_threshold)
+        return out
+
+    def propose(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Proposals for one image, as numpy.
+
+        Args:
+            image: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array, uint8 or float in [0, 1].
+
+        Returns:
+            The dict of `propose_tensors`, as numpy arrays trimmed to the `num_proposals` valid
+            rows (so "masks" is (n, H, W) bool), plus "num_proposals" as an int.
+
+        Raises:
+            ValueError: for an empty image, more than 4 channels, or a dtype that is neither
+                uint8 nor float.
+        """
+        image = check_image(image)
+        out = {k: v.numpy() for k, v in self._propose(tf.convert_to_tensor(image)).items()}
+        n = int(out.pop("num_proposals"))
+        out = {k: v[:n] for k, v in out.items()}
+        out["num_proposals"] = n
+        return out
+
+
+def _gather_windows(flat_map, top_left, widths, size: int):
+    """Square windows out of row-major flattened feature maps.
+
+    Args:
+        flat_map: (P, C), the concatenated flattened maps of all scales.
+        top_left: (N,) int, flat index of each window's top-left cell.
+        widths: (N,) int, the width of each window's map.
+        size: the window side in cells.
+
+    Returns:
+        (N, size, size, C).
+    """
+    r = tf.range(size)
+    grid = r[:, None] * widths[:, None, None] + r[None, None, :]  # (N, size, size)
+    return tf.gather(flat_map, top_left[:, None, None] + grid)
+
+
+def _pad_rows(n: int, *tensors):
+    """Pads every tensor's first axis with zeros to n rows."""
+    out = []
+    for t in tensors:
+        pad = [[0, n - tf.shape(t)[0]]] + [[0, 0]] * (t.shape.rank - 1)
+        out.append(tf.ensure_shape(tf.pad(t, pad), [n, *t.shape[1:]]))
+    return out
+
+
+def _paste_in_chunks(probabilities, windows, height, width, threshold):
+    """`paste_masks` and `mask_boxes` PASTE_CHUNK proposals at a time: (N, H, W) bool, (N, 4)."""
+    n = probabilities.shape[0]
+    chunks = -(-n // PASTE_CHUNK)
+    extra = chunks * PASTE_CHUNK - n
+    probs = tf.pad(probabilities, [[0, extra], [0, 0], [0, 0]])
+    boxes = tf.pad(windows, [[0, extra], [0, 0]])
+    probs = tf.reshape(probs, [chunks, PASTE_CHUNK, *probabilities.shape[1:]])
+    boxes = tf.reshape(boxes, [chunks, PASTE_CHUNK, 4])
+
+    def paste(args):
+        m = paste_masks(args[0], args[1], height, width, threshold)
+        return m, mask_boxes(m)
+
+    masks, tight = tf.map_fn(
+        paste,
+        (probs, boxes),
+        fn_output_signature=(tf.TensorSpec([PASTE_CHUNK, None, None], tf.bool), tf.TensorSpec([PASTE_CHUNK, 4])),
+        parallel_iterations=1,
+    )
+    masks = tf.reshape(masks, [chunks * PASTE_CHUNK, height, width])[:n]
+    return masks, tf.reshape(tight, [-1, 4])[:n]
+
+
+def _nms_view(masks):
+    """Masks subsampled to at most NMS_GRID px per side, for the IoU of mask NMS."""
+    h, w = tf.shape(masks)[1], tf.shape(masks)[2]
+    step = tf.maximum(1, (tf.maximum(h, w) + NMS_GRID - 1) // NMS_GRID)
+    return masks[:, ::step, ::step]
+
+
+def _crop_boxes(crops, windows, height, width, threshold):
+    """Approximate tight boxes from the mask crops (used when full masks are not pasted): the
+    extent of crop pixels at or above the threshold, mapped through the window, clipped."""
+    c = tf.cast(tf.shape(crops)[1], tf.float32)
+    local = mask_boxes(crops >= threshold) / c  # fractions of the window
+    x0, y0, x1, y1 = tf.unstack(windows, axis=-1)
+    fx = tf.stack([local[:, 0], local[:, 2]], axis=-1) * (x1 - x0)[:, None] + x0[:, None]
+    fy = tf.stack([local[:, 1], local[:, 3]], axis=-1) * (y1 - y0)[:, None] + y0[:, None]
+    w = tf.cast(width, tf.float32)
+    h = tf.cast(height, tf.float32)
+    boxes = tf.stack(
+        [
+            tf.clip_by_value(tf.floor(fx[:, 0]), 0, w),
+            tf.clip_by_value(tf.floor(fy[:, 0]), 0, h),
+            tf.clip_by_value(tf.math.ceil(fx[:, 1]), 0, w),
+            tf.clip_by_value(tf.math.ceil(fy[:, 1]), 0, h),
+        ],
+        axis=-1,
+    )
+    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return tf.where(nonempty[:, None], boxes, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images from files and arrays.
+# ---------------------------------------------------------------------------------------------
+
+
+def check_image(image: Any) -> np.ndarray:
+    """Validates an image array for `ProposalGenerator.propose`.
+
+    Returns:
+        The image as (H, W, C) uint8 or float32, C in 1..4.
+
+    Raises:
+        ValueError: if it is empty, not 2-D/3-D, has more than 4 channels, or an unusable dtype.
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or not 1 <= image.shape[-1] <= 4:
+        raise ValueError(f"An image must be (H, W) or (H, W, C) with C in 1..4. Received: shape={image.shape}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"An image must have at least one pixel. Received: shape={image.shape}")
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == bool or not np.issubdtype(image.dtype, np.number):
+        raise ValueError(f"An image must be uint8 or float in [0, 1]. Received: dtype={image.dtype}")
+    if np.issubdtype(image.dtype, np.integer):
+        raise ValueError(
+            f"Integer images must be uint8 (0..255); scale others to float in [0, 1]. Received: dtype={image.dtype}"
+        )
+    return image.astype(np.float32)
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Reads an image file as an (H, W, C) uint8 array (C = 1, 3 or 4; palettes become RGB(A)).
+
+    Raises:
+        ValueError: if the file cannot be decoded as an image (names the file).
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("L", "RGB", "RGBA"):
+                converted = im
+            elif im.mode in ("LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                converted = im.convert("RGBA")
+            elif im.mode in ("I;16", "I", "F", "1"):
+                converted = im.convert("L")
+            else:
+                converted = im.convert("RGB")
+            array = np.asarray(converted, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"Cannot read an image from {str(path)!r}: {err}") from err
+    return array[..., None] if array.ndim == 2 else array
+
+
+def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files named by `inputs`: files as given, folders expanded to their image files.
+
+    Raises:
+        FileNotFoundError: if an input does not exist.
+    """
+    files = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"No such image file or folder. Received: {str(path)!r}")
+    return files
+
+
+def coco_results(proposals: dict[str, np.ndarray], image_id: int) -> list[dict[str, Any]]:
+    """COCO results entries (class-agnostic, category_id 1) for one image's proposals.
+
+    Args:
+        proposals: the numpy dict of `ProposalGenerator.propose` (needs "masks").
+        image_id: the COCO image id.
+
+    Returns:
+        A list of {"image_id", "category_id", "segmentation" (RLE, counts as str), "bbox"
+        ([x, y, w, h] of the tight box), "score"} dicts, best first.
+    """
+    from pycocotools import mask as mask_utils
+
+    masks = proposals["masks"]
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(np.transpose(masks, (1, 2, 0)).astype(np.uint8)))
+    results = []
+    for rle, box, score in zip(rles, proposals["boxes"], proposals["scores"]):
+        x0, y0, x1, y1 = (float(v) for v in box)
+        results.append(
+            {
+                "image_id": int(image_id),
+                "category_id": 1,
+                "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": float(score),
+            }
+        )
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: proposals for images or folders, written as COCO results JSON (and PNG pictures)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sharpmask_tf.inference",
+        description="Object proposals for images, written as COCO results JSON.",
+    )
+    parser.add_argument("--model", required=True, help="a .keras file or a training run directory")
+    parser.add_argument("inputs", nargs="+", help="image files or folders of images")
+    parser.add_argument("--out", required=True, help="results JSON path")
+    parser.add_argument("--annotations", help="COCO annotations JSON: image ids are matched by file name")
+    parser.add_argument("--visualize", metavar="DIR", help="write a PNG per image with the top proposals")
+    parser.add_argument("--draw", type=int, default=10, help="proposals drawn per picture (default 10)")
+    parser.add_argument("--coarse", action="store_true", help="DeepMask's coarse masks from a SharpMask model")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="inference.FIELD=VALUE", help="inference config overrides"
+    )
+    args = parser.parse_args(argv)
+
+    generator = ProposalGenerator.from_saved(args.model, coarse=args.coarse)
+    if args.set:
+        config = Config(inference=generator.config).override(args.set).inference
+        generator = ProposalGenerator(generator.model, config, coarse=args.coarse)
+    ids_by_name = {}
+    if args.annotations:
+        images = json.loads(Path(args.annotations).read_text())["images"]
+        ids_by_name = {Path(im["file_name"]).name: int(im["id"]) for im in images}
+    results, failed, start = [], [], time.perf_counter()
+    files = list_images(args.inputs)
+    next_id = 1
+    for path in files:
+        if ids_by_name:
+            if path.name not in ids_by_name:
+                print(f"skipping {path}: not in {args.annotations}", file=sys.stderr)
+                failed.append(str(path))
+                continue
+            image_id = ids_by_name[path.name]
+        else:
+            image_id, next_id = next_id, next_id + 1
+        try:
+            image = load_image(path)
+        except ValueError as err:
+            print(f"skipping {path}: {err}", file=sys.stderr)
+            failed.append(str(path))
+            continue
+        proposals = generator.propose(image)
+        results.extend(coco_results(proposals, image_id))
+        if args.visualize:
+            from sharpmask_tf.visualize import save_proposals
+
+            out_png = Path(args.visualize) / f"{path.stem}.png"
+            save_proposals(out_png, image, proposals, max_draw=args.draw)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results))
+    done = len(files) - len(failed)
+    seconds = time.perf_counter() - start
+    print(f"{done} images, {len(results)} proposals -> {args.out} ({seconds:.1f} s); {len(failed)} skipped")
+    return 1 if failed and not done else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

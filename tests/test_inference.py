@@ -1,0 +1,401 @@
+"""Full-image proposals: index arithmetic, geometry, consistency with the patch model, edge cases."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from sharpmask_tf.config import InferenceConfig, get_config
+from sharpmask_tf.inference import (
+    GREY,
+    ProposalGenerator,
+    check_image,
+    coco_results,
+    greedy_nms,
+    level_positions,
+    load_image,
+    main,
+    mask_boxes,
+    mask_iou_matrix,
+    padded_size,
+    paste_masks,
+    scaled_size,
+    score_map_size,
+    to_rgb,
+    window_boxes,
+)
+from sharpmask_tf.sharpmask import build_model
+
+P, C = 64, 16  # the small preset's patch size and context
+
+
+@pytest.fixture(scope="module")
+def deepmask():
+    tf.keras.utils.set_random_seed(1)
+    return build_model(get_config("small", ["model.refinement=false"]))
+
+
+@pytest.fixture(scope="module")
+def sharpmask():
+    tf.keras.utils.set_random_seed(2)
+    return build_model(get_config("small"))
+
+
+def smooth_image(h, w, seed=0):
+    """A textured uint8 image: low-frequency noise plus a few bright rectangles."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 1, (h // 16 + 2, w // 16 + 2, 3)).astype(np.float32)
+    image = tf.image.resize(coarse[None], (h, w), method="bicubic")[0].numpy()
+    for _ in range(4):
+        y, x = rng.integers(0, h - 20), rng.integers(0, w - 20)
+        image[y : y + rng.integers(10, 40), x : x + rng.integers(10, 40)] = rng.uniform(0, 1, 3)
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+def test_level_positions_walks_every_map_row_major_from_zero():
+    heights, widths = np.array([3, 1, 4, 2]), np.array([5, 2, 1, 3])
+    counts = heights * widths
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    expected = [(lv, r, c) for lv in range(4) for r in range(heights[lv]) for c in range(widths[lv])]
+    level, row, col = level_positions(np.arange(counts.sum()), offsets, widths)
+    assert list(zip(level.numpy(), row.numpy(), col.numpy())) == expected
+
+
+def test_window_boxes_known_values():
+    boxes = window_boxes([0, 2], [0, 3], [1.0, 0.5], [1.0, 0.25], patch_size=160).numpy()
+    # (0, 0) at scale 1: the window starts half a window before the image.
+    np.testing.assert_allclose(boxes[0], [-80, -80, 80, 80])
+    # (2, 3): x0 = (48 - 80) / 0.25, y0 = (32 - 80) / 0.5, side 160 / scale.
+    np.testing.assert_allclose(boxes[1], [-128, -96, -128 + 640, -96 + 320])
+
+
+def test_sizes_are_multiples_of_the_stride_with_half_a_window_each_side():
+    for scaled in (1, 15, 16, 17, 63, 100):
+        hp = int(padded_size(scaled, 64))
+        assert hp % 16 == 0 and hp - scaled - 32 >= 32 and hp - scaled - 32 < 48
+        # Window centres 16*row cover the whole scaled image.
+        assert 16 * (int(score_map_size(hp, 64)) - 1) >= scaled
+    assert int(scaled_size(97, 2**-2.5)) == round(97 * 2**-2.5)
+    assert int(scaled_size(3, 0.01)) == 1
+
+
+def test_paste_masks_fills_exactly_the_window():
+    ones = np.ones((3, 8, 8), np.float32)
+    boxes = np.array([[2, 3, 10, 7], [-5, -5, 4.5, 2.2], [0, 0, 0, 0]], np.float32)  # last: padding row
+    masks = paste_masks(ones, boxes, 9, 12, 0.2).numpy()
+    ys, xs = np.mgrid[0:9, 0:12] + 0.5
+    for m, (x0, y0, x1, y1) in zip(masks[:2], boxes[:2]):
+        np.testing.assert_array_equal(m, (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1))
+    assert not masks[2].any()
+
+
+def test_paste_masks_keeps_the_mask_shape():
+    left = np.zeros((1, 4, 4), np.float32)
+    left[0, :, :2] = 1.0  # left half of the window
+    masks = paste_masks(left, np.array([[0, 0, 40, 40]], np.float32), 40, 40, 0.5).numpy()[0]
+    # Bilinear between the mask pixel centres at x = 15 and 25 crosses .5 at x = 20.
+    assert masks[:, :20].all() and not masks[:, 20:].any()
+
+
+def test_mask_boxes_are_tight_and_exclusive():
+    masks = np.zeros((2, 6, 7), bool)
+    masks[0, 1:4, 2:6] = True
+    boxes = mask_boxes(masks).numpy()
+    np.testing.assert_array_equal(boxes, [[2, 1, 6, 4], [0, 0, 0, 0]])
+
+
+def test_greedy_nms_keeps_the_best_of_each_overlapping_group():
+    masks = np.zeros((4, 10, 10), bool)
+    masks[0, :5, :5] = True
+    masks[1, :5, :4] = True  # IoU .8 with 0
+    masks[2, 5:, 5:] = True
+    masks[3, 5:, 6:] = True  # IoU .8 with 2
+    iou = mask_iou_matrix(masks).numpy()
+    np.testing.assert_allclose(iou[0, 1], 0.8)
+    np.testing.assert_array_equal(greedy_nms(iou, 0.5).numpy(), [True, False, True, False])
+    np.testing.assert_array_equal(greedy_nms(iou, 0.9).numpy(), [True] * 4)
+
+
+def test_to_rgb_handles_gray_alpha_and_uint8():
+    gray = np.array([[0, 255]], np.uint8)
+    np.testing.assert_allclose(to_rgb(gray).numpy(), [[[0, 0, 0], [1, 1, 1]]])
+    rgba = np.array([[[255, 0, 0, 255], [255, 0, 0, 0]]], np.uint8)
+    np.testing.assert_allclose(to_rgb(rgba).numpy(), [[[1, 0, 0], [GREY] * 3]])
+    gray_alpha = np.array([[[1.0, 0.5]]], np.float32)
+    np.testing.assert_allclose(to_rgb(gray_alpha).numpy(), [[[0.75] * 3]])
+
+
+def test_check_image_rejects_what_it_cannot_use():
+    with pytest.raises(ValueError, match="shape=\\(4, 4, 5\\)"):
+        check_image(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(ValueError, match="at least one pixel"):
+        check_image(np.zeros((0, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="dtype=int32"):
+        check_image(np.zeros((4, 4, 3), np.int32))
+    assert check_image(np.zeros((4, 4), np.float64)).shape == (4, 4, 1)
+
+
+# ----------------------------------------------------------------------------- index arithmetic, end to end
+
+
+class PeakGenerator(ProposalGenerator):
+    """Replaces the score maps by -10 everywhere except +10 at one (row, col) of the scale whose
+    padded image has `target` (Hp, Wp): the pipeline's ranking, index arithmetic, window
+    placement and pasting then decide where that one window lands."""
+
+    def __init__(self, model, config):
+        super().__init__(model, config)
+        self.target = tf.Variable([0, 0, 0, 0], dtype=tf.int32, trainable=False)
+
+    def _level_features(self, padded):
+        scores, objects, skips = super()._level_features(padded)
+        here = tf.reduce_all(tf.shape(padded)[1:3] == self.target[:2])
+        at = tf.minimum(self.target[2:], tf.shape(scores) - 1)  # in range on the other levels
+        peak = tf.scatter_nd([at], [20.0], tf.shape(scores)) - 10.0
+        return tf.where(here, peak, -10.0 * tf.ones_like(scores)), objects, skips
+
+
+@pytest.mark.parametrize("height,width", [(151, 131), (177, 95)])
+def test_a_single_peak_lands_on_its_window_at_every_scale(deepmask, height, width):
+    # An all-ones mask, so the pasted mask is the window itself.
+    layer = deepmask.get_layer("mask_logits")
+    saved = layer.get_weights()
+    layer.set_weights([np.zeros_like(saved[0]), np.full_like(saved[1], 10.0)])
+    try:
+        config = InferenceConfig(top_n=3)
+        gen = PeakGenerator(deepmask, config)
+        image = np.full((height, width, 3), 128, np.uint8)
+        ys, xs = np.mgrid[0:height, 0:width] + 0.5
+        sizes = []
+        for s in config.scales:
+            hs, ws = (max(1, int(np.round(np.float32(n) * np.float32(s)))) for n in (height, width))
+            hp, wp = (-(-(n + P) // 16) * 16 for n in (hs, ws))
+            sizes.append((s, hs, ws, hp, wp))
+        assert len({(hp, wp) for *_, hp, wp in sizes}) == len(sizes), "levels must be distinguishable"
+        for s, hs, ws, hp, wp in sizes:
+            rows, cols = hp // 16 - P // 16 + 1, wp // 16 - P // 16 + 1
+            for row, col in [(0, 0), (rows - 1, cols - 1), (rows // 2, (cols - 1) // 3)]:
+                gen.target.assign([hp, wp, row, col])
+                out = gen.propose(image)
+                sy, sx = hs / height, ws / width
+                x0, y0 = (16 * col - P / 2) / sx, (16 * row - P / 2) / sy
+                expected = [x0, y0, x0 + P / sx, y0 + P / sy]
+                np.testing.assert_allclose(out["window_boxes"][0], expected, rtol=1e-5, atol=1e-3)
+                assert out["scales"][0] == pytest.approx(s)
+                assert out["scores"][0] == pytest.approx(1 / (1 + np.exp(-10.0)))
+                inside = (xs >= expected[0]) & (xs < expected[2]) & (ys >= expected[1]) & (ys < expected[3])
+                near_edge = np.minimum.reduce([abs(xs - expected[0]), abs(xs - expected[2]),
+                                               abs(ys - expected[1]), abs(ys - expected[3])]) < 1e-3
+                np.testing.assert_array_equal(out["masks"][0][~near_edge], inside[~near_edge])
+                if inside.any() and not near_edge.any():
+                    r, c = np.nonzero(inside)
+                    np.testing.assert_array_equal(out["boxes"][0], [c.min(), r.min(), c.max() + 1, r.max() + 1])
+    finally:
+        layer.set_weights(saved)
+
+
+# ----------------------------------------------------------------------------- full image vs patch
+
+
+def test_full_image_sharpmask_agrees_with_the_patch_model(sharpmask):
+    config = InferenceConfig(scale_min=-0.5, scale_max=0.0, top_n=1000, crop_size=32)
+    gen = ProposalGenerator(sharpmask, config)
+    height, width = 208, 240
+    image = smooth_image(height, width, seed=3)
+    out = gen.propose(image)
+    rgb = to_rgb(image)
+    checked, ious, score_gaps = 0, [], []
+    for s in config.scales:
+        hs, ws = int(scaled_size(height, s)), int(scaled_size(width, s))
+        hp, wp = int(padded_size(hs, P)), int(padded_size(ws, P))
+        scaled = tf.image.resize(rgb, (hs, ws), method="bilinear", antialias=True)
+        padded = tf.pad(scaled, [[P // 2, hp - hs - P // 2], [P // 2, wp - ws - P // 2], [0, 0]], constant_values=GREY)
+        # Windows whose whole network input (with context) lies 16 px inside the scaled image.
+        lo = (P // 2 + C + 16 + 15) // 16
+        for row in range(lo, (P // 2 + hs - 16 - P - C) // 16 + 1):
+            for col in range(lo, (P // 2 + ws - 16 - P - C) // 16 + 1):
+                box = window_boxes([row], [col], [hs / height], [ws / width], P).numpy()[0]
+                match = np.nonzero(np.abs(out["window_boxes"] - box).max(axis=1) < 1e-3)[0]
+                assert len(match) == 1, f"window ({row}, {col}) at scale {s} not among the proposals"
+                i = match[0]
+                patch = padded[16 * row - C : 16 * row + P + C, 16 * col - C : 16 * col + P + C]
+                ref = sharpmask.predict_on_batch(patch[None].numpy())
+                ref_mask = paste_masks(tf.sigmoid(ref["masks"]), box[None], height, width, 0.2).numpy()[0]
+                inter = np.logical_and(ref_mask, out["masks"][i]).sum()
+                union = np.logical_or(ref_mask, out["masks"][i]).sum()
+                ious.append(inter / union if union else 1.0)
+                score_gaps.append(abs(out["scores"][i] - float(tf.sigmoid(ref["scores"][0, 0]))))
+                checked += 1
+    assert checked >= 6
+    assert min(ious) >= 0.95, f"mask IoU full image vs patch: {np.round(ious, 3)}"
+    assert max(score_gaps) < 0.05, f"score gaps: {np.round(score_gaps, 4)}"
+
+
+# ----------------------------------------------------------------------------- outputs and edge cases
+
+
+def test_proposals_are_sorted_capped_and_image_sized(sharpmask):
+    gen = ProposalGenerator(sharpmask, InferenceConfig(top_n=40, crop_size=24))
+    image = smooth_image(90, 121)
+    out = gen.propose(image)
+    n = out["num_proposals"]
+    assert n == 40
+    assert np.all(np.diff(out["scores"]) <= 0)
+    assert out["masks"].shape == (40, 90, 121) and out["masks"].dtype == bool
+    assert out["mask_crops"].shape == (40, 24, 24)
+    assert out["boxes"].shape == out["window_boxes"].shape == (40, 4)
+    for mask, box in zip(out["masks"], out["boxes"]):
+        if mask.any():
+            r, c = np.nonzero(mask)
+            np.testing.assert_array_equal(box, [c.min(), r.min(), c.max() + 1, r.max() + 1])
+        else:
+            np.testing.assert_array_equal(box, 0)
+    # Crops and windows reproduce the masks.
+    pasted = paste_masks(out["mask_crops"], out["window_boxes"], 90, 121, 0.2).numpy()
+    agree = [(np.logical_and(a, b).sum() + 1) / (np.logical_or(a, b).sum() + 1) for a, b in zip(pasted, out["masks"])]
+    assert np.mean(agree) > 0.9
+
+
+def test_fixed_size_tensors_are_padded_to_top_n(deepmask):
+    gen = ProposalGenerator(deepmask, InferenceConfig(scale_min=0, scale_max=0, top_n=500))
+    out = {k: v.numpy() for k, v in gen.propose_tensors(np.zeros((20, 30, 3), np.uint8)).items()}
+    n = out["num_proposals"]
+    assert 0 < n < 500
+    assert out["scores"].shape == (500,) and out["masks"].shape == (500, 20, 30)
+    assert np.all(out["scores"][n:] == 0) and not out["masks"][n:].any() and np.all(out["boxes"][n:] == 0)
+
+
+def test_an_image_without_objects_still_gets_ranked_proposals(deepmask):
+    gen = ProposalGenerator(deepmask, InferenceConfig(top_n=10))
+    out = gen.propose(np.full((64, 80, 3), 0.5, np.float32))
+    assert out["num_proposals"] == 10 and np.all(np.diff(out["scores"]) <= 0)
+
+
+def test_an_image_smaller_than_a_window(deepmask):
+    gen = ProposalGenerator(deepmask, InferenceConfig(top_n=10))
+    out = gen.propose(smooth_image(24, 24)[:7, :5])
+    assert out["num_proposals"] == 10
+    assert out["masks"].shape == (10, 7, 5)
+    assert np.all(out["boxes"][:, [0, 2]] <= 5) and np.all(out["boxes"][:, [1, 3]] <= 7)
+    # Every window is at least patch_size px of the largest scale wide, so it exceeds the image.
+    assert np.all(out["window_boxes"][:, 2] - out["window_boxes"][:, 0] > 5)
+
+
+def test_a_huge_image_is_capped_but_answered_in_its_own_pixels(deepmask):
+    config = InferenceConfig(top_n=5, max_side=128, scale_min=-1, scale_max=0)
+    gen = ProposalGenerator(deepmask, config)
+    height, width = 1000, 700
+    out = gen.propose(np.full((height, width, 3), 100, np.uint8))
+    cap = 128 / 1000
+    assert out["masks"].shape == (5, height, width)
+    assert np.all(np.min(np.abs(out["scales"][:, None] / cap - np.array([0.5, 2**-0.5, 1.0])), axis=1) < 1e-5)
+    sides = out["window_boxes"][:, 2] - out["window_boxes"][:, 0]
+    np.testing.assert_allclose(sides, P / out["scales"], rtol=0.02)
+
+
+def test_grayscale_and_rgba_match_their_rgb(deepmask):
+    gen = ProposalGenerator(deepmask, InferenceConfig(top_n=5))
+    rgb = smooth_image(48, 64)
+    gray = rgb[..., 0]
+    from_gray = gen.propose(gray)
+    from_rgb = gen.propose(np.repeat(gray[..., None], 3, axis=-1))
+    np.testing.assert_allclose(from_gray["scores"], from_rgb["scores"], rtol=1e-5)
+    opaque = np.concatenate([rgb, np.full((48, 64, 1), 255, np.uint8)], axis=-1)
+    np.testing.assert_allclose(gen.propose(opaque)["scores"], gen.propose(rgb)["scores"], rtol=1e-5)
+    np.testing.assert_allclose(
+        gen.propose(rgb.astype(np.float32) / 255)["scores"], gen.propose(rgb)["scores"], rtol=1e-4
+    )
+
+
+def test_mask_nms_leaves_no_overlapping_pair(deepmask):
+    gen = ProposalGenerator(deepmask, InferenceConfig(top_n=30, nms_threshold=0.5))
+    out = gen.propose(smooth_image(64, 96))
+    n = out["num_proposals"]
+    assert 0 < n <= 30
+    iou = mask_iou_matrix(out["masks"]).numpy()
+    assert np.all(iou[np.triu_indices(n, 1)] <= 0.5)
+    assert np.all(np.diff(out["scores"]) <= 0)
+
+
+def test_generator_exports_as_a_saved_model_signature(deepmask, tmp_path):
+    gen = ProposalGenerator(deepmask, InferenceConfig(top_n=8, scale_min=-1, scale_max=0))
+    module = tf.Module()
+    module.generator = gen
+    module.propose = tf.function(gen.propose_tensors, input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+    tf.saved_model.save(module, str(tmp_path / "export"))
+    loaded = tf.saved_model.load(str(tmp_path / "export"))
+    image = smooth_image(40, 56)
+    got = loaded.propose(tf.constant(image))
+    want = gen.propose(image)
+    np.testing.assert_allclose(got["scores"].numpy(), want["scores"], rtol=1e-5)
+    np.testing.assert_array_equal(got["masks"].numpy(), want["masks"])
+
+
+# ----------------------------------------------------------------------------- files, saving and the CLI
+
+
+def test_from_saved_run_directory_uses_its_config(sharpmask, tmp_path):
+    config = get_config("small", ["inference.top_n=7"])
+    sharpmask.save(tmp_path / "sharpmask.keras")
+    (tmp_path / "config.json").write_text(config.to_json())
+    gen = ProposalGenerator.from_saved(tmp_path)
+    assert gen.config.top_n == 7 and gen.refine
+    image = smooth_image(40, 40)
+    np.testing.assert_allclose(
+        gen.propose(image)["scores"], ProposalGenerator(sharpmask, config.inference).propose(image)["scores"], rtol=1e-5
+    )
+    with pytest.raises(FileNotFoundError, match="no_such"):
+        ProposalGenerator.from_saved(tmp_path / "no_such")
+
+
+def test_load_image_names_a_corrupt_file(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ValueError, match="bad.jpg"):
+        load_image(bad)
+
+
+def test_cli_writes_coco_results_and_pictures(deepmask, tmp_path):
+    from PIL import Image
+
+    config = get_config("small", ["model.refinement=false", "inference.top_n=6"])
+    deepmask.save(tmp_path / "deepmask.keras")
+    (tmp_path / "config.json").write_text(config.to_json())
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(smooth_image(50, 70)).save(images / "a.png")
+    Image.fromarray(smooth_image(40, 30, seed=1)[..., 0]).save(images / "b.png")  # grayscale
+    (images / "c.jpg").write_bytes(b"corrupt")
+    annotations = {"images": [{"id": 11, "file_name": "a.png"}, {"id": 12, "file_name": "b.png"},
+                              {"id": 13, "file_name": "c.jpg"}], "annotations": []}
+    (tmp_path / "ann.json").write_text(json.dumps(annotations))
+    out = tmp_path / "results.json"
+    code = main(["--model", str(tmp_path), str(images), "--out", str(out), "--annotations",
+                 str(tmp_path / "ann.json"), "--visualize", str(tmp_path / "vis")])
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert sorted({r["image_id"] for r in results}) == [11, 12] and len(results) == 12
+    from pycocotools import mask as mask_utils
+
+    first = results[0]
+    assert first["category_id"] == 1 and first["segmentation"]["size"] == [50, 70]
+    area = mask_utils.area(first["segmentation"])
+    _, _, w, h = first["bbox"]
+    assert area == 0 or (w * h >= area and np.allclose(mask_utils.toBbox(first["segmentation"]), first["bbox"]))
+    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["a.png", "b.png"]
+
+
+def test_coco_results_round_trip_masks():
+    from pycocotools import mask as mask_utils
+
+    masks = np.zeros((2, 5, 6), bool)
+    masks[0, 1:3, 2:5] = True
+    proposals = {"masks": masks, "boxes": mask_boxes(masks).numpy(), "scores": np.array([0.9, 0.1])}
+    results = coco_results(proposals, 4)
+    np.testing.assert_array_equal(mask_utils.decode(results[0]["segmentation"]), masks[0])
+    assert results[0]["bbox"] == [2.0, 1.0, 3.0, 2.0] and results[1]["bbox"] == [0.0, 0.0, 0.0, 0.0]
+    assert coco_results({"masks": masks[:0], "boxes": np.zeros((0, 4)), "scores": np.zeros(0)}, 1) == []
