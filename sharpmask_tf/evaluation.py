@@ -1,0 +1,345 @@
+"""Proposal quality: COCO average recall (class-agnostic) and per-patch mask IoU (SPEC.md section 5).
+
+Average recall is pycocotools' `COCOeval` with `params.useCats = 0`: every ground-truth object
+of any category may be recalled by any proposal. AR@k is the recall averaged over IoU thresholds
+.5:.05:.95 when each image keeps its k best proposals. AR@1/10/100/1000 and AR small/medium/large
+at 100 come from `COCOeval.accumulate`; the curve over 1..1000 proposals counts the same
+`COCOeval.evaluate` matches per prefix of each image's ranked proposals (which is what
+`accumulate` does for its recall, minus the precision bookkeeping that makes 1000 operating
+points impractically slow there); the tests check the two agree. AUC is the curve's mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sharpmask_tf.losses import iou_summary, mask_iou
+
+MAX_DETS = (1, 10, 100, 1000)
+CURVE_MAX = 1000
+IOU_TYPES = ("segm", "bbox")
+AREAS = ("all", "small", "medium", "large")
+
+
+def load_coco(annotations: str | os.PathLike | dict | Any):
+    """A pycocotools COCO object from a path, a parsed dict, or a COCO object (returned as is)."""
+    from pycocotools.coco import COCO
+
+    if isinstance(annotations, COCO):
+        return annotations
+    dataset = annotations if isinstance(annotations, dict) else json.loads(Path(annotations).read_text())
+    for key in ("images", "annotations"):
+        if key not in dataset:
+            raise ValueError(f"COCO annotations need an {key!r} list. Received keys: {sorted(dataset)}")
+    dataset = {"categories": [{"id": 1, "name": "object"}], **dataset}
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _results_for(results: list[dict], iou_type: str) -> list[dict]:
+    """Results restricted to the field `iou_type` evaluates: loadRes would otherwise take a
+    detection's area from its box when both a box and a mask are present."""
+    key = "segmentation" if iou_type == "segm" else "bbox"
+    keep = ("image_id", "category_id", "score", key)
+    out = []
+    for r in results:
+        if key not in r:
+            raise ValueError(f"{iou_type} evaluation needs {key!r} in every result. Received keys: {sorted(r)}")
+        out.append({k: copy.deepcopy(r[k]) for k in keep if k in r})
+    return out
+
+
+def average_recall(
+    annotations: str | os.PathLike | dict | Any,
+    results: str | os.PathLike | list[dict],
+    iou_type: str = "segm",
+    image_ids: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Class-agnostic COCO average recall of proposals.
+
+    Args:
+        annotations: ground truth: a COCO annotations JSON path, its parsed dict, or a COCO object.
+        results: COCO results (a JSON path or a list of {"image_id", "segmentation" and/or
+            "bbox", "score"} dicts); category ids are ignored.
+        iou_type: "segm" (masks) or "bbox" (boxes).
+        image_ids: images to evaluate; all images of `annotations` if None. Images without
+            ground-truth objects do not change recall.
+
+    Returns:
+        {"AR@1", "AR@10", "AR@100", "AR@1000", "AR_small@100", "AR_medium@100", "AR_large@100",
+        "AUC", "curve" (list of AR at 1..1000 proposals per image), "num_objects"}. With no
+        results every value is 0.0; with no ground-truth objects recall is undefined and every
+        value is NaN.
+
+    Raises:
+        ValueError: for an unknown iou_type or results lacking the evaluated field.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"iou_type must be one of {IOU_TYPES}. Received: iou_type={iou_type!r}")
+    gt = load_coco(annotations)
+    if not isinstance(results, list):
+        results = json.loads(Path(results).read_text())
+    ids = sorted(gt.getImgIds()) if image_ids is None else sorted(int(i) for i in image_ids)
+    results = [r for r in _results_for(results, iou_type) if int(r["image_id"]) in set(ids)]
+    gt_ann_ids = gt.getAnnIds(imgIds=ids, iscrowd=False)
+    num_objects = len(gt_ann_ids)
+    if num_objects == 0:
+        nan = float("nan")
+        return {**_table(lambda *_: nan), "AUC": nan, "curve": [nan] * CURVE_MAX, "num_objects": 0}
+    if not results:
+        return {**_table(lambda *_: 0.0), "AUC": 0.0, "curve": [0.0] * CURVE_MAX, "num_objects": num_objects}
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(results)
+        evaluator = COCOeval(gt, dt, iou_type)
+        evaluator.params.useCats = 0
+        evaluator.params.imgIds = ids
+        evaluator.params.maxDets = list(MAX_DETS)
+        evaluator.evaluate()
+        evaluator.accumulate()
+    recall = evaluator.eval["recall"]  # (T, K=1, A, M)
+
+    def ar(area: str, max_dets: int) -> float:
+        r = recall[:, 0, AREAS.index(area), MAX_DETS.index(max_dets)]
+        r = r[r > -1]
+        return float(r.mean()) if r.size else float("nan")
+
+    curve = recall_curve(evaluator)
+    return {**_table(ar), "AUC": float(np.mean(curve)), "curve": curve.tolist(), "num_objects": num_objects}
+
+
+def _table(ar) -> dict[str, float]:
+    table = {f"AR@{m}": ar("all", m) for m in MAX_DETS}
+    table.update({f"AR_{area}@100": ar(area, 100) for area in AREAS[1:]})
+    return table
+
+
+def recall_curve(evaluator, max_dets: int = CURVE_MAX) -> np.ndarray:
+    """Average recall at 1..max_dets proposals per image, from an evaluated COCOeval.
+
+    Counts, for each k, the ground-truth objects (area range "all", not ignored) matched at each
+    IoU threshold by one of the k best proposals of their image, exactly as
+    `COCOeval.accumulate` computes recall, for every k at once.
+
+    Args:
+        evaluator: a `COCOeval` after `evaluate()`, with useCats=0 and maxDets[-1] >= max_dets.
+
+    Returns:
+        (max_dets,) float64.
+    """
+    params = evaluator.params
+    area_all = [tuple(a) for a in params.areaRng].index(tuple(params.areaRng[0]))
+    num_images = len(params.imgIds)
+    num_thresholds = len(params.iouThrs)
+    hits = np.zeros((num_thresholds, max_dets), np.int64)
+    num_gt = 0
+    for i in range(num_images):
+        e = evaluator.evalImgs[area_all * num_images + i]
+        if e is None:
+            continue
+        num_gt += int(np.count_nonzero(e["gtIgnore"] == 0))
+        order = np.argsort(-np.asarray(e["dtScores"]), kind="mergesort")[:max_dets]
+        matched = (e["dtMatches"][:, order] > 0) & ~e["dtIgnore"][:, order]
+        hits[:, : matched.shape[1]] += matched
+    if num_gt == 0:
+        return np.full(max_dets, np.nan)
+    return (np.cumsum(hits, axis=1) / num_gt).mean(axis=0)
+
+
+def plot_recall(curves: dict[str, Sequence[float]], path: str | os.PathLike, title: str = "") -> None:
+    """Writes a PNG of average recall against the number of proposals (log scale).
+
+    Args:
+        curves: {label: AR at 1..len proposals}.
+        path: the PNG to write.
+        title: the plot's title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    for label, curve in curves.items():
+        ax.plot(np.arange(1, len(curve) + 1), curve, label=f"{label} (AUC {np.mean(curve):.3f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("proposals per image")
+    ax.set_ylabel("average recall (IoU .5:.95)")
+    ax.set_ylim(0, 1)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def evaluate_model(
+    generator_or_model_path,
+    annotations_json: str | os.PathLike,
+    images_dir: str | os.PathLike,
+    max_images: int | None = None,
+    top_n: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Runs a proposal generator over a COCO-format split and measures its average recall.
+
+    Args:
+        generator_or_model_path: a `ProposalGenerator`, or a `.keras` file / training run
+            directory for `ProposalGenerator.from_saved`.
+        annotations_json: the split's COCO annotations.
+        images_dir: the folder holding the split's `file_name`s.
+        max_images: evaluate the first this many images by id (all if None).
+        top_n: proposals per image (the generator's `top_n` if None; AR@1000 needs 1000).
+        out_dir: if given, writes results.json, metrics.json and recall.png there.
+
+    Returns:
+        {"segm": average_recall dict, "bbox": average_recall dict, "num_images",
+        "seconds_per_image", "top_n"}; the curves are left out of metrics.json.
+
+    Raises:
+        FileNotFoundError: if an image of the split is missing.
+    """
+    from sharpmask_tf.inference import ProposalGenerator, coco_results, load_image
+
+    generator = generator_or_model_path
+    if not isinstance(generator, ProposalGenerator):
+        generator = ProposalGenerator.from_saved(generator_or_model_path)
+    if (top_n is not None and top_n != generator.config.top_n) or not generator.full_masks:
+        config = dataclasses.replace(generator.config, top_n=top_n or generator.config.top_n)
+        generator = ProposalGenerator(generator.model, config, coarse=generator.coarse)
+    gt = load_coco(annotations_json)
+    ids = sorted(gt.getImgIds())[:max_images]
+    results, seconds = [], 0.0
+    for image_id in ids:
+        info = gt.loadImgs(image_id)[0]
+        path = Path(images_dir) / info["file_name"]
+        if not path.is_file():
+            raise FileNotFoundError(f"Image {image_id} of {annotations_json} is missing. Received: {str(path)!r}")
+        image = load_image(path)
+        start = time.perf_counter()
+        proposals = generator.propose(image)
+        seconds += time.perf_counter() - start
+        results.extend(coco_results(proposals, image_id))
+    metrics = {
+        "segm": average_recall(gt, results, "segm", ids),
+        "bbox": average_recall(gt, results, "bbox", ids),
+        "num_images": len(ids),
+        "seconds_per_image": seconds / max(len(ids), 1),
+        "top_n": generator.config.top_n,
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results))
+        (out / "metrics.json").write_text(json.dumps(_without_curves(metrics), indent=2))
+        plot_recall({t: metrics[t]["curve"] for t in IOU_TYPES}, out / "recall.png", title=Path(annotations_json).name)
+    return metrics
+
+
+def _without_curves(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: ({kk: vv for kk, vv in v.items() if kk != "curve"} if isinstance(v, dict) else v) for k, v in metrics.items()}
+
+
+def patch_ious(model, batches: Iterable[dict[str, np.ndarray]], coarse: bool = False) -> np.ndarray:
+    """Per-patch IoU of a model's masks (probability .5) on held-out mask samples.
+
+    Args:
+        model: a DeepMask or SharpMask model.
+        batches: dicts with "images" (B, S, S, 3) patches and "masks" (B, L, L) +1/-1 labels
+            (for instance `sharpmask_tf.data.pipeline.make_validation_patches`).
+        coarse: score SharpMask's coarse masks instead of the refined ones.
+
+    Returns:
+        (N,) IoUs over all patches (`sharpmask_tf.losses.mask_iou`: both empty counts as 1).
+    """
+    import tensorflow as tf
+
+    ious = []
+    for batch in batches:
+        out = model.predict_on_batch(np.asarray(batch["images"], np.float32))
+        logits = out["coarse_masks" if coarse and "coarse_masks" in out else "masks"]
+        labels = np.asarray(batch["masks"])
+        size = labels.shape[1:3]
+        if tuple(logits.shape[1:3]) != tuple(size):
+            logits = tf.image.resize(np.asarray(logits)[..., None], size, method="bilinear")[..., 0].numpy()
+        ious.append(mask_iou(logits, labels))
+    return np.concatenate(ious) if ious else np.zeros([0])
+
+
+def evaluate_patches(model, batches: Iterable[dict[str, np.ndarray]], coarse: bool = False) -> dict[str, float]:
+    """Mean and median per-patch IoU and the shares of patches over IoU .5 and .7.
+
+    Returns:
+        {"mean_iou", "median_iou", "iou_over_50", "iou_over_70", "num_patches"}.
+    """
+    ious = patch_ious(model, batches, coarse)
+    return {**iou_summary(ious), "num_patches": int(ious.size)}
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """The AR table (percent, like the paper) of an `evaluate_model` or `average_recall` result."""
+    rows = [m for m in IOU_TYPES if m in metrics] or [None]
+    keys = ["AR@10", "AR@100", "AR@1000", "AR_small@100", "AR_medium@100", "AR_large@100", "AUC"]
+    lines = ["| type | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for row in rows:
+        m = metrics if row is None else metrics[row]
+        lines.append(f"| {row or ''} | " + " | ".join(f"{100 * m[k]:.1f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: average recall of a model over a COCO split, or of a results JSON."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sharpmask_tf.evaluation",
+        description="Class-agnostic COCO average recall of object proposals (masks and boxes).",
+    )
+    parser.add_argument("--annotations", required=True, help="COCO annotations JSON of the split")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a .keras file or training run directory: run the proposals")
+    source.add_argument("--results", help="an existing COCO results JSON (from sharpmask_tf.inference)")
+    parser.add_argument("--images", help="image folder of the split (with --model)")
+    parser.add_argument("--max-images", type=int, help="evaluate the first N images by id")
+    parser.add_argument("--top-n", type=int, help="proposals per image (default: the model's config)")
+    parser.add_argument("--out", help="folder for results.json, metrics.json and recall.png")
+    args = parser.parse_args(argv)
+    if args.model:
+        if not args.images:
+            parser.error("--model needs --images")
+        metrics = evaluate_model(args.model, args.annotations, args.images, args.max_images, args.top_n, args.out)
+    else:
+        gt = load_coco(args.annotations)
+        ids = sorted(gt.getImgIds())[: args.max_images]
+        metrics = {t: average_recall(gt, args.results, t, ids) for t in IOU_TYPES}
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "metrics.json").write_text(json.dumps(_without_curves(metrics), indent=2))
+            plot_recall({t: metrics[t]["curve"] for t in IOU_TYPES}, Path(args.out) / "recall.png")
+    print(format_table(metrics))
+    extra = {k: v for k, v in metrics.items() if k not in IOU_TYPES}
+    if extra:
+        print(json.dumps(extra))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

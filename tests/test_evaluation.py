@@ -1,0 +1,206 @@
+"""Average recall through pycocotools, the recall curve, per-patch IoU and evaluate_model."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from pycocotools import mask as mask_utils
+
+from sharpmask_tf.config import InferenceConfig, get_config
+from sharpmask_tf.evaluation import (
+    MAX_DETS,
+    average_recall,
+    evaluate_model,
+    evaluate_patches,
+    format_table,
+    load_coco,
+    main,
+)
+from sharpmask_tf.inference import ProposalGenerator
+from sharpmask_tf.sharpmask import build_model
+
+THRESHOLDS = np.linspace(0.5, 0.95, 10)
+
+
+def rle(mask):
+    r = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": list(r["size"]), "counts": r["counts"].decode("ascii")}
+
+
+def square(h, w, x, y, side_x, side_y=None):
+    m = np.zeros((h, w), bool)
+    m[y : y + (side_y or side_x), x : x + side_x] = True
+    return m
+
+
+def dataset(objects_per_image, h=120, w=160):
+    """COCO annotations of the given masks: {image_id: [mask, ...]}; ids from 1."""
+    images, anns = [], []
+    for image_id, masks in objects_per_image.items():
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "height": h, "width": w})
+        for m in masks:
+            r = rle(m)
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": 1 + len(anns) % 3,
+                         "segmentation": r, "area": float(m.sum()), "bbox": mask_utils.toBbox(r).tolist(),
+                         "iscrowd": 0})
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": i, "name": f"c{i}"} for i in (1, 2, 3)]}
+
+
+def results_of(masks_by_image, score=1.0):
+    out = []
+    for image_id, masks in masks_by_image.items():
+        for k, m in enumerate(masks):
+            r = rle(m)
+            out.append({"image_id": image_id, "category_id": 1, "segmentation": r,
+                        "bbox": mask_utils.toBbox(r).tolist(), "score": score - 0.001 * k})
+    return out
+
+
+@pytest.fixture
+def objects():
+    h, w = 120, 160
+    return {
+        1: [square(h, w, 5, 5, 20), square(h, w, 40, 30, 40), square(h, w, 90, 10, 100 - 40, 100)],
+        2: [square(h, w, 10, 60, 30)],
+        3: [],  # an image without objects
+    }
+
+
+@pytest.mark.parametrize("iou_type", ["segm", "bbox"])
+def test_perfect_proposals_recall_everything(objects, iou_type):
+    ar = average_recall(dataset(objects), results_of(objects), iou_type)
+    for m in (10, 100, 1000):
+        assert ar[f"AR@{m}"] == pytest.approx(1.0)
+    # At one proposal per image: image 1 recalls 1 of its 3 objects, image 2 its only one.
+    assert ar["AR@1"] == pytest.approx(2 / 4)
+    assert ar["curve"][0] == pytest.approx(2 / 4) and ar["curve"][2] == pytest.approx(1.0)
+    assert ar["AUC"] == pytest.approx(np.mean(ar["curve"])) and len(ar["curve"]) == 1000
+    assert ar["num_objects"] == 4
+
+
+def test_no_proposals_recall_nothing(objects):
+    assert average_recall(dataset(objects), [], "segm")["AR@100"] == 0.0
+    # Proposals that overlap nothing: pycocotools finds no match.
+    far = {1: [square(120, 160, 150, 110, 10)], 2: [square(120, 160, 100, 0, 5)]}
+    ar = average_recall(dataset(objects), results_of(far), "segm")
+    assert ar["AR@1000"] == 0.0 and ar["AUC"] == 0.0
+
+
+@pytest.mark.parametrize("shift", [4, 8, 12])
+def test_a_shifted_mask_scores_its_iou(shift):
+    gt = {1: [square(100, 100, 20, 20, 40)]}
+    moved = {1: [square(100, 100, 20 + shift, 20, 40)]}
+    iou = (40 - shift) * 40 / (2 * 1600 - (40 - shift) * 40)
+    expected = float(np.mean(iou >= THRESHOLDS))
+    for iou_type in ("segm", "bbox"):
+        assert average_recall(dataset(gt, 100, 100), results_of(moved), iou_type)["AR@10"] == pytest.approx(expected)
+
+
+def test_recall_counts_only_the_best_k_proposals_per_image(objects):
+    gt = {1: [square(120, 160, 40, 30, 40)]}
+    decoys = [square(120, 160, 0, 0, 5)] * 10
+    ranked = results_of({1: decoys + gt[1]})  # the true object is 11th
+    ar = average_recall(dataset(gt), ranked, "segm")
+    assert ar["AR@10"] == 0.0 and ar["AR@100"] == pytest.approx(1.0)
+    assert ar["curve"][9] == 0.0 and ar["curve"][10] == pytest.approx(1.0)
+
+
+def test_area_ranges(objects):
+    # Small < 32^2 <= medium < 96^2 <= large; 20x20 is small, 40x40 medium, 60x100 medium, 30x30 small.
+    big = {1: [square(200, 200, 0, 0, 120)]}
+    both = {1: objects[1] + [], 2: objects[2]}
+    ar = average_recall(dataset(both), results_of({1: objects[1][:1], 2: objects[2]}), "segm")
+    assert ar["AR_small@100"] == pytest.approx(1.0)
+    assert ar["AR_medium@100"] == 0.0
+    assert np.isnan(ar["AR_large@100"])  # no large objects
+    assert average_recall(dataset(big, 200, 200), results_of(big), "segm")["AR_large@100"] == pytest.approx(1.0)
+
+
+def test_the_curve_matches_cocoeval_at_its_operating_points():
+    rng = np.random.default_rng(0)
+    h, w = 80, 80
+    gt, props = {}, {}
+    for image_id in range(1, 4):
+        gt[image_id] = [square(h, w, *rng.integers(0, 40, 2), int(rng.integers(8, 40))) for _ in range(3)]
+        props[image_id] = [square(h, w, *rng.integers(0, 50, 2), int(rng.integers(6, 40))) for _ in range(120)]
+    results = results_of(props)
+    for r in results:
+        r["score"] = float(rng.uniform())
+    ar = average_recall(dataset(gt, h, w), results, "segm")
+    assert ar["AR@100"] > 0
+    for m in (1, 10, 100):
+        assert ar["curve"][m - 1] == pytest.approx(ar[f"AR@{m}"])
+
+
+def test_no_ground_truth_gives_nan():
+    ar = average_recall(dataset({1: []}), results_of({1: [square(120, 160, 0, 0, 9)]}), "segm")
+    assert np.isnan(ar["AR@100"]) and ar["num_objects"] == 0
+
+
+def test_bad_arguments_are_named(objects):
+    with pytest.raises(ValueError, match="iou_type='mask'"):
+        average_recall(dataset(objects), [], "mask")
+    with pytest.raises(ValueError, match="'images'"):
+        load_coco({"annotations": []})
+
+
+def test_per_patch_iou_of_a_model_against_its_own_and_inverted_masks():
+    tf.keras.utils.set_random_seed(0)
+    model = build_model(get_config("small"))
+    patches = np.random.default_rng(0).uniform(0, 1, (6, 96, 96, 3)).astype(np.float32)
+    logits = model.predict_on_batch(patches)["masks"]
+    labels = np.where(logits > 0, 1.0, -1.0)
+    assert evaluate_patches(model, [{"images": patches, "masks": labels}])["mean_iou"] == pytest.approx(1.0)
+    worst = evaluate_patches(model, [{"images": patches, "masks": -labels}])
+    assert worst["mean_iou"] == 0.0 and worst["iou_over_50"] == 0.0 and worst["num_patches"] == 6
+    # Labels at another resolution (stage 1's label_size): logits are resized bilinearly to them.
+    small = np.where(tf.image.resize(logits[..., None], (32, 32))[..., 0].numpy() > 0, 1.0, -1.0)
+    assert evaluate_patches(model, [{"images": patches, "masks": small}])["mean_iou"] == pytest.approx(1.0)
+
+
+def write_split(tmp_path, objects, h=96, w=128):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image_id, masks in objects.items():
+        image = rng.uniform(0.3, 0.5, (h, w, 3))
+        for m in masks:
+            image[m] = rng.uniform(0, 1, 3)
+        Image.fromarray((image * 255).astype(np.uint8)).save(folder / f"{image_id}.png")
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(dataset(objects, h, w)))
+    return path, folder
+
+
+def test_evaluate_model_end_to_end(tmp_path):
+    h, w = 96, 128
+    objects = {1: [square(h, w, 10, 10, 40)], 2: [square(h, w, 60, 30, 50, 40), square(h, w, 5, 50, 30)], 3: []}
+    ann, images = write_split(tmp_path, objects, h, w)
+    tf.keras.utils.set_random_seed(0)
+    generator = ProposalGenerator(build_model(get_config("small")), InferenceConfig(top_n=50))
+    metrics = evaluate_model(generator, ann, images, max_images=2, top_n=60, out_dir=tmp_path / "out")
+    assert metrics["num_images"] == 2 and metrics["top_n"] == 60
+    for t in ("segm", "bbox"):
+        assert metrics[t]["num_objects"] == 3
+        curve = np.array(metrics[t]["curve"])
+        assert np.all(np.diff(curve) >= 0) and 0 <= curve[-1] <= 1
+        assert metrics[t]["AR@1000"] == pytest.approx(curve[59])  # no more than 60 proposals per image
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert "curve" not in written["segm"] and written["segm"]["AR@10"] == pytest.approx(metrics["segm"]["AR@10"])
+    assert (tmp_path / "out" / "recall.png").stat().st_size > 1000
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["image_id"] for r in results} == {1, 2} and len(results) == 120
+    # The CLI re-evaluates the written results to the same numbers.
+    assert main(["--annotations", str(ann), "--results", str(tmp_path / "out" / "results.json"),
+                 "--max-images", "2"]) == 0
+
+
+def test_format_table_in_percent():
+    row = {k: 0.25 for k in ["AR@10", "AR@100", "AR@1000", "AR_small@100", "AR_medium@100", "AR_large@100", "AUC"]}
+    table = format_table({"segm": row, "bbox": row})
+    assert table.count("25.0") == 14 and "| segm |" in table and "| bbox |" in table
+    assert MAX_DETS == (1, 10, 100, 1000)
