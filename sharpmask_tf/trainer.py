@@ -153,6 +153,11 @@ def check_model_dir(config: Config, model_dir: str) -> None:
         )
 
 
+def has_stage_result(model_dir: str, stage: str) -> bool:
+    """Whether a model directory holds the best weights of a stage."""
+    return tf.train.latest_checkpoint(os.path.join(model_dir, stage, "best")) is not None
+
+
 def _cluster_role(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
     """(is_chief, worker index) of this process."""
     resolver = getattr(strategy, "cluster_resolver", None)
@@ -529,7 +534,7 @@ class Trainer:
 
     def _finished_deepmask(self) -> keras.Model:
         path = os.path.join(self.model_dir, "deepmask", "best")
-        if tf.train.latest_checkpoint(path) is None:
+        if not has_stage_result(self.model_dir, "deepmask"):
             raise FileNotFoundError(
                 f"Stage sharpmask starts from stage deepmask's result, and {path} holds none: "
                 f"train stage deepmask into this model directory first."

@@ -1,0 +1,141 @@
+"""Trains DeepMask (stage 1) and SharpMask's refinement (stage 2) into a model directory.
+
+    python training/train.py                       # small preset, synthetic data, runs/small
+    python training/train.py --preset sharpmask_resnet50 --model-dir runs/r50 \\
+        --train-data coco/annotations/instances_train2017.json:coco/train2017 \\
+        --val-data coco/annotations/instances_val2017.json:coco/val2017 \\
+        --set training.batch_size=64 --strategy auto --mixed-precision
+
+Rerunning with the same --model-dir resumes from its last checkpoint. SIGTERM or Ctrl-C saves a
+checkpoint of the current step before exiting. Under several workers, set TF_CONFIG on each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+# Runnable as a script from a checkout: make the repository importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from sharpmask_tf.config import PRESETS, Config, get_config  # noqa: E402
+
+STAGE_CHOICES = ("deepmask", "sharpmask", "both")
+STRATEGY_CHOICES = ("auto", "default", "mirrored", "multiworker")
+
+
+def _dataset_arg(value: str) -> tuple[str, str]:
+    annotations, sep, images = value.partition(".json:")
+    if not sep or not images:
+        raise argparse.ArgumentTypeError(
+            f"expected ANNOTATIONS.json:IMAGE_DIR (a COCO instances file and its image folder). Received: {value!r}"
+        )
+    return annotations + ".json", images
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="configuration preset (default: small)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field, e.g. training.batch_size=64 (repeatable)")
+    p.add_argument("--train-data", type=_dataset_arg, metavar="ANNOTATIONS.json:IMAGE_DIR",
+                   help="training split (default: the preset's data.train_*, the synthetic dataset)")
+    p.add_argument("--val-data", type=_dataset_arg, metavar="ANNOTATIONS.json:IMAGE_DIR",
+                   help="validation split (default: the preset's data.val_*)")
+    p.add_argument("--model-dir", help="checkpoints, logs, config.json, .keras models (default: runs/<preset>)")
+    p.add_argument("--stage", choices=STAGE_CHOICES,
+                   help="stage(s) to train (default: both; deepmask when model.refinement is false)")
+    p.add_argument("--strategy", default="auto", choices=STRATEGY_CHOICES,
+                   help="auto: several TF_CONFIG workers -> multiworker, local GPUs -> mirrored, else default")
+    p.add_argument("--mixed-precision", action="store_true", help="mixed_float16 compute with loss scaling")
+    p.add_argument("--jit", action="store_true", help="XLA-compile the training step")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    """The preset with --set, --train-data/--val-data, --mixed-precision and --jit applied; bad
+    values end the program with exit code 2."""
+    overrides = list(args.overrides)
+    for split, value in (("train", args.train_data), ("val", args.val_data)):
+        if value is not None:
+            overrides += [f"data.{split}_annotations={value[0]}", f"data.{split}_images={value[1]}"]
+    if args.mixed_precision:
+        overrides.append("training.mixed_precision=true")
+    if args.jit:
+        overrides.append("training.jit=true")
+    try:
+        return get_config(args.preset, overrides)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def check_data(config: Config, parser: argparse.ArgumentParser) -> None:
+    """Generates the synthetic dataset when the config points at its missing default location;
+    any other missing dataset is an argument error."""
+    from sharpmask_tf.data import ensure_dataset
+
+    d = config.data
+    try:
+        ensure_dataset(d)
+    except FileNotFoundError as e:
+        parser.error(f"{e}. Pass --train-data/--val-data ANNOTATIONS.json:IMAGE_DIR.")
+    for split, annotations, images in (("train", d.train_annotations, d.train_images),
+                                       ("val", d.val_annotations, d.val_images)):
+        if not os.path.isfile(annotations):
+            parser.error(f"the {split} annotation file does not exist. Received: {annotations!r}")
+        if not os.path.isdir(images):
+            parser.error(f"the {split} image folder does not exist. Received: {images!r}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = resolve_config(args, parser)
+    stage = args.stage or ("both" if config.model.refinement else "deepmask")
+    if stage != "deepmask" and not config.model.refinement:
+        parser.error(f"--stage {stage} trains the refinement, but preset {args.preset!r} has model.refinement=false")
+    model_dir = args.model_dir or os.path.join("runs", args.preset)
+    check_data(config, parser)
+
+    from sharpmask_tf import trainer
+
+    try:
+        trainer.check_model_dir(config, model_dir)
+    except ValueError as e:
+        parser.error(str(e))
+    if stage == "sharpmask" and not trainer.has_stage_result(model_dir, "deepmask"):
+        parser.error(f"--stage sharpmask starts from stage deepmask's result, and {model_dir} holds none")
+    strategy = trainer.resolve_strategy(args.strategy)
+    if config.training.batch_size % strategy.num_replicas_in_sync:
+        parser.error(f"training.batch_size must be a multiple of the {strategy.num_replicas_in_sync} replicas. "
+                     f"Received: training.batch_size={config.training.batch_size}")
+
+    print(f"Training stage(s) {stage} of preset {args.preset!r} on {strategy.num_replicas_in_sync} replica(s) "
+          f"into {os.path.abspath(model_dir)}  (TensorBoard: tensorboard --logdir {model_dir}/logs)", flush=True)
+    try:
+        metrics = trainer.train(config, model_dir, stage=stage, strategy=strategy, progress=not args.no_progress)
+    except trainer.TrainingInterrupted as e:
+        print(f"{e}; rerun the same command to resume.", file=sys.stderr, flush=True)
+        return 128 + e.signum
+    print(f"Done. In {os.path.abspath(model_dir)}: config.json, checkpoints in deepmask/ and sharpmask/, "
+          f"TensorBoard logs in logs/, " + ", ".join(f"{s}.keras" for s in trainer.STAGES if s in metrics)
+          + ", metrics.json")
+    for s in trainer.STAGES:
+        if s in metrics:
+            m = metrics[s]
+            print(f"  {s}: step {m['step']}, per-patch mean IoU {m['mean_iou']:.3f}, "
+                  f"median {m['median_iou']:.3f}, IoU>.5 {m['iou_over_50']:.2f}, IoU>.7 {m['iou_over_70']:.2f}")
+    if "sharpmask_mean_iou" in metrics:
+        print(f"  on the same stage-2 patches: DeepMask mean IoU {metrics['deepmask_mean_iou']:.3f}, "
+              f"SharpMask {metrics['sharpmask_mean_iou']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
