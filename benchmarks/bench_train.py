@@ -1,0 +1,94 @@
+"""Training throughput (patches/s) of both stages next to this machine's float32 matmul rate.
+
+    python benchmarks/bench_train.py [--steps 4] [--jit]
+
+Times the distributed train step of `sharpmask_tf.trainer` (forward, backward, SGD update) on
+in-memory batches, so the data pipeline (benchmarked by the data module) is not in the number.
+Stage 2 runs the frozen trunk forward only; its backward pass covers the refinement alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+from sharpmask_tf.config import get_config  # noqa: E402
+from sharpmask_tf.trainer import Trainer, _Stage  # noqa: E402
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """float32 GFLOP/s of tf.matmul on n x n matrices."""
+    a = tf.random.uniform((n, n))
+    b = tf.random.uniform((n, n))
+    tf.matmul(a, b).numpy()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        c = tf.matmul(a, b)
+    c.numpy()
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def _constant_dataset(config, split="train", stage=1, batch_size=None, input_context=None, seed=None, repeat=True):
+    size = config.model.input_size
+    label = config.data.label_size if stage == 1 else config.model.patch_size
+    b = config.training.batch_size
+    batch = {
+        "images": tf.random.uniform((b, size, size, 3), seed=1),
+        "masks": tf.sign(tf.random.uniform((b, label, label), -1, 1, seed=2)),
+        "scores": tf.ones((b, 1)),
+        "mask_weight": tf.ones((b,)),
+        "score_weight": tf.zeros((b,)),
+    }
+    return tf.data.Dataset.from_tensors(batch).repeat()
+
+
+def step_rate(preset: str, stage: str, batch: int, steps: int, jit: bool) -> float:
+    """Patches/s of `steps` train steps after two warm-up steps."""
+    config = get_config(preset, [f"training.batch_size={batch}", f"training.jit={str(jit).lower()}"])
+    with tempfile.TemporaryDirectory() as model_dir:
+        trainer = Trainer(config, model_dir, tf.distribute.get_strategy(), make_dataset=_constant_dataset,
+                          make_validation_patches=lambda *a: None, progress=False)
+        runner = _Stage(trainer, stage, None)
+        iterator = iter(trainer.strategy.distribute_datasets_from_function(
+            lambda ctx: _constant_dataset(config, stage=1 if stage == "deepmask" else 2)))
+        stop = tf.constant(0.0)
+        for _ in range(2):
+            runner._train_step(iterator, stop)[0].numpy()
+        start = time.perf_counter()
+        for _ in range(steps):
+            sums, _ = runner._train_step(iterator, stop)
+        sums.numpy()
+        return batch * steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per ResNet-50 measurement")
+    parser.add_argument("--jit", action="store_true", help="also time XLA-compiled steps")
+    args = parser.parse_args()
+    gflops = matmul_gflops()
+    rows = []
+    for jit in (False, True) if args.jit else (False,):
+        for preset, batch, steps in (("small", 32, 10 * args.steps), ("sharpmask_resnet50", 32, args.steps)):
+            for stage in ("deepmask", "sharpmask"):
+                rate = step_rate(preset, stage, batch, steps, jit)
+                rows.append((preset, stage, batch, "on" if jit else "off", rate))
+                print(f"  {preset} {stage} jit={jit}: {rate:.1f} patches/s", file=sys.stderr, flush=True)
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)")
+    print(f"\nfloat32 matmul (2048^2): {gflops:.1f} GFLOP/s; {os.cpu_count()} CPUs; oneDNN: {onednn}\n")
+    print(f"| {'preset':<20} | {'stage':<9} | batch | jit | patches/s |")
+    print(f"|{'-' * 22}|{'-' * 11}|-------|-----|-----------|")
+    for preset, stage, batch, jit, rate in rows:
+        print(f"| {preset:<20} | {stage:<9} | {batch:>5} | {jit:<3} | {rate:>9.1f} |")
+
+
+if __name__ == "__main__":
+    main()
