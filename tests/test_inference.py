@@ -2,6 +2,7 @@
 
 import json
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,6 +13,7 @@ from sharpmask_tf.inference import (
     ProposalGenerator,
     check_image,
     coco_results,
+    fold_batch_norm,
     greedy_nms,
     level_positions,
     load_image,
@@ -137,6 +139,21 @@ def test_check_image_rejects_what_it_cannot_use():
     with pytest.raises(ValueError, match="dtype=int32"):
         check_image(np.zeros((4, 4, 3), np.int32))
     assert check_image(np.zeros((4, 4), np.float64)).shape == (4, 4, 1)
+
+
+def test_fold_batch_norm_keeps_the_trunk_outputs():
+    tf.keras.utils.set_random_seed(5)
+    trunk = build_model(get_config("small")).get_layer("trunk")
+    rng = np.random.default_rng(0)
+    for layer in trunk.layers:
+        if layer.name.endswith("_bn"):  # non-trivial statistics
+            layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(np.float32) for w in layer.get_weights()])
+    folded = fold_batch_norm(trunk)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    x = rng.uniform(-1, 1, (1, 77, 93, 3)).astype(np.float32)
+    want, got = trunk(x), folded(x)
+    for tap in ("conv1", "conv2", "conv3", "conv4"):
+        np.testing.assert_allclose(got[tap], want[tap], atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- index arithmetic, end to end
