@@ -74,6 +74,23 @@ def patch_grid(
     return grid
 
 
+def write_patch_grid(
+    config, out: str, split: str = "train", stage: int = 1, count: int = 16, columns: int = 8, zoom: int = 0,
+    seed: int = 0,
+) -> None:
+    """Samples `count` mask and `count` score patches from a split and writes their grid as a PNG.
+
+    A zoom of 0 picks 2 for patches under 128 px, else 1.
+    """
+    ensure_dataset(config.data)
+    sampler = PatchSampler.from_config(load_split(config, split), config, stage)
+    rng = np.random.default_rng(seed)
+    mask_batch, _ = sampler.sample_batch(rng, "mask", count)
+    score_batch, _ = sampler.sample_batch(rng, "score", count)
+    zoom = zoom or (2 if sampler.input_size < 128 else 1)
+    patch_grid(mask_batch, score_batch, config.model.context, columns, zoom).save(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small", help="config preset")
@@ -87,13 +104,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     config = get_config(args.preset, args.set)
-    ensure_dataset(config.data)
-    sampler = PatchSampler.from_config(load_split(config, args.split), config, args.stage)
-    rng = np.random.default_rng(args.seed)
-    mask_batch, _ = sampler.sample_batch(rng, "mask", args.count)
-    score_batch, _ = sampler.sample_batch(rng, "score", args.count)
-    zoom = args.zoom or (2 if sampler.input_size < 128 else 1)
-    patch_grid(mask_batch, score_batch, config.model.context, args.columns, zoom).save(args.out)
+    write_patch_grid(config, args.out, args.split, args.stage, args.count, args.columns, args.zoom, args.seed)
     print(f"Wrote {args.out}: {args.count} mask samples (cyan labels), {args.count} score samples (green/red)")
 
 
