@@ -192,10 +192,16 @@ def test_jit_compiled_step_matches_plain_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_loss_decreases(tmp_path):
-    config = get_config("small", ["training.stage1_steps=60", "training.log_every=1", "training.learning_rate=0.1",
-                                  "training.validate_every=1000", "training.val_patches=16"])
-    train(config, str(tmp_path), stage="deepmask", progress=False, **DATA)
-    losses = _event_scalars(tmp_path / "logs" / "deepmask" / "train", "mask_loss")
+def test_loss_decreases_on_synthetic_dataset(tmp_path):
+    from sharpmask_tf.data import generate_dataset
+
+    paths = generate_dataset(str(tmp_path / "data"), num_train=40, num_val=8, seed=1)
+    config = get_config("small", [
+        f"data.train_annotations={paths['train']}", f"data.train_images={tmp_path / 'data' / 'train'}",
+        f"data.val_annotations={paths['val']}", f"data.val_images={tmp_path / 'data' / 'val'}",
+        "training.stage1_steps=80", "training.log_every=1", "training.validate_every=1000", "training.val_patches=16",
+    ])
+    train(config, str(tmp_path / "m"), stage="deepmask", progress=False)
+    losses = _event_scalars(tmp_path / "m" / "logs" / "deepmask" / "train", "mask_loss")
     assert len(losses) > 20
-    assert np.mean(losses[-8:]) < 0.95 * np.mean(losses[:8])
+    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10])

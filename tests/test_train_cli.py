@@ -132,15 +132,20 @@ def test_sigkill_resumes_from_last_checkpoint_and_sigterm_loses_nothing(tmp_path
     assert slots and any(np.abs(reader.get_tensor(n)).max() > 0 for n in slots)
 
 
-def _free_port():
-    with socket.socket() as s:
+def _free_ports(n):
+    """n distinct ports free now (all sockets are held open until every port is chosen)."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 @pytest.mark.slow
 def test_two_workers_end_with_identical_weights(tmp_path, data_args):
-    cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
     model_dir = tmp_path / "m"
     args = data_args + [
         "--model-dir", str(model_dir), "--strategy", "auto", "--no-progress",
@@ -153,8 +158,10 @@ def test_two_workers_end_with_identical_weights(tmp_path, data_args):
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=240) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    if any(p.returncode for p in procs):
+        print("\n".join(err[-3000:] for _, err in outputs))
+    for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"worker {i}: {err[-3000:]}"
     assert "on 2 replica(s)" in outputs[0][0]
     chief = model_dir / "sharpmask"
     worker = model_dir / "workers" / "1" / "sharpmask"

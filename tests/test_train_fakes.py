@@ -61,3 +61,19 @@ def make_dataset(config, split="train", stage=1, batch_size=None, input_context=
 def make_validation_patches(config, num_patches, stage, seed):
     base = tf.constant([seed * 131 + stage * 7 + 5, 99], tf.int64)
     return {k: v.numpy() for k, v in _batch(config, "val", stage, num_patches, base, 0.0).items()}
+
+
+def test_fake_batches_have_the_pipeline_structure(tmp_path):
+    from sharpmask_tf.config import get_config
+    from sharpmask_tf.data import generate_dataset
+    from sharpmask_tf.data import make_dataset as real_make_dataset
+
+    paths = generate_dataset(str(tmp_path), num_train=4, num_val=2, seed=0)
+    config = get_config("small", ["training.batch_size=4", f"data.train_annotations={paths['train']}",
+                                  f"data.train_images={tmp_path / 'train'}"])
+    for stage in (1, 2):
+        real = next(iter(real_make_dataset(config, stage=stage)))
+        fake = next(iter(make_dataset(config, stage=stage)))
+        assert real.keys() == fake.keys()
+        for k in real:
+            assert (real[k].shape, real[k].dtype) == (fake[k].shape, fake[k].dtype), k
