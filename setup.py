@@ -10,6 +10,7 @@ setup(
         "tensorflow>=2.21,<2.22",
         "keras>=3.15,<3.16",
         "tensorflow-serving-api>=2.21,<2.22",
+        "tensorboard>=2.21,<2.22",
         "pycocotools>=2.0.8",
         "numpy",
         "pillow",
@@ -19,6 +20,11 @@ setup(
     entry_points={
         "console_scripts": [
             "sharpmask-demo=sharpmask_tf.demo:main",
+            "sharpmask-train=training.train:main",
+            "sharpmask-propose=sharpmask_tf.inference:main",
+            "sharpmask-evaluate=sharpmask_tf.evaluation:main",
+            "sharpmask-serve=serving.server:main",
+            "sharpmask-client=serving.client:main",
         ]
     },
 )

@@ -91,7 +91,8 @@ class Upsample2D(keras.layers.Layer):
     def call(self, x):
         size = tf.shape(x)[1:3] * self.factor
         method = "bilinear" if self.interpolation == "bilinear" else "nearest"
-        return tf.cast(tf.image.resize(x, size, method=method), x.dtype)
+        # Resize in float32: XLA refuses half-precision bilinear resize under mixed precision.
+        return tf.cast(tf.image.resize(tf.cast(x, tf.float32), size, method=method), x.dtype)
 
     def compute_output_shape(self, input_shape):
         b, h, w, c = input_shape

@@ -76,3 +76,22 @@ def test_layers_serialise(layer):
     assert {k: v for k, v in clone.get_config().items() if k != "name"} == {
         k: v for k, v in layer.get_config().items() if k != "name"
     }
+
+
+def test_upsample_trains_in_half_precision_under_xla():
+    # XLA on CPU refused the gradient of a float16 bilinear resize after a ReLU (mixed precision + --jit).
+    x = tf.Variable(np.random.default_rng(2).normal(size=(1, 3, 5, 2)).astype("float16"))
+    layer = Upsample2D(2, "bilinear", dtype="mixed_float16")
+
+    @tf.function(jit_compile=True)
+    def grad():
+        with tf.GradientTape() as tape:
+            y = layer(tf.nn.relu(x))
+            loss = tf.reduce_sum(tf.cast(y, tf.float32))
+        return y, tape.gradient(loss, x)
+
+    y, g = grad()
+    assert y.dtype == tf.float16 and tuple(y.shape) == (1, 6, 10, 2)
+    assert g.dtype == tf.float16
+    want = Upsample2D(2, "bilinear")(tf.nn.relu(tf.cast(x, tf.float32)))
+    np.testing.assert_allclose(y.numpy().astype("float32"), want.numpy(), atol=2e-3)
