@@ -174,6 +174,19 @@ def test_the_graph_uses_only_core_tensorflow_ops(exported):
     assert not unknown, f"ops outside core TensorFlow: {sorted(unknown)}"
 
 
+def test_a_tf1_session_loads_and_runs_the_signature_by_tensor_names(exported, loaded, images):
+    # TF Serving's C++ SavedModelBundle: restore into a Session, run the init op, feed and fetch
+    # the SignatureDef's tensor names. The closest stand-in for tensorflow_model_server here.
+    with tf.Graph().as_default(), tf.compat.v1.Session() as session:
+        meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], str(exported))
+        signature = meta_graph.signature_def[SIGNATURE_BYTES]
+        got = session.run(
+            {k: v.name for k, v in signature.outputs.items()}, feed_dict={signature.inputs["images"].name: images}
+        )
+    want = loaded.signatures[SIGNATURE_BYTES](images=tf.constant(images))
+    assert_outputs_equal(got, {k: v.numpy() for k, v in want.items()})
+
+
 def test_metadata_records_the_resolved_config(exported, config):
     metadata = json.loads((exported / "assets.extra" / METADATA_FILE).read_text())
     recorded = Config.from_dict(metadata["config"])
