@@ -149,7 +149,11 @@ def export_model(
         FileExistsError: if the version directory exists and `overwrite` is False.
         ValueError: for an invalid base path, name or version (config validation).
     """
-    overrides = {"base_path": base_path and str(base_path), "model_name": model_name, "version": version}
+    overrides = {
+        "base_path": None if base_path is None else str(base_path),
+        "model_name": model_name,
+        "version": version,
+    }
     export = dataclasses.replace(config.export, **{k: v for k, v in overrides.items() if v is not None})
     model_dir = Path(export.base_path) / export.model_name
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -198,11 +202,14 @@ def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
         os.rename(staging, target)
     except OSError as err:
         # Another export took the version between our check and the rename (rename refuses a
-        # non-empty target directory).
-        raise FileExistsError(f"Version directory {str(target)!r} appeared during the export: {err}") from err
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        # non-empty target directory). A replaced version goes back if its place is still free.
+        if old is not None and not target.exists():
+            os.rename(old, target)
+        raise FileExistsError(
+            f"Could not rename the export to {str(target)!r} (did another export take that version?): {err}"
+        ) from err
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_metadata(config: Config, generator: ProposalGenerator, source: str) -> dict:

@@ -316,8 +316,12 @@ def test_moving_into_place_refuses_a_taken_version_unless_overwriting(tmp_path):
         return path
 
     target = version_dir("1", "old")
-    with pytest.raises(FileExistsError, match="appeared during the export"):
+    with pytest.raises(FileExistsError, match="another export"):
         _move_into_place(version_dir(".tmp-1-1", "new"), target, overwrite=False)
+    assert (target / "saved_model.pb").read_text() == "old"
+    # A failed replacement puts the old version back.
+    with pytest.raises(FileExistsError, match="another export"):
+        _move_into_place(tmp_path / ".tmp-missing", target, overwrite=True)
     assert (target / "saved_model.pb").read_text() == "old"
     _move_into_place(tmp_path / ".tmp-1-1", target, overwrite=True)
     assert (target / "saved_model.pb").read_text() == "new"
