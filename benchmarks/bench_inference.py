@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from benchmarks.common import matmul_gflops
+
 VARIANTS = {
     # name: ProposalGenerator keyword arguments
     "default": {},
@@ -30,22 +32,6 @@ VARIANTS = {
     "unfolded_bn": {"fold_bn": False},  # not in the default list: --variants default,unfolded_bn
     "no_full_masks": {"full_masks": False},
 }
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Median float32 matmul rate in GFLOP/s on an n x n product."""
-    import tensorflow as tf
-
-    a = tf.random.uniform((n, n))
-    b = tf.random.uniform((n, n))
-    f = tf.function(lambda x, y: tf.matmul(x, y))
-    f(a, b).numpy()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f(a, b).numpy()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / np.median(times) / 1e9
 
 
 def _graph_flops(concrete) -> float:

@@ -20,20 +20,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
+from benchmarks.common import matmul_gflops  # noqa: E402
 from sharpmask_tf.config import get_config  # noqa: E402
 from sharpmask_tf.trainer import Trainer, _Stage  # noqa: E402
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """float32 GFLOP/s of tf.matmul on n x n matrices."""
-    a = tf.random.uniform((n, n))
-    b = tf.random.uniform((n, n))
-    tf.matmul(a, b).numpy()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        c = tf.matmul(a, b)
-    c.numpy()
-    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def _constant_dataset(config, split="train", stage=1, batch_size=None, input_context=None, seed=None, repeat=True):

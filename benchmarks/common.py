@@ -1,0 +1,23 @@
+"""What the benchmarks share: the machine's float32 matmul rate, measured in the same process."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Median float32 GFLOP/s of a compiled n x n tf.matmul, the reference rate of this machine."""
+    import tensorflow as tf
+
+    a = tf.random.uniform((n, n))
+    b = tf.random.uniform((n, n))
+    f = tf.function(lambda x, y: tf.matmul(x, y))
+    f(a, b).numpy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a, b).numpy()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / float(np.median(times)) / 1e9
