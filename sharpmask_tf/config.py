@@ -352,9 +352,11 @@ def _small() -> Config:
             # Tuned so a no-argument `python training/train.py` (synthetic data) takes about five
             # minutes on 2 CPU cores; a 96 px net learns from per-pixel mean losses only at rates
             # far above the reference's 1e-3, and plain SGD of the refinement dies above ~0.1.
+            # Stage 2 gets 4000 steps: at 2000 the refinement is still climbing (measured on the
+            # synthetic data: SharpMask 0.322 at 2000, 0.355 at 4000, DeepMask 0.304; ~3.6 min total).
             batch_size=16,
             stage1_steps=2000,
-            stage2_steps=2000,
+            stage2_steps=4000,
             learning_rate=0.2,
             lr_decay_rates=(0.1, 0.02),
             stage2_learning_rate=0.05,
