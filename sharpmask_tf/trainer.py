@@ -354,9 +354,12 @@ class _Stage:
         return {k: np.concatenate([c[k].numpy() for c in chunks]) for k in chunks[0]}
 
     def _is_better(self, metrics: dict) -> bool:
+        """Best by the share of patches over IoU .7; ties (common early, when the share is 0) go
+        to mean IoU plus, in stage 1, score accuracy: a DeepMask whose score head has collapsed
+        to a constant ranks proposals at random, however good its masks."""
         if self.best is None:
             return True
-        key = lambda m: (m["iou_over_70"], m["mean_iou"])  # noqa: E731
+        key = lambda m: (m["iou_over_70"], m["mean_iou"] + m.get("score_accuracy", 0.0))  # noqa: E731
         return key(metrics) > key(self.best["metrics"])
 
     def _keep_if_best(self, metrics: dict, step: int) -> None:
