@@ -44,7 +44,11 @@ def _graph_flops(concrete) -> float:
             kernel = op.inputs[1].shape
             flops += 2.0 * np.prod(op.outputs[0].shape.as_list()) * kernel[0] * kernel[1] * kernel[2]
         elif op.type in ("MatMul", "BatchMatMulV2"):
-            inner = op.inputs[0].shape[-2] if op.get_attr("transpose_a" if op.type == "MatMul" else "adj_x") else op.inputs[0].shape[-1]
+            inner = (
+                op.inputs[0].shape[-2]
+                if op.get_attr("transpose_a" if op.type == "MatMul" else "adj_x")
+                else op.inputs[0].shape[-1]
+            )
             flops += 2.0 * np.prod(op.outputs[0].shape.as_list()) * inner
     return flops
 
@@ -134,24 +138,48 @@ def main(argv=None) -> int:
     rows = []
     for variant in args.variants.split(","):
         for preset in args.models.split(","):
-            cmd = [sys.executable, "-m", "benchmarks.bench_inference", "--one", preset, variant,
-                   "--runs", str(args.runs), "--top-n", str(args.top_n)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_inference",
+                "--one",
+                preset,
+                variant,
+                "--runs",
+                str(args.runs),
+                "--top-n",
+                str(args.top_n),
+            ]
             done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
             if done.returncode:
                 print(done.stderr[-2000:], file=sys.stderr)
                 return done.returncode
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"  {preset} {variant}: {rows[-1]['seconds']:.2f} s", file=sys.stderr, flush=True)
-    print(f"640x480 image, 7 scales 2^-2.5..2^0.5, N={args.top_n}, median of {args.runs} runs, "
-          f"{os.cpu_count()} CPU cores\n")
-    header = ("model", "variant", "s/image", "cpu s", "GFLOP", "GFLOP/s", "matmul GFLOP/s", "% matmul", "peak RSS GB",
-              "load avg")
+    print(
+        f"640x480 image, 7 scales 2^-2.5..2^0.5, N={args.top_n}, median of {args.runs} runs, "
+        f"{os.cpu_count()} CPU cores\n"
+    )
+    header = (
+        "model",
+        "variant",
+        "s/image",
+        "cpu s",
+        "GFLOP",
+        "GFLOP/s",
+        "matmul GFLOP/s",
+        "% matmul",
+        "peak RSS GB",
+        "load avg",
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        print(f"| {r['model']} | {r['variant']} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['gflop']:.0f} | "
-              f"{r['gflops']:.0f} | {r['matmul_gflops']:.0f} | {100 * r['share_of_matmul']:.0f}% | {r['peak_rss_gb']:.2f} | "
-              f"{r['load_average']:.1f} |")
+        print(
+            f"| {r['model']} | {r['variant']} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['gflop']:.0f} | "
+            f"{r['gflops']:.0f} | {r['matmul_gflops']:.0f} | {100 * r['share_of_matmul']:.0f}% | {r['peak_rss_gb']:.2f} | "
+            f"{r['load_average']:.1f} |"
+        )
     by = {(r["model"], r["variant"]): r for r in rows}
     for variant in args.variants.split(","):
         if ("sharpmask", variant) in by and ("deepmask", variant) in by:

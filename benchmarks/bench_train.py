@@ -43,11 +43,20 @@ def step_rate(preset: str, stage: str, batch: int, steps: int, jit: bool) -> flo
     """Patches/s of `steps` train steps after two warm-up steps."""
     config = get_config(preset, [f"training.batch_size={batch}", f"training.jit={str(jit).lower()}"])
     with tempfile.TemporaryDirectory() as model_dir:
-        trainer = Trainer(config, model_dir, tf.distribute.get_strategy(), make_dataset=_constant_dataset,
-                          make_validation_patches=lambda *a: None, progress=False)
+        trainer = Trainer(
+            config,
+            model_dir,
+            tf.distribute.get_strategy(),
+            make_dataset=_constant_dataset,
+            make_validation_patches=lambda *a: None,
+            progress=False,
+        )
         runner = _Stage(trainer, stage, None)
-        iterator = iter(trainer.strategy.distribute_datasets_from_function(
-            lambda ctx: _constant_dataset(config, stage=1 if stage == "deepmask" else 2)))
+        iterator = iter(
+            trainer.strategy.distribute_datasets_from_function(
+                lambda ctx: _constant_dataset(config, stage=1 if stage == "deepmask" else 2)
+            )
+        )
         stop = tf.constant(0.0)
         for _ in range(2):
             runner._train_step(iterator, stop)[0].numpy()

@@ -125,8 +125,7 @@ def load_imagenet_weights(trunk: keras.Model, weights: str = "imagenet") -> list
         for have, want in zip(target.get_weights(), values):
             if have.shape != want.shape:
                 raise ValueError(
-                    f"Shape mismatch in {layer.name!r}: trunk {have.shape} vs weights {want.shape}. "
-                    f"{_NEEDS_RESNET50}"
+                    f"Shape mismatch in {layer.name!r}: trunk {have.shape} vs weights {want.shape}. {_NEEDS_RESNET50}"
                 )
         target.set_weights(values)
         copied.append(layer.name)

@@ -11,7 +11,7 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 PADDING_MODES = ("reflect", "symmetric", "zero")
 UPSAMPLING_MODES = ("bilinear", "nearest")
@@ -34,7 +34,7 @@ class ModelConfig:
     trunk_blocks: tuple[int, int, int] = (3, 4, 6)  # residual blocks in conv2_x, conv3_x, conv4_x
     trunk_width: int = 64  # conv1 filters; every stage scales from it as in ResNet-50
     padding: str = "reflect"  # padding of every 3x3/7x7 trunk conv: reflect | symmetric | zero
-    trunk_weights: Optional[str] = None  # None, "imagenet", or a Keras ResNet50 weights file
+    trunk_weights: str | None = None  # None, "imagenet", or a Keras ResNet50 weights file
     head_channels: int = 128  # the "F128" 1x1 reduction of conv4 features
     object_dim: int = 512  # the object vector
     mask_size: int = 56  # oSz: coarse mask logits side
@@ -163,9 +163,7 @@ class TrainingConfig:
                 _fail(s, name, getattr(self, name), "must be positive")
         if len(self.lr_decay_rates) != len(self.lr_decay_at):
             _fail(s, "lr_decay_at", self.lr_decay_at, "must have one fraction per lr_decay_rates entry")
-        if list(self.lr_decay_at) != sorted(self.lr_decay_at) or any(
-            not 0 < f < 1 for f in self.lr_decay_at
-        ):
+        if list(self.lr_decay_at) != sorted(self.lr_decay_at) or any(not 0 < f < 1 for f in self.lr_decay_at):
             _fail(s, "lr_decay_at", self.lr_decay_at, "must be increasing fractions in (0, 1)")
         if not 0 <= self.momentum < 1:
             _fail(s, "momentum", self.momentum, "must be in [0, 1)")
@@ -185,7 +183,7 @@ class InferenceConfig:
     top_n: int = 500  # proposals kept
     mask_threshold: float = 0.2  # binarisation threshold on mask probability
     max_side: int = 1024  # images are downscaled so their longest side is at most this
-    nms_threshold: Optional[float] = None  # mask-IoU NMS threshold; None (the paper) is off
+    nms_threshold: float | None = None  # mask-IoU NMS threshold; None (the paper) is off
     crop_size: int = 56  # side of the fixed-size mask crops returned beside boxes
 
     def __post_init__(self) -> None:
@@ -257,7 +255,7 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
+    def from_dict(cls, d: dict[str, Any]) -> Config:
         unknown = set(d) - set(SECTIONS)
         if unknown:
             raise ValueError(f"Unknown config sections {sorted(unknown)}; expected {list(SECTIONS)}")
@@ -273,10 +271,10 @@ class Config:
         return cls(**sections)
 
     @classmethod
-    def from_json(cls, text: str) -> "Config":
+    def from_json(cls, text: str) -> Config:
         return cls.from_dict(json.loads(text))
 
-    def override(self, assignments: list[str] | tuple[str, ...]) -> "Config":
+    def override(self, assignments: list[str] | tuple[str, ...]) -> Config:
         """Returns a copy with `section.field=value` assignments applied (values parsed as JSON,
         else taken as strings)."""
         d = self.to_dict()

@@ -74,7 +74,15 @@ def deepmask_model(
     and returns {"masks": (B, mask_size, mask_size), "scores": (B, 1)}, both logits.
     """
     inputs, _, _, outputs = deepmask_graph(
-        patch_size, context, trunk_blocks, trunk_width, padding, head_channels, object_dim,
-        mask_size, score_hidden, dropout,
+        patch_size,
+        context,
+        trunk_blocks,
+        trunk_width,
+        padding,
+        head_channels,
+        object_dim,
+        mask_size,
+        score_hidden,
+        dropout,
     )
     return keras.Model(inputs, outputs, name=name)

@@ -23,8 +23,13 @@ def _step(title: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_output", help="where the demo writes its results")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="config overrides on top of the small preset")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="config overrides on top of the small preset",
+    )
     parser.add_argument("--eval-images", type=int, default=50, help="val images for average recall")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -52,22 +57,33 @@ def main(argv: list[str] | None = None) -> None:
     _step(f"Evaluation: class-agnostic COCO average recall on {args.eval_images} synthetic val images")
     sharp = ProposalGenerator.from_saved(run)
     rows = {}
-    for name, generator in (("DeepMask", ProposalGenerator(sharp.model, sharp.config, coarse=True)),
-                            ("SharpMask", sharp)):
-        result = evaluate_model(generator, config.data.val_annotations, config.data.val_images,
-                                max_images=args.eval_images, out_dir=out / f"eval_{name.lower()}")
+    for name, generator in (
+        ("DeepMask", ProposalGenerator(sharp.model, sharp.config, coarse=True)),
+        ("SharpMask", sharp),
+    ):
+        result = evaluate_model(
+            generator,
+            config.data.val_annotations,
+            config.data.val_images,
+            max_images=args.eval_images,
+            out_dir=out / f"eval_{name.lower()}",
+        )
         rows[name] = result
     summary = {
         "per_patch_mean_iou": {"DeepMask": metrics["deepmask_mean_iou"], "SharpMask": metrics["sharpmask_mean_iou"]},
-        "average_recall": {name: {t: {k: v for k, v in r[t].items() if k != "curve"} for t in ("segm", "bbox")}
-                           for name, r in rows.items()},
+        "average_recall": {
+            name: {t: {k: v for k, v in r[t].items() if k != "curve"} for t in ("segm", "bbox")}
+            for name, r in rows.items()
+        },
         "seconds_per_image": {name: r["seconds_per_image"] for name, r in rows.items()},
     }
     print(f"{'model':>10} | patch mIoU | segm AR@10 | AR@100 | box AR@10 | AR@100 | s/image")
     for name, r in rows.items():
         iou = summary["per_patch_mean_iou"][name]
-        print(f"{name:>10} | {iou:10.3f} | {100 * r['segm']['AR@10']:10.1f} | {100 * r['segm']['AR@100']:6.1f} | "
-              f"{100 * r['bbox']['AR@10']:9.1f} | {100 * r['bbox']['AR@100']:6.1f} | {r['seconds_per_image']:7.3f}")
+        print(
+            f"{name:>10} | {iou:10.3f} | {100 * r['segm']['AR@10']:10.1f} | {100 * r['segm']['AR@100']:6.1f} | "
+            f"{100 * r['bbox']['AR@10']:9.1f} | {100 * r['bbox']['AR@100']:6.1f} | {r['seconds_per_image']:7.3f}"
+        )
 
     from serving.demo_query import serve_and_query
     from serving.export import export_model

@@ -257,7 +257,9 @@ def evaluate_model(
 
 
 def _without_curves(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: ({kk: vv for kk, vv in v.items() if kk != "curve"} if isinstance(v, dict) else v) for k, v in metrics.items()}
+    return {
+        k: ({kk: vv for kk, vv in v.items() if kk != "curve"} if isinstance(v, dict) else v) for k, v in metrics.items()
+    }
 
 
 def patch_ious(model, batches: Iterable[dict[str, np.ndarray]], coarse: bool = False) -> np.ndarray:

@@ -275,9 +275,7 @@ def to_rgb(image):
         image = image[..., None]
     channels = tf.shape(image)[-1]
     color = tf.cond(channels < 3, lambda: tf.tile(image[..., :1], [1, 1, 3]), lambda: image[..., :3])
-    alpha = tf.cond(
-        tf.equal(channels % 2, 0), lambda: image[..., -1:], lambda: tf.ones_like(image[..., :1])
-    )
+    alpha = tf.cond(tf.equal(channels % 2, 0), lambda: image[..., -1:], lambda: tf.ones_like(image[..., :1]))
     return color * alpha + GREY * (1.0 - alpha)
 
 
@@ -515,14 +513,15 @@ class ProposalGenerator(tf.Module):
         top_objects = tf.gather(tf.concat(objects, axis=0), top_index)
         if self.refine:
             window_skips = []
-            for i, (name, stride) in enumerate(zip(skip_maps, SKIP_STRIDES)):
+            for name, stride in zip(skip_maps, SKIP_STRIDES):
                 widths = tf.stack(skip_widths[name])
                 sizes = tf.stack([tf.shape(f)[0] for f in skip_maps[name]])
                 skip_offsets = tf.concat([[0], tf.cumsum(sizes)[:-1]], axis=0)
                 window_skips.append(
                     _gather_windows(
                         tf.concat(skip_maps[name], axis=0),
-                        tf.gather(skip_offsets, level) + rows * (TRUNK_STRIDE // stride) * tf.gather(widths, level)
+                        tf.gather(skip_offsets, level)
+                        + rows * (TRUNK_STRIDE // stride) * tf.gather(widths, level)
                         + cols * (TRUNK_STRIDE // stride),
                         tf.gather(widths, level),
                         p // stride,

@@ -113,9 +113,7 @@ def mask_iou(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """
     logits, labels = np.asarray(logits), np.asarray(labels)
     if logits.shape != labels.shape:
-        raise ValueError(
-            f"mask_iou needs logits and labels of one shape. Received: {logits.shape} and {labels.shape}"
-        )
+        raise ValueError(f"mask_iou needs logits and labels of one shape. Received: {logits.shape} and {labels.shape}")
     pred, truth = logits > 0, labels > 0
     inter = np.logical_and(pred, truth).sum(axis=(1, 2))
     union = np.logical_or(pred, truth).sum(axis=(1, 2))

@@ -105,8 +105,16 @@ def sharpmask_model(
         raise ValueError(f"refine_k must be a multiple of 16. Received: refine_k={refine_k!r}")
     refine_channels = tuple(refine_k // 2**i for i in range(len(REFINE_TAPS) + 1))
     inputs, taps, object_vector, head = deepmask_graph(
-        patch_size, context, trunk_blocks, trunk_width, padding, head_channels, object_dim,
-        mask_size, score_hidden, dropout,
+        patch_size,
+        context,
+        trunk_blocks,
+        trunk_width,
+        padding,
+        head_channels,
+        object_dim,
+        mask_size,
+        score_hidden,
+        dropout,
     )
     tap_channels = {t: int(taps[t].shape[-1]) for t in REFINE_TAPS}
     skips = skip_network(tap_channels, refine_channels, refine_skip_hidden, refine_skip_hidden_last, padding)(taps)

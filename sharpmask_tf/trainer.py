@@ -29,7 +29,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -172,7 +173,7 @@ class _StopSignals:
     """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint and stop."""
 
     def __init__(self):
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._previous = {}
 
     def __enter__(self):
@@ -194,9 +195,9 @@ class _Stage:
 
     def __init__(
         self,
-        trainer: "Trainer",
+        trainer: Trainer,
         stage: str,
-        init_from: Optional[keras.Model],
+        init_from: keras.Model | None,
     ):
         self.trainer, self.stage = trainer, stage
         config, strategy = trainer.config, trainer.strategy
@@ -221,27 +222,45 @@ class _Stage:
             self.optimizer = optimizer
             self.variables = self.trained.trainable_variables
             self.optimizer.build(self.variables)
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
-                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.step = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="step", aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA
+            )
             # The sampler stream is a pure function of (data seed, the step it started at); a
             # resumed run starts a fresh, reproducible stream at the restored step.
-            self.data_seed = tf.Variable(config.data.seed, dtype=tf.int64, trainable=False, name="data_seed",
-                                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            self.stream_start = tf.Variable(0, dtype=tf.int64, trainable=False, name="stream_start",
-                                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.data_seed = tf.Variable(
+                config.data.seed,
+                dtype=tf.int64,
+                trainable=False,
+                name="data_seed",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+            self.stream_start = tf.Variable(
+                0,
+                dtype=tf.int64,
+                trainable=False,
+                name="stream_start",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
         self.checkpoint = tf.train.Checkpoint(
-            model=self.model, optimizer=self.optimizer, step=self.step,
-            data_seed=self.data_seed, stream_start=self.stream_start,
+            model=self.model,
+            optimizer=self.optimizer,
+            step=self.step,
+            data_seed=self.data_seed,
+            stream_start=self.stream_start,
         )
-        write_dir = self.dir if trainer.is_chief else os.path.join(trainer.model_dir, "workers", str(trainer.worker), stage)
+        write_dir = (
+            self.dir if trainer.is_chief else os.path.join(trainer.model_dir, "workers", str(trainer.worker), stage)
+        )
         self.manager = tf.train.CheckpointManager(self.checkpoint, write_dir, max_to_keep=3)
         self.best_checkpoint = tf.train.Checkpoint(model=self.model)
-        self.best_manager = tf.train.CheckpointManager(self.best_checkpoint, os.path.join(write_dir, "best"), max_to_keep=1)
+        self.best_manager = tf.train.CheckpointManager(
+            self.best_checkpoint, os.path.join(write_dir, "best"), max_to_keep=1
+        )
         self.best = self._read_best()
         self._train_step = self._make_train_step()
         self._predict = tf.function(lambda x: self.model(x, training=False))
 
-    def _read_best(self) -> Optional[dict]:
+    def _read_best(self) -> dict | None:
         path = os.path.join(self.best_manager.directory, "best.json")
         if not tf.io.gfile.exists(path):
             return None
@@ -285,11 +304,15 @@ class _Stage:
                     loss += 0.5 * self.weight_decay * l2 / replicas
                 scaled = self.optimizer.scale_loss(loss)
             # Sums for the logs: mask loss, mask samples, score loss, score samples, objective.
-            sums = tf.stack([
-                tf.reduce_sum(losses["mask"]), tf.reduce_sum(batch["mask_weight"]),
-                tf.reduce_sum(losses["score"]), tf.reduce_sum(batch["score_weight"]),
-                tf.reduce_sum(losses["loss"]) / global_batch,
-            ])
+            sums = tf.stack(
+                [
+                    tf.reduce_sum(losses["mask"]),
+                    tf.reduce_sum(batch["mask_weight"]),
+                    tf.reduce_sum(losses["score"]),
+                    tf.reduce_sum(batch["score_weight"]),
+                    tf.reduce_sum(losses["loss"]) / global_batch,
+                ]
+            )
             return sums, tape.gradient(scaled, self.variables)
 
         gradients = tf.function(gradients, jit_compile=t.jit)
@@ -321,8 +344,9 @@ class _Stage:
         stage_number = STAGES.index(self.stage) + 1
 
         def dataset_fn(input_context):
-            return trainer.make_dataset(trainer.config, split="train", stage=stage_number,
-                                        input_context=input_context, seed=seed, repeat=True)
+            return trainer.make_dataset(
+                trainer.config, split="train", stage=stage_number, input_context=input_context, seed=seed, repeat=True
+            )
 
         return iter(trainer.strategy.distribute_datasets_from_function(dataset_fn))
 
@@ -346,11 +370,14 @@ class _Stage:
             metrics = iou_summary(mask_iou(logits, labels))
             coarse = iou_summary(mask_iou(resize_logits(out["coarse_masks"], side).numpy(), labels))
             metrics.update({f"coarse_{k}": v for k, v in coarse.items()})
-        return metrics, {"images": val["images"][:IMAGES_TO_LOG], "labels": labels[:IMAGES_TO_LOG],
-                         "logits": logits[:IMAGES_TO_LOG]}
+        return metrics, {
+            "images": val["images"][:IMAGES_TO_LOG],
+            "labels": labels[:IMAGES_TO_LOG],
+            "logits": logits[:IMAGES_TO_LOG],
+        }
 
     def _predict_all(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        chunks = [self._predict(images[i:i + VALIDATION_CHUNK]) for i in range(0, len(images), VALIDATION_CHUNK)]
+        chunks = [self._predict(images[i : i + VALIDATION_CHUNK]) for i in range(0, len(images), VALIDATION_CHUNK)]
         return {k: np.concatenate([c[k].numpy() for c in chunks]) for k in chunks[0]}
 
     def _is_better(self, metrics: dict) -> bool:
@@ -376,14 +403,23 @@ class _Stage:
         trainer, t = self.trainer, self.trainer.config.training
         if self.restore():
             self.stream_start.assign(self.step)
-            trainer.log(f"{self.stage}: resumed from {self.manager.latest_checkpoint or self.dir} at step "
-                        f"{int(self.step.numpy())}")
+            trainer.log(
+                f"{self.stage}: resumed from {self.manager.latest_checkpoint or self.dir} at step "
+                f"{int(self.step.numpy())}"
+            )
         step = int(self.step.numpy())
         writers = trainer.writers(self.stage)
         patches = trainer.config.training.batch_size
         last_validated = self.best["step"] if self.best else -1
-        bar = tqdm(total=self.total_steps, initial=step, desc=self.stage, unit="step",
-                   disable=not (trainer.progress and trainer.is_chief), dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=step,
+            desc=self.stage,
+            unit="step",
+            disable=not (trainer.progress and trainer.is_chief),
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         loss_avg, tick, tick_step = None, time.perf_counter(), step
         if step < self.total_steps:
             iterator = self._dataset()
@@ -431,15 +467,18 @@ class _Stage:
         with writer.as_default(step=step):
             for k, v in metrics.items():
                 tf.summary.scalar(k, v)
-            tf.summary.image("masks", _mask_panels(shown, self.trainer.config.model.context,
-                                                   self.trainer.config.model.patch_size), max_outputs=IMAGES_TO_LOG)
+            tf.summary.image(
+                "masks",
+                _mask_panels(shown, self.trainer.config.model.context, self.trainer.config.model.patch_size),
+                max_outputs=IMAGES_TO_LOG,
+            )
         self.trainer.log(f"{self.stage} step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
 
 
 def _mask_panels(shown: dict[str, np.ndarray], context: int, patch_size: int) -> np.ndarray:
     """(N, L, 3L, 3) images: the patch's central window, the label and the predicted probability."""
     side = shown["labels"].shape[1]
-    window = shown["images"][:, context:context + patch_size, context:context + patch_size]
+    window = shown["images"][:, context : context + patch_size, context : context + patch_size]
     window = tf.image.resize(window, (side, side)).numpy()
     label = np.repeat((shown["labels"][..., None] > 0).astype(np.float32), 3, axis=-1)
     prob = np.repeat(1 / (1 + np.exp(-shown["logits"][..., None])), 3, axis=-1)
@@ -464,8 +503,8 @@ class Trainer:
         config: Config,
         model_dir: str,
         strategy: tf.distribute.Strategy,
-        make_dataset: Optional[DatasetFn] = None,
-        make_validation_patches: Optional[ValidationFn] = None,
+        make_dataset: DatasetFn | None = None,
+        make_validation_patches: ValidationFn | None = None,
         progress: bool = True,
         log: Callable[[str], None] = print,
     ):
@@ -496,7 +535,9 @@ class Trainer:
         if stage not in self._writers:
             if self.is_chief:
                 root = os.path.join(self.model_dir, "logs", stage)
-                self._writers[stage] = {k: tf.summary.create_file_writer(os.path.join(root, k)) for k in ("train", "val")}
+                self._writers[stage] = {
+                    k: tf.summary.create_file_writer(os.path.join(root, k)) for k in ("train", "val")
+                }
             else:
                 self._writers[stage] = {k: tf.summary.create_noop_writer() for k in ("train", "val")}
         return self._writers[stage]
@@ -509,8 +550,11 @@ class Trainer:
             if stage == "deepmask":
                 score_config = self.config.override(["data.score_frequency=1.0"])
                 batch = min(t.val_patches, VALIDATION_CHUNK)
-                batches = list(self.make_dataset(score_config, split="val", stage=1, batch_size=batch,
-                                                 seed=t.seed, repeat=True).take(math.ceil(t.val_patches / batch)))
+                batches = list(
+                    self.make_dataset(
+                        score_config, split="val", stage=1, batch_size=batch, seed=t.seed, repeat=True
+                    ).take(math.ceil(t.val_patches / batch))
+                )
                 val["score_images"] = np.concatenate([b["images"].numpy() for b in batches])[: t.val_patches]
                 val["score_labels"] = np.concatenate([b["scores"].numpy() for b in batches])[: t.val_patches]
             self._validation[stage] = val
@@ -523,10 +567,14 @@ class Trainer:
             with tf.io.gfile.GFile(os.path.join(self.model_dir, CONFIG_FILE), "w") as f:
                 f.write(self.config.to_json())
 
-    def run_stage(self, stage: str, init_from: Optional[keras.Model] = None) -> tuple[keras.Model, dict]:
+    def run_stage(self, stage: str, init_from: keras.Model | None = None) -> tuple[keras.Model, dict]:
         """Trains one stage (resuming if it has checkpoints), exports `<stage>.keras` with its best
         weights and returns (the model with those weights, the stage's metrics)."""
-        if stage == "sharpmask" and init_from is None and tf.train.latest_checkpoint(os.path.join(self.model_dir, stage)) is None:
+        if (
+            stage == "sharpmask"
+            and init_from is None
+            and tf.train.latest_checkpoint(os.path.join(self.model_dir, stage)) is None
+        ):
             init_from = self._finished_deepmask()
         runner = _Stage(self, stage, init_from)
         with _StopSignals() as stop:
@@ -579,8 +627,8 @@ def train(
     model_dir: str,
     stage: str = "both",
     strategy: str | tf.distribute.Strategy = "auto",
-    make_dataset: Optional[DatasetFn] = None,
-    make_validation_patches: Optional[ValidationFn] = None,
+    make_dataset: DatasetFn | None = None,
+    make_validation_patches: ValidationFn | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:

@@ -67,7 +67,9 @@ def draw_proposals(
         for mask, color, score in zip(masks, colors, scores):
             if mask.any():
                 r, c = np.nonzero(mask)
-                draw.text((int(c.min()) + 2, int(r.min()) + 1), f"{float(score):.2f}", fill=tuple(int(v) for v in color))
+                draw.text(
+                    (int(c.min()) + 2, int(r.min()) + 1), f"{float(score):.2f}", fill=tuple(int(v) for v in color)
+                )
     return np.asarray(picture)
 
 

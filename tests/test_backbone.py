@@ -26,15 +26,17 @@ def test_small_trunk_keeps_taps_and_strides():
 @pytest.mark.parametrize("mode", ["reflect", "symmetric"])
 def test_no_zero_padding_in_a_mirror_trunk(mode):
     trunk = resnet_trunk((1, 1, 1), 8, padding=mode)
-    spatial = [l for l in trunk.layers if isinstance(l, keras.layers.Conv2D) and l.kernel_size != (1, 1)]
+    spatial = [
+        layer for layer in trunk.layers if isinstance(layer, keras.layers.Conv2D) and layer.kernel_size != (1, 1)
+    ]
     assert len(spatial) == 1 + 3  # conv1 and one 3x3 conv per block
     for conv in spatial:
         assert conv.padding == "valid", conv.name
         source = conv._inbound_nodes[0].parent_nodes[0].operation
         assert isinstance(source, MirrorPad2D) and source.mode == mode, conv.name
         assert source.padding == conv.kernel_size[0] // 2
-    assert not [l for l in trunk.layers if isinstance(l, keras.layers.ZeroPadding2D)]
-    assert all(l.padding == "valid" for l in trunk.layers if isinstance(l, keras.layers.MaxPooling2D))
+    assert not [layer for layer in trunk.layers if isinstance(layer, keras.layers.ZeroPadding2D)]
+    assert all(layer.padding == "valid" for layer in trunk.layers if isinstance(layer, keras.layers.MaxPooling2D))
 
 
 def _random_resnet50():
@@ -43,9 +45,14 @@ def _random_resnet50():
     for layer in ref.layers:
         if layer.weights:
             # positive variances, everything else random, so a mis-copied tensor shows
-            layer.set_weights([np.abs(rng.normal(1.0, 0.1, w.shape)).astype("float32") if "variance" in v.name
-                               else rng.normal(0, 0.05, w.shape).astype("float32")
-                               for v, w in zip(layer.weights, layer.get_weights())])
+            layer.set_weights(
+                [
+                    np.abs(rng.normal(1.0, 0.1, w.shape)).astype("float32")
+                    if "variance" in v.name
+                    else rng.normal(0, 0.05, w.shape).astype("float32")
+                    for v, w in zip(layer.weights, layer.get_weights())
+                ]
+            )
     return ref
 
 
@@ -55,8 +62,8 @@ def test_imagenet_loader_copies_every_tensor_from_a_weights_file(tmp_path):
     ref.save_weights(path)
     trunk = resnet_trunk()
     copied = load_imagenet_weights(trunk, path)
-    ref_layers = [l for l in ref.layers if l.weights and not l.name.startswith("conv5")]
-    assert sorted(copied) == sorted(l.name for l in ref_layers)
+    ref_layers = [layer for layer in ref.layers if layer.weights and not layer.name.startswith("conv5")]
+    assert sorted(copied) == sorted(layer.name for layer in ref_layers)
     for layer in ref_layers:
         for want, got in zip(layer.get_weights(), trunk.get_layer(layer.name).get_weights()):
             np.testing.assert_array_equal(got, want)

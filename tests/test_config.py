@@ -22,8 +22,16 @@ def test_presets_share_the_trunk_geometry():
 
 
 def test_overrides_are_typed():
-    c = get_config("small", ["model.refine_k=32", "training.lr_decay_at=[0.25,0.75]", "model.padding=symmetric",
-                             "inference.nms_threshold=0.5", "model.trunk_weights=null"])
+    c = get_config(
+        "small",
+        [
+            "model.refine_k=32",
+            "training.lr_decay_at=[0.25,0.75]",
+            "model.padding=symmetric",
+            "inference.nms_threshold=0.5",
+            "model.trunk_weights=null",
+        ],
+    )
     assert c.model.refine_k == 32 and c.model.padding == "symmetric"
     assert c.training.lr_decay_at == (0.25, 0.75)
     assert c.inference.nms_threshold == 0.5 and c.model.trunk_weights is None
@@ -48,7 +56,7 @@ def test_default_pyramid_is_the_papers():
         ("data.score_frequency=1.5", "score_frequency", "1.5"),
         ("training.batch_size=0", "batch_size", "0"),
         ("inference.mask_threshold=1", "mask_threshold", "1"),
-        ("model.patch_size=\"big\"", "patch_size", "'big'"),
+        ('model.patch_size="big"', "patch_size", "'big'"),
     ],
 )
 def test_bad_values_name_field_and_value(override, field, value):

@@ -41,11 +41,18 @@ def dataset(objects_per_image, h=120, w=160):
         images.append({"id": image_id, "file_name": f"{image_id}.png", "height": h, "width": w})
         for m in masks:
             r = rle(m)
-            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": 1 + len(anns) % 3,
-                         "segmentation": r, "area": float(m.sum()), "bbox": mask_utils.toBbox(r).tolist(),
-                         "iscrowd": 0})
-    return {"images": images, "annotations": anns,
-            "categories": [{"id": i, "name": f"c{i}"} for i in (1, 2, 3)]}
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": image_id,
+                    "category_id": 1 + len(anns) % 3,
+                    "segmentation": r,
+                    "area": float(m.sum()),
+                    "bbox": mask_utils.toBbox(r).tolist(),
+                    "iscrowd": 0,
+                }
+            )
+    return {"images": images, "annotations": anns, "categories": [{"id": i, "name": f"c{i}"} for i in (1, 2, 3)]}
 
 
 def results_of(masks_by_image, score=1.0):
@@ -53,8 +60,15 @@ def results_of(masks_by_image, score=1.0):
     for image_id, masks in masks_by_image.items():
         for k, m in enumerate(masks):
             r = rle(m)
-            out.append({"image_id": image_id, "category_id": 1, "segmentation": r,
-                        "bbox": mask_utils.toBbox(r).tolist(), "score": score - 0.001 * k})
+            out.append(
+                {
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "segmentation": r,
+                    "bbox": mask_utils.toBbox(r).tolist(),
+                    "score": score - 0.001 * k,
+                }
+            )
     return out
 
 
@@ -195,8 +209,9 @@ def test_evaluate_model_end_to_end(tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["image_id"] for r in results} == {1, 2} and len(results) == 120
     # The CLI re-evaluates the written results to the same numbers.
-    assert main(["--annotations", str(ann), "--results", str(tmp_path / "out" / "results.json"),
-                 "--max-images", "2"]) == 0
+    assert (
+        main(["--annotations", str(ann), "--results", str(tmp_path / "out" / "results.json"), "--max-images", "2"]) == 0
+    )
 
 
 def test_format_table_in_percent():

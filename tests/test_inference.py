@@ -205,8 +205,12 @@ def test_a_single_peak_lands_on_its_window_at_every_scale(deepmask, height, widt
                 assert out["scales"][0] == pytest.approx(s)
                 assert out["scores"][0] == pytest.approx(1 / (1 + np.exp(-10.0)))
                 inside = (xs >= expected[0]) & (xs < expected[2]) & (ys >= expected[1]) & (ys < expected[3])
-                near_edge = np.minimum.reduce([abs(xs - expected[0]), abs(xs - expected[2]),
-                                               abs(ys - expected[1]), abs(ys - expected[3])]) < 1e-3
+                near_edge = (
+                    np.minimum.reduce(
+                        [abs(xs - expected[0]), abs(xs - expected[2]), abs(ys - expected[1]), abs(ys - expected[3])]
+                    )
+                    < 1e-3
+                )
                 np.testing.assert_array_equal(out["masks"][0][~near_edge], inside[~near_edge])
                 if inside.any() and not near_edge.any():
                     r, c = np.nonzero(inside)
@@ -387,12 +391,29 @@ def test_cli_writes_coco_results_and_pictures(deepmask, tmp_path):
     Image.fromarray(smooth_image(50, 70)).save(images / "a.png")
     Image.fromarray(smooth_image(40, 30, seed=1)[..., 0]).save(images / "b.png")  # grayscale
     (images / "c.jpg").write_bytes(b"corrupt")
-    annotations = {"images": [{"id": 11, "file_name": "a.png"}, {"id": 12, "file_name": "b.png"},
-                              {"id": 13, "file_name": "c.jpg"}], "annotations": []}
+    annotations = {
+        "images": [
+            {"id": 11, "file_name": "a.png"},
+            {"id": 12, "file_name": "b.png"},
+            {"id": 13, "file_name": "c.jpg"},
+        ],
+        "annotations": [],
+    }
     (tmp_path / "ann.json").write_text(json.dumps(annotations))
     out = tmp_path / "results.json"
-    code = main(["--model", str(tmp_path), str(images), "--out", str(out), "--annotations",
-                 str(tmp_path / "ann.json"), "--visualize", str(tmp_path / "vis")])
+    code = main(
+        [
+            "--model",
+            str(tmp_path),
+            str(images),
+            "--out",
+            str(out),
+            "--annotations",
+            str(tmp_path / "ann.json"),
+            "--visualize",
+            str(tmp_path / "vis"),
+        ]
+    )
     assert code == 0
     results = json.loads(out.read_text())
     assert sorted({r["image_id"] for r in results}) == [11, 12] and len(results) == 12

@@ -67,8 +67,13 @@ def test_normalization():
 
 @pytest.mark.parametrize(
     "layer",
-    [MirrorPad2D(2, "symmetric"), CenterCrop2D(3), Upsample2D(4, "nearest"), ImageNormalization(),
-     FrozenBatchNormalization(epsilon=1e-3)],
+    [
+        MirrorPad2D(2, "symmetric"),
+        CenterCrop2D(3),
+        Upsample2D(4, "nearest"),
+        ImageNormalization(),
+        FrozenBatchNormalization(epsilon=1e-3),
+    ],
 )
 def test_layers_serialise(layer):
     clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))

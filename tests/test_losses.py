@@ -21,7 +21,9 @@ def test_mask_loss_upsamples_coarse_logits_bilinearly_to_label_size():
     logits = tf.constant(np.random.default_rng(1).normal(size=(2, 4, 4)).astype(np.float32))
     labels = tf.ones((2, 8, 8))
     up = tf.image.resize(logits[..., None], (8, 8), method="bilinear")[..., 0].numpy()
-    np.testing.assert_allclose(mask_loss(logits, labels).numpy(), _reference_soft_margin(up, 1.0).mean(axis=(1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(
+        mask_loss(logits, labels).numpy(), _reference_soft_margin(up, 1.0).mean(axis=(1, 2)), rtol=1e-5
+    )
     assert resize_logits(logits, 8).shape == (2, 8, 8)
 
 
@@ -52,7 +54,9 @@ def test_joint_loss_weights_score_term_and_masks_per_sample_kind():
     np.testing.assert_allclose(got["mask"].numpy(), [np.log(2), 0.0], rtol=1e-6)
     np.testing.assert_allclose(got["score"].numpy(), [0.0, np.log(2)], rtol=1e-6)
     np.testing.assert_allclose(joint_loss(logits_m, None, batch, 1 / 32)["loss"].numpy(), [np.log(2), 0.0], atol=1e-7)
-    np.testing.assert_allclose(score_loss(tf.constant([[2.0]]), tf.constant([[-1.0]])).numpy(), [np.log1p(np.e**2)], rtol=1e-6)
+    np.testing.assert_allclose(
+        score_loss(tf.constant([[2.0]]), tf.constant([[-1.0]])).numpy(), [np.log1p(np.e**2)], rtol=1e-6
+    )
 
 
 def test_mask_iou_thresholds_at_probability_half():

@@ -61,7 +61,7 @@ def test_keras_save_load_gives_identical_outputs(tmp_path):
 def test_config_round_trip():
     model = build_model(get_config("small"))
     clone = keras.Model.from_config(model.get_config())
-    assert [l.name for l in clone.layers] == [l.name for l in model.layers]
+    assert [layer.name for layer in clone.layers] == [layer.name for layer in model.layers]
     clone.set_weights(model.get_weights())
     for k, v in model(X).items():
         np.testing.assert_allclose(np.asarray(clone(X)[k]), np.asarray(v), atol=1e-5)

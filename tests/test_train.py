@@ -7,15 +7,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 import test_train_fakes as fakes
+
 from sharpmask_tf.config import get_config
 from sharpmask_tf.losses import joint_loss
 from sharpmask_tf.trainer import (
+    Trainer,
     TrainingInterrupted,
     _Stage,
     _StopSignals,
-    Trainer,
     check_model_dir,
     learning_rate_schedule,
     refinement_split,
@@ -148,14 +148,18 @@ def test_crash_while_writing_leaves_latest_good_checkpoint(tmp_path):
     (stage_dir / "ckpt-4.index").write_bytes(b"\x00truncated")
     (stage_dir / "ckpt-4.data-00000-of-00001").write_bytes(b"")
     assert tf.train.latest_checkpoint(str(stage_dir)) == good
-    trainer = Trainer(_tiny("training.stage1_steps=5"), str(tmp_path), tf.distribute.get_strategy(), progress=False, **DATA)
+    trainer = Trainer(
+        _tiny("training.stage1_steps=5"), str(tmp_path), tf.distribute.get_strategy(), progress=False, **DATA
+    )
     stage = _Stage(trainer, "deepmask", None)
     assert stage.restore() and int(stage.step.numpy()) == 3
     assert int(stage.optimizer.iterations.numpy()) == 3
 
 
 def test_stop_signal_checkpoints_current_step(tmp_path):
-    trainer = Trainer(_tiny("training.stage1_steps=50"), str(tmp_path), tf.distribute.get_strategy(), progress=False, **DATA)
+    trainer = Trainer(
+        _tiny("training.stage1_steps=50"), str(tmp_path), tf.distribute.get_strategy(), progress=False, **DATA
+    )
     stage = _Stage(trainer, "deepmask", None)
     stop = _StopSignals()
     stop.signum = 15  # as if SIGTERM arrived during the first step
@@ -185,8 +189,12 @@ def test_jit_compiled_step_matches_plain_step(tmp_path):
     config = _tiny("model.dropout=0.0", "training.stage2_steps=1")
     data = dict(make_dataset=_pooled_dataset, make_validation_patches=fakes.make_validation_patches)
     plain = train(config, str(tmp_path / "plain"), progress=False, **data)
-    jit = train(_tiny("model.dropout=0.0", "training.stage2_steps=1", "training.jit=true"), str(tmp_path / "jit"),
-                progress=False, **data)
+    jit = train(
+        _tiny("model.dropout=0.0", "training.stage2_steps=1", "training.jit=true"),
+        str(tmp_path / "jit"),
+        progress=False,
+        **data,
+    )
     assert jit["deepmask"]["train_loss"] == pytest.approx(plain["deepmask"]["train_loss"], rel=1e-3)
     assert jit["sharpmask"]["train_loss"] == pytest.approx(plain["sharpmask"]["train_loss"], rel=1e-3)
 
@@ -196,15 +204,25 @@ def test_loss_decreases_on_synthetic_dataset(tmp_path):
     from sharpmask_tf.data import generate_dataset
 
     paths = generate_dataset(str(tmp_path / "data"), num_train=40, num_val=8, seed=1)
-    config = get_config("small", [
-        f"data.train_annotations={paths['train']}", f"data.train_images={tmp_path / 'data' / 'train'}",
-        f"data.val_annotations={paths['val']}", f"data.val_images={tmp_path / 'data' / 'val'}",
-        # A short, fast schedule with the paper's 1/32 score weight, so 80 steps show the mask loss fall
-        # (the preset's own rates are tuned for thousands of steps).
-        "training.stage1_steps=80", "training.learning_rate=0.2", "training.lr_decay_rates=[0.1,0.02]",
-        "training.lr_decay_at=[0.5,0.8]", "training.score_weight=0.03125",
-        "training.log_every=1", "training.validate_every=1000", "training.val_patches=16",
-    ])
+    config = get_config(
+        "small",
+        [
+            f"data.train_annotations={paths['train']}",
+            f"data.train_images={tmp_path / 'data' / 'train'}",
+            f"data.val_annotations={paths['val']}",
+            f"data.val_images={tmp_path / 'data' / 'val'}",
+            # A short, fast schedule with the paper's 1/32 score weight, so 80 steps show the mask loss fall
+            # (the preset's own rates are tuned for thousands of steps).
+            "training.stage1_steps=80",
+            "training.learning_rate=0.2",
+            "training.lr_decay_rates=[0.1,0.02]",
+            "training.lr_decay_at=[0.5,0.8]",
+            "training.score_weight=0.03125",
+            "training.log_every=1",
+            "training.validate_every=1000",
+            "training.val_patches=16",
+        ],
+    )
     train(config, str(tmp_path / "m"), stage="deepmask", progress=False)
     losses = _event_scalars(tmp_path / "m" / "logs" / "deepmask" / "train", "mask_loss")
     assert len(losses) > 20

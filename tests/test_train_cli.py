@@ -33,8 +33,9 @@ def _env(**extra):
 
 
 def _run(args, cwd, timeout=120, **env):
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, env=_env(**env), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize(
@@ -95,11 +96,25 @@ def test_sigkill_resumes_from_last_checkpoint_and_sigterm_loses_nothing(tmp_path
     model_dir = tmp_path / "m"
     stage_dir = model_dir / "deepmask"
     args = data_args + [
-        "--model-dir", str(model_dir), "--stage", "deepmask", "--no-progress",
-        "--set", "training.stage1_steps=1000", "--set", "training.checkpoint_every=4",
-        "--set", "training.log_every=1", "--set", "training.lr_decay_at=[0.01,0.9]",
-        "--set", "training.batch_size=4", "--set", "training.validate_every=100000",
-        "--set", "training.val_patches=8",
+        "--model-dir",
+        str(model_dir),
+        "--stage",
+        "deepmask",
+        "--no-progress",
+        "--set",
+        "training.stage1_steps=1000",
+        "--set",
+        "training.checkpoint_every=4",
+        "--set",
+        "training.log_every=1",
+        "--set",
+        "training.lr_decay_at=[0.01,0.9]",
+        "--set",
+        "training.batch_size=4",
+        "--set",
+        "training.validate_every=100000",
+        "--set",
+        "training.val_patches=8",
     ]
     cmd = [sys.executable, SCRIPT, *args]
     first = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -148,19 +163,37 @@ def test_two_workers_end_with_identical_weights(tmp_path, data_args):
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
     model_dir = tmp_path / "m"
     args = data_args + [
-        "--model-dir", str(model_dir), "--strategy", "auto", "--no-progress",
-        "--set", "training.stage1_steps=3", "--set", "training.stage2_steps=2", "--set", "training.batch_size=4",
-        "--set", "training.val_patches=8", "--set", "training.log_every=1",
+        "--model-dir",
+        str(model_dir),
+        "--strategy",
+        "auto",
+        "--no-progress",
+        "--set",
+        "training.stage1_steps=3",
+        "--set",
+        "training.stage2_steps=2",
+        "--set",
+        "training.batch_size=4",
+        "--set",
+        "training.val_patches=8",
+        "--set",
+        "training.log_every=1",
     ]
     procs = [
-        subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})))
+        subprocess.Popen(
+            [sys.executable, SCRIPT, *args],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})),
+        )
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=240) for p in procs]
     if any(p.returncode for p in procs):
         print("\n".join(err[-3000:] for _, err in outputs))
-    for i, (p, (out, err)) in enumerate(zip(procs, outputs)):
+    for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"worker {i}: {err[-3000:]}"
     assert "on 2 replica(s)" in outputs[0][0]
     chief = model_dir / "sharpmask"

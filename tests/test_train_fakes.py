@@ -30,7 +30,7 @@ def _batch(config: Config, split: str, stage: int, batch: int, seed: tf.Tensor, 
     noise = tf.random.stateless_uniform([batch, size, size, 3], seed + 2) * 0.5
     colour = 0.5 + 0.5 * u[:, 3:6][:, None, None, :]
     images = noise * (1 - inside[..., None]) + colour * inside[..., None]
-    window = inside[:, context:context + patch, context:context + patch, None]
+    window = inside[:, context : context + patch, context : context + patch, None]
     masks = tf.image.resize(window, (label, label), method="area")[..., 0]
     masks = tf.where(masks > 0.5, 1.0, -1.0)
     kind = tf.cast(score_batch, tf.float32)
@@ -53,9 +53,11 @@ def make_dataset(config, split="train", stage=1, batch_size=None, input_context=
     kind_coin = config.data.score_frequency if stage == 1 else 0.0
     base = tf.constant([seed * 131 + stage * 7 + (split == "val") * 3, pipeline], tf.int64)
     count = np.iinfo(np.int64).max if repeat else 4
-    return tf.data.Dataset.range(count).map(
-        lambda i: _batch(config, split, stage, batch, base * 1000 + i * 10, kind_coin)
-    ).prefetch(2)
+    return (
+        tf.data.Dataset.range(count)
+        .map(lambda i: _batch(config, split, stage, batch, base * 1000 + i * 10, kind_coin))
+        .prefetch(2)
+    )
 
 
 def make_validation_patches(config, num_patches, stage, seed):
@@ -69,8 +71,14 @@ def test_fake_batches_have_the_pipeline_structure(tmp_path):
     from sharpmask_tf.data import make_dataset as real_make_dataset
 
     paths = generate_dataset(str(tmp_path), num_train=4, num_val=2, seed=0)
-    config = get_config("small", ["training.batch_size=4", f"data.train_annotations={paths['train']}",
-                                  f"data.train_images={tmp_path / 'train'}"])
+    config = get_config(
+        "small",
+        [
+            "training.batch_size=4",
+            f"data.train_annotations={paths['train']}",
+            f"data.train_images={tmp_path / 'train'}",
+        ],
+    )
     for stage in (1, 2):
         real = next(iter(real_make_dataset(config, stage=stage)))
         fake = next(iter(make_dataset(config, stage=stage)))

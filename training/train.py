@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional
 
 # Runnable as a script from a checkout: make the repository importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,17 +40,38 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="configuration preset (default: small)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a config field, e.g. training.batch_size=64 (repeatable)")
-    p.add_argument("--train-data", type=_dataset_arg, metavar="ANNOTATIONS.json:IMAGE_DIR",
-                   help="training split (default: the preset's data.train_*, the synthetic dataset)")
-    p.add_argument("--val-data", type=_dataset_arg, metavar="ANNOTATIONS.json:IMAGE_DIR",
-                   help="validation split (default: the preset's data.val_*)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config field, e.g. training.batch_size=64 (repeatable)",
+    )
+    p.add_argument(
+        "--train-data",
+        type=_dataset_arg,
+        metavar="ANNOTATIONS.json:IMAGE_DIR",
+        help="training split (default: the preset's data.train_*, the synthetic dataset)",
+    )
+    p.add_argument(
+        "--val-data",
+        type=_dataset_arg,
+        metavar="ANNOTATIONS.json:IMAGE_DIR",
+        help="validation split (default: the preset's data.val_*)",
+    )
     p.add_argument("--model-dir", help="checkpoints, logs, config.json, .keras models (default: runs/<preset>)")
-    p.add_argument("--stage", choices=STAGE_CHOICES,
-                   help="stage(s) to train (default: both; deepmask when model.refinement is false)")
-    p.add_argument("--strategy", default="auto", choices=STRATEGY_CHOICES,
-                   help="auto: several TF_CONFIG workers -> multiworker, local GPUs -> mirrored, else default")
+    p.add_argument(
+        "--stage",
+        choices=STAGE_CHOICES,
+        help="stage(s) to train (default: both; deepmask when model.refinement is false)",
+    )
+    p.add_argument(
+        "--strategy",
+        default="auto",
+        choices=STRATEGY_CHOICES,
+        help="auto: several TF_CONFIG workers -> multiworker, local GPUs -> mirrored, else default",
+    )
     p.add_argument("--mixed-precision", action="store_true", help="mixed_float16 compute with loss scaling")
     p.add_argument("--jit", action="store_true", help="XLA-compile the training step")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -85,15 +105,17 @@ def check_data(config: Config, parser: argparse.ArgumentParser) -> None:
         ensure_dataset(d)
     except FileNotFoundError as e:
         parser.error(f"{e}. Pass --train-data/--val-data ANNOTATIONS.json:IMAGE_DIR.")
-    for split, annotations, images in (("train", d.train_annotations, d.train_images),
-                                       ("val", d.val_annotations, d.val_images)):
-        if not os.path.isfile(annotations):
-            parser.error(f"the {split} annotation file does not exist. Received: {annotations!r}")
+    for split, annotation_file, images in (
+        ("train", d.train_annotations, d.train_images),
+        ("val", d.val_annotations, d.val_images),
+    ):
+        if not os.path.isfile(annotation_file):
+            parser.error(f"the {split} annotation file does not exist. Received: {annotation_file!r}")
         if not os.path.isdir(images):
             parser.error(f"the {split} image folder does not exist. Received: {images!r}")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = resolve_config(args, parser)
@@ -113,27 +135,39 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--stage sharpmask starts from stage deepmask's result, and {model_dir} holds none")
     strategy = trainer.resolve_strategy(args.strategy)
     if config.training.batch_size % strategy.num_replicas_in_sync:
-        parser.error(f"training.batch_size must be a multiple of the {strategy.num_replicas_in_sync} replicas. "
-                     f"Received: training.batch_size={config.training.batch_size}")
+        parser.error(
+            f"training.batch_size must be a multiple of the {strategy.num_replicas_in_sync} replicas. "
+            f"Received: training.batch_size={config.training.batch_size}"
+        )
 
-    print(f"Training stage(s) {stage} of preset {args.preset!r} on {strategy.num_replicas_in_sync} replica(s) "
-          f"into {os.path.abspath(model_dir)}  (TensorBoard: tensorboard --logdir {model_dir}/logs)", flush=True)
+    print(
+        f"Training stage(s) {stage} of preset {args.preset!r} on {strategy.num_replicas_in_sync} replica(s) "
+        f"into {os.path.abspath(model_dir)}  (TensorBoard: tensorboard --logdir {model_dir}/logs)",
+        flush=True,
+    )
     try:
         metrics = trainer.train(config, model_dir, stage=stage, strategy=strategy, progress=not args.no_progress)
     except trainer.TrainingInterrupted as e:
         print(f"{e}; rerun the same command to resume.", file=sys.stderr, flush=True)
         return 128 + e.signum
-    print(f"Done. In {os.path.abspath(model_dir)}: config.json, checkpoints in deepmask/ and sharpmask/, "
-          f"TensorBoard logs in logs/, " + ", ".join(f"{s}.keras" for s in trainer.STAGES if s in metrics)
-          + ", metrics.json")
+    print(
+        f"Done. In {os.path.abspath(model_dir)}: config.json, checkpoints in deepmask/ and sharpmask/, "
+        f"TensorBoard logs in logs/, "
+        + ", ".join(f"{s}.keras" for s in trainer.STAGES if s in metrics)
+        + ", metrics.json"
+    )
     for s in trainer.STAGES:
         if s in metrics:
             m = metrics[s]
-            print(f"  {s}: step {m['step']}, per-patch mean IoU {m['mean_iou']:.3f}, "
-                  f"median {m['median_iou']:.3f}, IoU>.5 {m['iou_over_50']:.2f}, IoU>.7 {m['iou_over_70']:.2f}")
+            print(
+                f"  {s}: step {m['step']}, per-patch mean IoU {m['mean_iou']:.3f}, "
+                f"median {m['median_iou']:.3f}, IoU>.5 {m['iou_over_50']:.2f}, IoU>.7 {m['iou_over_70']:.2f}"
+            )
     if "sharpmask_mean_iou" in metrics:
-        print(f"  on the same stage-2 patches: DeepMask mean IoU {metrics['deepmask_mean_iou']:.3f}, "
-              f"SharpMask {metrics['sharpmask_mean_iou']:.3f}")
+        print(
+            f"  on the same stage-2 patches: DeepMask mean IoU {metrics['deepmask_mean_iou']:.3f}, "
+            f"SharpMask {metrics['sharpmask_mean_iou']:.3f}"
+        )
     return 0
 
 

@@ -75,7 +75,13 @@ def patch_grid(
 
 
 def write_patch_grid(
-    config, out: str, split: str = "train", stage: int = 1, count: int = 16, columns: int = 8, zoom: int = 0,
+    config,
+    out: str,
+    split: str = "train",
+    stage: int = 1,
+    count: int = 16,
+    columns: int = 8,
+    zoom: int = 0,
     seed: int = 0,
 ) -> None:
     """Samples `count` mask and `count` score patches from a split and writes their grid as a PNG.
