@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
         help="config overrides on top of the small preset",
     )
     parser.add_argument("--eval-images", type=int, default=50, help="val images for average recall")
+    parser.add_argument("--eval-proposals", type=int, default=1000, help="proposals per image for average recall")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             config.data.val_annotations,
             config.data.val_images,
             max_images=args.eval_images,
+            top_n=args.eval_proposals,
             out_dir=out / f"eval_{name.lower()}",
         )
         rows[name] = result
@@ -77,13 +79,13 @@ def main(argv: list[str] | None = None) -> None:
         },
         "seconds_per_image": {name: r["seconds_per_image"] for name, r in rows.items()},
     }
-    print(f"{'model':>10} | patch mIoU | segm AR@10 | AR@100 | box AR@10 | AR@100 | s/image")
+    columns = ("AR@10", "AR@100", "AR@1000", "AUC")
+    header = " ".join(c.replace("AR@1000", "AR@1k").rjust(6) for c in columns)
+    print(f"{'model':<9} | patch mIoU | segm {header} | box  {header} | s/image")
     for name, r in rows.items():
+        cells = [" ".join(f"{100 * r[t][c]:6.1f}" for c in columns) for t in ("segm", "bbox")]
         iou = summary["per_patch_mean_iou"][name]
-        print(
-            f"{name:>10} | {iou:10.3f} | {100 * r['segm']['AR@10']:10.1f} | {100 * r['segm']['AR@100']:6.1f} | "
-            f"{100 * r['bbox']['AR@10']:9.1f} | {100 * r['bbox']['AR@100']:6.1f} | {r['seconds_per_image']:7.3f}"
-        )
+        print(f"{name:<9} | {iou:10.3f} |     {cells[0]} |      {cells[1]} | {r['seconds_per_image']:7.2f}")
 
     from serving.demo_query import serve_and_query
     from serving.export import export_model
