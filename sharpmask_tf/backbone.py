@@ -49,16 +49,6 @@ def _block(x, filters: int, stride: int, shortcut_conv: bool, name: str, padding
     return keras.layers.Activation("relu", name=f"{name}_out")(x)
 
 
-def tap_layer_names(blocks: tuple[int, int, int]) -> dict[str, str]:
-    """Names of the layers whose outputs are the four feature taps."""
-    return {
-        "conv1": "conv1_relu",
-        "conv2": f"conv2_block{blocks[0]}_out",
-        "conv3": f"conv3_block{blocks[1]}_out",
-        "conv4": f"conv4_block{blocks[2]}_out",
-    }
-
-
 def resnet_trunk(
     blocks: tuple[int, int, int] = RESNET50_BLOCKS,
     width: int = RESNET50_WIDTH,
