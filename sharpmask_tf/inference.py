@@ -15,7 +15,7 @@ The pipeline, for an image of any size:
 5. Their masks are computed in one batch: DeepMask's coarse head, or SharpMask's vertical path
    over windows cut out of skip features computed once per scale.
 6. Each mask (a probability map over its window of patch_size/s image px) is resampled
-   bilinearly onto the image grid and binarised at `mask_threshold`.
+   bilinearly onto the image pixels inside its window and binarised at `mask_threshold`.
 
 Coordinates are image pixels of the input image, x to the right, y down, pixel (i, j) covering
 [j, j+1) x [i, i+1); boxes are (x0, y0, x1, y1) with exclusive x1, y1.
@@ -49,9 +49,8 @@ from sharpmask_tf.sharpmask import REFINE_TAPS
 GREY = 0.5
 # Trunk stride of each refinement module's skip features, skip1 (coarsest) first.
 SKIP_STRIDES = (16, 8, 4, 2)
-# Proposals pasted onto the image grid per step; bounds the float scratch to
-# PASTE_CHUNK * H * W * 4 bytes.
-PASTE_CHUNK = 16
+# Proposals pasted onto the image grid concurrently.
+PASTE_PARALLEL = 8
 # Side of the grid on which the optional mask NMS measures mask IoU.
 NMS_GRID = 128
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -147,6 +146,29 @@ def window_boxes(rows, cols, scale_y, scale_x, patch_size: int):
     return tf.stack([x0 / sx, y0 / sy, (x0 + patch_size) / sx, (y0 + patch_size) / sy], axis=-1)
 
 
+def window_pixels(boxes, height, width):
+    """The image pixels whose centres lie inside each window, as a clipped pixel range.
+
+    Pixel (i, j) is inside window (x0, y0, x1, y1) when x0 <= j + 0.5 < x1 and y0 <= i + 0.5 < y1.
+
+    Args:
+        boxes: (N, 4) float, (x0, y0, x1, y1) windows in image pixels.
+        height: () int, image height.
+        width: () int, image width.
+
+    Returns:
+        (N, 4) int32 (row0, col0, row1, col1), rows row0..row1-1 and columns col0..col1-1, clipped
+        to the image; row1 <= row0 or col1 <= col0 for a window that covers no pixel.
+    """
+    boxes = tf.convert_to_tensor(boxes, tf.float32)
+    x0, y0, x1, y1 = tf.unstack(boxes, axis=-1)
+
+    def first(edge, size):  # the first index k with k + 0.5 >= edge
+        return tf.clip_by_value(tf.cast(tf.math.ceil(edge - 0.5), tf.int32), 0, tf.cast(size, tf.int32))
+
+    return tf.stack([first(y0, height), first(x0, width), first(y1, height), first(x1, width)], axis=-1)
+
+
 def paste_masks(probabilities, boxes, height, width, threshold: float):
     """Resamples mask probabilities over their windows onto the image grid and binarises them.
 
@@ -164,34 +186,73 @@ def paste_masks(probabilities, boxes, height, width, threshold: float):
     Returns:
         (N, height, width) bool masks.
     """
+    return paste_masks_and_boxes(probabilities, boxes, height, width, threshold)[0]
+
+
+def paste_masks_and_boxes(probabilities, boxes, height, width, threshold: float):
+    """`paste_masks`, plus the tight box of every pasted mask (as `mask_boxes` gives it).
+
+    Each mask is resampled over its window's pixels only (`window_pixels`), then placed on an
+    all-false canvas, one proposal at a time: the work is the windows' area inside the image,
+    not N full images.
+
+    Returns:
+        (N, height, width) bool masks and (N, 4) float32 boxes.
+    """
     probabilities = tf.convert_to_tensor(probabilities, tf.float32)
     boxes = tf.convert_to_tensor(boxes, tf.float32)
+    height = tf.cast(height, tf.int32)
+    width = tf.cast(width, tf.int32)
     m = tf.cast(tf.shape(probabilities)[1], tf.float32)
-    h = tf.cast(height, tf.float32)
-    w = tf.cast(width, tf.float32)
+    pixels = window_pixels(boxes, height, width)
+    r0, c0, r1, c1 = tf.unstack(pixels, axis=-1)
+    # Degenerate windows (padding rows) and windows outside the image paste nothing; they still
+    # resample one pixel so every step has the same program.
+    empty = (r1 <= r0) | (c1 <= c0) | (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    r0 = tf.where(empty, 0, r0)
+    c0 = tf.where(empty, 0, c0)
+    rows = tf.where(empty, 1, r1 - r0)
+    cols = tf.where(empty, 1, c1 - c0)
     x0, y0, x1, y1 = tf.unstack(boxes, axis=-1)
-    # Degenerate boxes (padding rows) paste nothing: the `inside` test below is empty for them.
     x1 = tf.where(x1 > x0, x1, x0 + 1.0)
     y1 = tf.where(y1 > y0, y1, y0 + 1.0)
-    degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
-    # Mask-pixel coordinate (0 = centre of the first mask pixel) of the first and last image
-    # pixel centres; +1 for the edge row added by padding below.
-    ky0 = (0.5 - y0) / (y1 - y0) * m - 0.5 + 1
-    ky1 = (h - 0.5 - y0) / (y1 - y0) * m - 0.5 + 1
-    kx0 = (0.5 - x0) / (x1 - x0) * m - 0.5 + 1
-    kx1 = (w - 0.5 - x0) / (x1 - x0) * m - 0.5 + 1
-    norm = m + 1  # the padded mask has M + 2 pixels: crop_and_resize coordinates are k / (M + 1)
-    crop_boxes = tf.stack([ky0 / norm, kx0 / norm, ky1 / norm, kx1 / norm], axis=-1)
-    padded = tf.pad(probabilities, [[0, 0], [1, 1], [1, 1]], mode="SYMMETRIC")[..., None]
-    ys = tf.range(h) + 0.5
-    xs = tf.range(w) + 0.5
-    inside_y = (ys[None] >= y0[:, None]) & (ys[None] < y1[:, None]) & ~degenerate[:, None]
-    inside_x = (xs[None] >= x0[:, None]) & (xs[None] < x1[:, None])
-    n = tf.shape(probabilities)[0]
-    values = tf.image.crop_and_resize(
-        padded, crop_boxes, tf.range(n), tf.stack([tf.cast(height, tf.int32), tf.cast(width, tf.int32)])
-    )[..., 0]
-    return (values >= threshold) & inside_y[:, :, None] & inside_x[:, None, :]
+
+    def mask_coordinates(first, count, start, end):
+        # Mask-pixel coordinates (0 = centre of the first mask pixel) of `count` pixel centres
+        # from pixel `first` on, +1 for the edge pixel the padding below adds.
+        pixels = tf.cast(first + tf.range(count), tf.float32) + 0.5
+        return (pixels - start) / (end - start) * m - 0.5 + 1
+
+    padded = tf.pad(probabilities, [[0, 0], [1, 1], [1, 1]], mode="SYMMETRIC")
+    grid = tf.range(m + 2)
+    # An empty window keeps nothing: its threshold is above any probability.
+    thresholds = tf.where(empty, 2.0, tf.cast(threshold, tf.float32))
+    layout = tf.stack([r0, c0, rows, cols], axis=-1)
+
+    def paste_one(args):
+        mask, (x0_, y0_, x1_, y1_), (row, col, h, w), keep_above = (
+            args[0],
+            tf.unstack(args[1]),
+            tf.unstack(args[2]),
+            args[3],
+        )
+        # Bilinear resampling as two matmuls with tent weights max(0, 1 - |coordinate - k|):
+        # (h, M+2) @ (M+2, M+2) @ (M+2, w); every coordinate lies inside the padded mask.
+        wy = tf.nn.relu(1.0 - tf.abs(mask_coordinates(row, h, y0_, y1_)[:, None] - grid[None]))
+        wx = tf.nn.relu(1.0 - tf.abs(mask_coordinates(col, w, x0_, x1_)[:, None] - grid[None]))
+        keep = tf.matmul(tf.matmul(wy, mask), wx, transpose_b=True) >= keep_above
+        canvas = tf.pad(keep, [[row, height - row - h], [col, width - col - w]])
+        return canvas, mask_boxes(keep[None])[0] + tf.cast(tf.stack([col, row, col, row]), tf.float32) * tf.cast(
+            tf.reduce_any(keep), tf.float32
+        )
+
+    masks, tight = tf.map_fn(
+        paste_one,
+        (padded, tf.stack([x0, y0, x1, y1], axis=-1), layout, thresholds),
+        fn_output_signature=(tf.TensorSpec([None, None], tf.bool), tf.TensorSpec([4], tf.float32)),
+        parallel_iterations=PASTE_PARALLEL,
+    )
+    return tf.ensure_shape(masks, [probabilities.shape[0], None, None]), tight
 
 
 def mask_boxes(masks):
@@ -306,8 +367,9 @@ def fold_batch_norm(trunk: keras.Model) -> keras.Model:
 
     Every `<name>_bn` layer that follows the convolution `<name>_conv` becomes an identity and the
     convolution absorbs its affine transform: kernel * g and (bias - mean) * g + beta, with
-    g = gamma / sqrt(variance + epsilon). Outputs equal the trunk's up to float rounding; the
-    copy skips two elementwise passes over every activation.
+    g = gamma / sqrt(variance + epsilon). Every convolution adds its bias with `tf.nn.bias_add`,
+    so the graph optimiser fuses convolution, bias and ReLU. Outputs equal the trunk's up to float
+    rounding; the copy skips the elementwise passes of BatchNorm and of separate bias additions.
 
     Args:
         trunk: a model from `sharpmask_tf.backbone.resnet_trunk`.
@@ -326,8 +388,9 @@ def fold_batch_norm(trunk: keras.Model) -> keras.Model:
     def clone(layer):
         if isinstance(layer, keras.layers.BatchNormalization) and layer.name[: -len("_bn")] in folded_names:
             return _FoldedBatchNorm(name=layer.name)
-        if isinstance(layer, keras.layers.Conv2D) and layer.name[: -len("_conv")] in folded_names:
-            return keras.layers.Conv2D.from_config({**layer.get_config(), "use_bias": True})
+        if type(layer) is keras.layers.Conv2D:
+            folded = layer.name[: -len("_conv")] in folded_names
+            return _BiasAddConv2D.from_config({**layer.get_config(), "use_bias": layer.use_bias or folded})
         return layer.__class__.from_config(layer.get_config())
 
     copy = keras.models.clone_model(trunk, clone_function=clone)
@@ -343,6 +406,17 @@ def fold_batch_norm(trunk: keras.Model) -> keras.Model:
         elif layer.weights and not isinstance(target, _FoldedBatchNorm):
             target.set_weights(layer.get_weights())
     return copy
+
+
+class _BiasAddConv2D(keras.layers.Conv2D):
+    """Conv2D adding its bias with `tf.nn.bias_add`, which TensorFlow's graph optimiser fuses
+    with the convolution and a following ReLU (Keras adds a reshaped bias, which it does not)."""
+
+    def call(self, inputs):
+        outputs = self.convolution_op(inputs, self.kernel)
+        if self.use_bias:
+            outputs = tf.nn.bias_add(outputs, self.bias)
+        return outputs if self.activation is None else self.activation(outputs)
 
 
 class _FoldedBatchNorm(keras.layers.Layer):
@@ -446,7 +520,7 @@ class ProposalGenerator(tf.Module):
         reduced = self._head_reduce(taps["conv4"])
         fs = self.patch_size // TRUNK_STRIDE
         kernel = tf.reshape(self._head_object.kernel, [fs, fs, reduced.shape[-1], -1])
-        objects = tf.nn.conv2d(reduced, kernel, 1, "VALID") + self._head_object.bias
+        objects = tf.nn.bias_add(tf.nn.conv2d(reduced, kernel, 1, "VALID"), self._head_object.bias)
         scores = self._score_logits(self._score_hidden(objects))[0, :, :, 0]
         skips = {}
         if self.refine:
@@ -537,7 +611,7 @@ class ProposalGenerator(tf.Module):
         num = k
         masks = boxes = None
         if self.full_masks or cfg.nms_threshold is not None:
-            masks, boxes = _paste_in_chunks(probabilities, windows, height, width, cfg.mask_threshold)
+            masks, boxes = paste_masks_and_boxes(probabilities, windows, height, width, cfg.mask_threshold)
         if cfg.nms_threshold is not None:
             keep = greedy_nms(mask_iou_matrix(_nms_view(masks)), cfg.nms_threshold)
             keep = keep & (tf.range(cfg.top_n) < k)
@@ -613,30 +687,6 @@ def _pad_rows(n: int, *tensors):
         pad = [[0, n - tf.shape(t)[0]]] + [[0, 0]] * (t.shape.rank - 1)
         out.append(tf.ensure_shape(tf.pad(t, pad), [n, *t.shape[1:]]))
     return out
-
-
-def _paste_in_chunks(probabilities, windows, height, width, threshold):
-    """`paste_masks` and `mask_boxes` PASTE_CHUNK proposals at a time: (N, H, W) bool, (N, 4)."""
-    n = probabilities.shape[0]
-    chunks = -(-n // PASTE_CHUNK)
-    extra = chunks * PASTE_CHUNK - n
-    probs = tf.pad(probabilities, [[0, extra], [0, 0], [0, 0]])
-    boxes = tf.pad(windows, [[0, extra], [0, 0]])
-    probs = tf.reshape(probs, [chunks, PASTE_CHUNK, *probabilities.shape[1:]])
-    boxes = tf.reshape(boxes, [chunks, PASTE_CHUNK, 4])
-
-    def paste(args):
-        m = paste_masks(args[0], args[1], height, width, threshold)
-        return m, mask_boxes(m)
-
-    masks, tight = tf.map_fn(
-        paste,
-        (probs, boxes),
-        fn_output_signature=(tf.TensorSpec([PASTE_CHUNK, None, None], tf.bool), tf.TensorSpec([PASTE_CHUNK, 4])),
-        parallel_iterations=1,
-    )
-    masks = tf.reshape(masks, [chunks * PASTE_CHUNK, height, width])[:n]
-    return masks, tf.reshape(tight, [-1, 4])[:n]
 
 
 def _nms_view(masks):

@@ -22,10 +22,12 @@ from sharpmask_tf.inference import (
     mask_iou_matrix,
     padded_size,
     paste_masks,
+    paste_masks_and_boxes,
     scaled_size,
     score_map_size,
     to_rgb,
     window_boxes,
+    window_pixels,
 )
 from sharpmask_tf.sharpmask import build_model
 
@@ -101,6 +103,62 @@ def test_paste_masks_keeps_the_mask_shape():
     masks = paste_masks(left, np.array([[0, 0, 40, 40]], np.float32), 40, 40, 0.5).numpy()[0]
     # Bilinear between the mask pixel centres at x = 15 and 25 crosses .5 at x = 20.
     assert masks[:, :20].all() and not masks[:, 20:].any()
+
+
+def bilinear_paste_reference(probabilities, boxes, height, width, threshold):
+    """paste_masks' definition, pixel by pixel in numpy: bilinear at the pixel centre, clamped to
+    the mask's edge inside the window, nothing outside it."""
+    out = np.zeros((len(boxes), height, width), bool)
+    for n, (prob, (x0, y0, x1, y1)) in enumerate(zip(probabilities, boxes)):
+        m = prob.shape[0]
+        for i in range(height):
+            for j in range(width):
+                cy, cx = i + 0.5, j + 0.5
+                if not (x0 <= cx < x1 and y0 <= cy < y1):
+                    continue
+                ky = np.clip((cy - y0) / (y1 - y0) * m - 0.5, 0, m - 1)
+                kx = np.clip((cx - x0) / (x1 - x0) * m - 0.5, 0, m - 1)
+                a, b = int(min(ky, m - 2)), int(min(kx, m - 2))
+                ty, tx = ky - a, kx - b
+                value = (
+                    (1 - ty) * (1 - tx) * prob[a, b]
+                    + (1 - ty) * tx * prob[a, b + 1]
+                    + ty * (1 - tx) * prob[a + 1, b]
+                    + ty * tx * prob[a + 1, b + 1]
+                )
+                out[n, i, j] = value >= threshold
+    return out
+
+
+def test_paste_masks_matches_bilinear_resampling_at_pixel_centres():
+    rng = np.random.default_rng(3)
+    probabilities = rng.uniform(0, 1, (6, 7, 7)).astype(np.float32)
+    boxes = np.array(
+        [
+            [3.3, 2.7, 17.9, 13.1],  # inside, upsampled
+            [-6.5, -4.2, 9.0, 8.5],  # over the top-left corner
+            [20.2, 9.6, 40.0, 30.0],  # over the bottom-right corner
+            [5.1, 4.4, 8.2, 7.3],  # smaller than the mask: downsampled
+            [30.0, 30.0, 50.0, 50.0],  # outside the image
+            [0, 0, 0, 0],  # padding row
+        ],
+        np.float32,
+    )
+    masks, tight = paste_masks_and_boxes(probabilities, boxes, 17, 23, 0.5)
+    want = bilinear_paste_reference(probabilities, boxes, 17, 23, 0.5)
+    # Float rounding may flip a pixel whose value is within 1e-6 of the threshold; none is here.
+    np.testing.assert_array_equal(masks.numpy(), want)
+    np.testing.assert_array_equal(tight.numpy(), mask_boxes(want).numpy())
+    assert want[:4].any(axis=(1, 2)).all() and not want[4:].any()
+
+
+def test_window_pixels_are_the_pixel_centres_inside_each_window():
+    boxes = np.array([[2.4, 0.6, 5.5, 3.5], [-3, -3, 2, 100], [7, 1, 7, 4]], np.float32)
+    got = window_pixels(boxes, 6, 8).numpy()
+    # x: centres 2.5..4.5 inside [2.4, 5.5) -> columns 2..4; y: centres 0.5 < 0.6 is out, 1.5, 2.5 in.
+    np.testing.assert_array_equal(got[0], [1, 2, 3, 5])
+    np.testing.assert_array_equal(got[1], [0, 0, 6, 2])  # clipped to the image
+    assert got[2, 3] <= got[2, 1]  # zero width: no column
 
 
 def test_mask_boxes_are_tight_and_exclusive():
