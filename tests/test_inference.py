@@ -23,6 +23,7 @@ from sharpmask_tf.inference import (
     padded_size,
     paste_masks,
     paste_masks_and_boxes,
+    resize_masks,
     scaled_size,
     score_map_size,
     to_rgb,
@@ -150,6 +151,13 @@ def test_paste_masks_matches_bilinear_resampling_at_pixel_centres():
     np.testing.assert_array_equal(masks.numpy(), want)
     np.testing.assert_array_equal(tight.numpy(), mask_boxes(want).numpy())
     assert want[:4].any(axis=(1, 2)).all() and not want[4:].any()
+
+
+@pytest.mark.parametrize("m, size", [(160, 56), (56, 56), (20, 32), (7, 3)])
+def test_resize_masks_equals_the_antialiased_resize(m, size):
+    masks = np.random.default_rng(m).uniform(0, 1, (3, m, m)).astype(np.float32)
+    want = tf.image.resize(masks[..., None], [size, size], method="bilinear", antialias=True)[..., 0]
+    np.testing.assert_allclose(resize_masks(masks, size), want, atol=1e-5)
 
 
 def test_window_pixels_are_the_pixel_centres_inside_each_window():
