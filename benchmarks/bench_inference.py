@@ -30,6 +30,7 @@ VARIANTS = {
     "default": {},
     "xla": {"jit_compile": True},
     "unfolded_bn": {"fold_bn": False},  # not in the default list: --variants default,unfolded_bn
+    "plain_refine": {"phase_refine": False},  # not in the default list either
     "no_full_masks": {"full_masks": False},
 }
 

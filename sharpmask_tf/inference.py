@@ -43,6 +43,7 @@ import tensorflow as tf
 
 from sharpmask_tf.config import TRUNK_STRIDE, Config, InferenceConfig
 from sharpmask_tf.deepmask import HEAD_OBJECT, HEAD_REDUCE, MASK_LOGITS, SCORE_HIDDEN, SCORE_LOGITS
+from sharpmask_tf.fast_refine import fast_refine
 from sharpmask_tf.sharpmask import REFINE_TAPS
 
 # Area outside the picture, in [0, 1] RGB (SPEC.md section 2).
@@ -471,6 +472,9 @@ class ProposalGenerator(tf.Module):
         fold_bn: run a copy of the trunk with BatchNorm folded into the convolutions (faster,
             same outputs up to float rounding). The copy does not follow later weight changes of
             `model`: build a new generator after changing them.
+        phase_refine: run SharpMask's vertical path as `sharpmask_tf.fast_refine` (sub-pixel
+            convolutions instead of upsample, pad and convolve; same logits up to float
+            rounding, about 3x faster). Also a copy of the weights, like `fold_bn`.
     """
 
     def __init__(
@@ -481,6 +485,7 @@ class ProposalGenerator(tf.Module):
         full_masks: bool = True,
         jit_compile: bool = False,
         fold_bn: bool = True,
+        phase_refine: bool = True,
     ):
         super().__init__(name="proposal_generator")
         self.model = model
@@ -498,7 +503,10 @@ class ProposalGenerator(tf.Module):
         self._score_logits = model.get_layer(SCORE_LOGITS)
         self._mask_logits = None if self.refine else model.get_layer(MASK_LOGITS)
         self._skip = model.get_layer("skip") if self.refine else None
-        self._refine_net = model.get_layer("refine") if self.refine else None
+        self._refine_net = None
+        if self.refine:
+            refine = model.get_layer("refine")
+            self._refine_net = fast_refine(refine) if phase_refine else refine
         self._level = tf.function(self._level_features, jit_compile=jit_compile, reduce_retracing=True)
         self._propose = tf.function(self.propose_tensors, reduce_retracing=True)
 
@@ -675,8 +683,7 @@ class ProposalGenerator(tf.Module):
             ValueError: for an empty image, more than 4 channels, or a dtype that is neither
                 uint8 nor float.
         """
-        image = check_image(image)
-        out = {k: v.numpy() for k, v in self._propose(tf.convert_to_tensor(image)).items()}
+        out = {k: v.numpy() for k, v in self._propose(tf.convert_to_tensor(check_image(image))).items()}
         n = int(out.pop("num_proposals"))
         out = {k: v[:n] for k, v in out.items()}
         out["num_proposals"] = n
