@@ -200,6 +200,14 @@ def paste_masks_and_boxes(probabilities, boxes, height, width, threshold: float)
     Returns:
         (N, height, width) bool masks and (N, 4) float32 boxes.
     """
+    if tf.executing_eagerly():  # the per-proposal loop runs in parallel only in a graph
+        return _paste_graph(
+            tf.convert_to_tensor(probabilities, tf.float32),
+            tf.convert_to_tensor(boxes, tf.float32),
+            tf.convert_to_tensor(height, tf.int32),
+            tf.convert_to_tensor(width, tf.int32),
+            tf.convert_to_tensor(threshold, tf.float32),
+        )
     probabilities = tf.convert_to_tensor(probabilities, tf.float32)
     boxes = tf.convert_to_tensor(boxes, tf.float32)
     height = tf.cast(height, tf.int32)
@@ -254,6 +262,9 @@ def paste_masks_and_boxes(probabilities, boxes, height, width, threshold: float)
         parallel_iterations=PASTE_PARALLEL,
     )
     return tf.ensure_shape(masks, [probabilities.shape[0], None, None]), tight
+
+
+_paste_graph = tf.function(paste_masks_and_boxes, reduce_retracing=True)
 
 
 def resize_masks(masks, size: int):
