@@ -31,6 +31,7 @@ VARIANTS = {
     "xla": {"jit_compile": True},
     "unfolded_bn": {"fold_bn": False},  # not in the default list: --variants default,unfolded_bn
     "plain_refine": {"phase_refine": False},  # not in the default list either
+    "bfloat16": {"compute_dtype": "bfloat16"},  # its matmul reference is a bfloat16 matmul
     "no_full_masks": {"full_masks": False},
 }
 
@@ -103,7 +104,7 @@ def run_one(preset: str, variant: str, runs: int, top_n: int) -> dict:
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - cpu_start)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # before counting FLOPs
-    matmul = matmul_gflops()
+    matmul = matmul_gflops(dtype=VARIANTS[variant].get("compute_dtype") or "float32")
     gflop = pipeline_gflops(generator, 480, 640)
     seconds = float(np.median(wall))
     return {
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="timed runs per configuration (median)")
     parser.add_argument("--top-n", type=int, default=500)
-    parser.add_argument("--variants", default="default,xla,no_full_masks")
+    parser.add_argument("--variants", default="default,no_full_masks,bfloat16")
     parser.add_argument("--models", default="deepmask_resnet50,sharpmask_resnet50")
     parser.add_argument("--one", nargs=2, metavar=("PRESET", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the rows to this JSON file")

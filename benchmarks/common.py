@@ -7,12 +7,12 @@ import time
 import numpy as np
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Median float32 GFLOP/s of a compiled n x n tf.matmul, the reference rate of this machine."""
+def matmul_gflops(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """Median GFLOP/s of a compiled n x n tf.matmul in `dtype`, the reference rate of this machine."""
     import tensorflow as tf
 
-    a = tf.random.uniform((n, n))
-    b = tf.random.uniform((n, n))
+    a = tf.cast(tf.random.uniform((n, n)), dtype)
+    b = tf.cast(tf.random.uniform((n, n)), dtype)
     f = tf.function(lambda x, y: tf.matmul(x, y))
     f(a, b).numpy()
     times = []

@@ -54,6 +54,8 @@ SKIP_STRIDES = (16, 8, 4, 2)
 PASTE_PARALLEL = 8
 # Side of the grid on which the optional mask NMS measures mask IoU.
 NMS_GRID = 128
+# Dtypes the per-scale network can run in (None: the model's own).
+COMPUTE_DTYPES = (None, "bfloat16", "float16")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -394,7 +396,7 @@ def model_geometry(model: keras.Model) -> tuple[int, int]:
     return input_size - 2 * context, context
 
 
-def fold_batch_norm(trunk: keras.Model) -> keras.Model:
+def fold_batch_norm(trunk: keras.Model, dtype: str | None = None) -> keras.Model:
     """An inference copy of a trunk whose frozen BatchNorms are folded into the convolutions.
 
     Every `<name>_bn` layer that follows the convolution `<name>_conv` becomes an identity and the
@@ -404,7 +406,10 @@ def fold_batch_norm(trunk: keras.Model) -> keras.Model:
     rounding; the copy skips the elementwise passes of BatchNorm and of separate bias additions.
 
     Args:
-        trunk: a model from `sharpmask_tf.backbone.resnet_trunk`.
+        trunk: a model from `sharpmask_tf.backbone.resnet_trunk` (or any functional model of
+            Keras layers, such as the skip nets: with no BatchNorm to fold, only the biases change).
+        dtype: the copy's dtype policy ("bfloat16", "float16", "mixed_bfloat16", ...); None keeps
+            each layer's own.
 
     Returns:
         A new model with the same inputs and outputs; `trunk` is left unchanged.
@@ -418,12 +423,13 @@ def fold_batch_norm(trunk: keras.Model) -> keras.Model:
     }
 
     def clone(layer):
+        config = layer.get_config() if dtype is None else {**layer.get_config(), "dtype": dtype}
         if isinstance(layer, keras.layers.BatchNormalization) and layer.name[: -len("_bn")] in folded_names:
-            return _FoldedBatchNorm(name=layer.name)
+            return _FoldedBatchNorm(name=layer.name, dtype=dtype)
         if type(layer) is keras.layers.Conv2D:
             folded = layer.name[: -len("_conv")] in folded_names
-            return _BiasAddConv2D.from_config({**layer.get_config(), "use_bias": layer.use_bias or folded})
-        return layer.__class__.from_config(layer.get_config())
+            return _BiasAddConv2D.from_config({**config, "use_bias": layer.use_bias or folded})
+        return layer.__class__.from_config(config)
 
     copy = keras.models.clone_model(trunk, clone_function=clone)
     for layer in trunk.layers:
@@ -483,6 +489,10 @@ class ProposalGenerator(tf.Module):
         fold_bn: run a copy of the trunk with BatchNorm folded into the convolutions (faster,
             same outputs up to float rounding). The copy does not follow later weight changes of
             `model`: build a new generator after changing them.
+        compute_dtype: run the per-scale network (trunk, the object vectors' convolution, skip
+            features) in this dtype: "bfloat16" (about 2x faster on CPUs with AVX-512 BF16, and
+            on GPUs) or "float16" (GPUs); None computes in the model's own dtype. Scores,
+            masks and everything after the ranking stay float32. Needs `fold_bn`.
         phase_refine: run SharpMask's vertical path as `sharpmask_tf.fast_refine` (sub-pixel
             convolutions instead of upsample, pad and convolve; same logits up to float
             rounding, about 3x faster). Also a copy of the weights, like `fold_bn`.
@@ -497,6 +507,7 @@ class ProposalGenerator(tf.Module):
         jit_compile: bool = False,
         fold_bn: bool = True,
         phase_refine: bool = True,
+        compute_dtype: str | None = None,
     ):
         super().__init__(name="proposal_generator")
         self.model = model
@@ -507,13 +518,24 @@ class ProposalGenerator(tf.Module):
         self.full_masks = full_masks
         self.scales = self.config.scales
         self._normalize = model.get_layer("normalize")
-        self._trunk = fold_batch_norm(model.get_layer("trunk")) if fold_bn else model.get_layer("trunk")
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"compute_dtype must be one of {COMPUTE_DTYPES}. Received: compute_dtype={compute_dtype!r}"
+            )
+        if compute_dtype and not fold_bn:
+            raise ValueError("compute_dtype runs an inference copy of the trunk: it needs fold_bn=True.")
+        self.compute_dtype = compute_dtype
+        trunk = model.get_layer("trunk")
+        self._trunk = fold_batch_norm(trunk, compute_dtype) if fold_bn else trunk
         self._head_reduce = model.get_layer(HEAD_REDUCE)
         self._head_object = model.get_layer(HEAD_OBJECT)
         self._score_hidden = model.get_layer(SCORE_HIDDEN)
         self._score_logits = model.get_layer(SCORE_LOGITS)
         self._mask_logits = None if self.refine else model.get_layer(MASK_LOGITS)
-        self._skip = model.get_layer("skip") if self.refine else None
+        self._skip = None
+        if self.refine:
+            skip = model.get_layer("skip")
+            self._skip = fold_batch_norm(skip, compute_dtype) if compute_dtype else skip
         self._refine_net = None
         if self.refine:
             refine = model.get_layer("refine")
@@ -555,15 +577,21 @@ class ProposalGenerator(tf.Module):
     def _level_features(self, padded):
         """Network over one padded scaled image (1, Hp, Wp, 3): score logits (Ho, Wo), object
         vectors (Ho, Wo, D) and, for SharpMask, skip features {skip_i: (Hp/t_i, Wp/t_i, c_i)}."""
-        taps = self._trunk(self._normalize(padded))
+        normalized = self._normalize(padded)
+        if self.compute_dtype:
+            normalized = tf.cast(normalized, self.compute_dtype)
+        taps = self._trunk(normalized)
         reduced = self._head_reduce(taps["conv4"])
         fs = self.patch_size // TRUNK_STRIDE
         kernel = tf.reshape(self._head_object.kernel, [fs, fs, reduced.shape[-1], -1])
-        objects = tf.nn.bias_add(tf.nn.conv2d(reduced, kernel, 1, "VALID"), self._head_object.bias)
+        if self.compute_dtype:
+            reduced = tf.cast(reduced, self.compute_dtype)
+        objects = tf.nn.conv2d(reduced, tf.cast(kernel, reduced.dtype), 1, "VALID")
+        objects = tf.nn.bias_add(tf.cast(objects, self._head_object.bias.dtype), self._head_object.bias)
         scores = self._score_logits(self._score_hidden(objects))[0, :, :, 0]
         skips = {}
         if self.refine:
-            skips = {k: v[0] for k, v in self._skip({t: taps[t] for t in REFINE_TAPS}).items()}
+            skips = {k: tf.cast(v[0], tf.float32) for k, v in self._skip({t: taps[t] for t in REFINE_TAPS}).items()}
         return scores, objects[0], skips
 
     def propose_tensors(self, image) -> dict[str, tf.Tensor]:
@@ -878,14 +906,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--draw", type=int, default=10, help="proposals drawn per picture (default 10)")
     parser.add_argument("--coarse", action="store_true", help="DeepMask's coarse masks from a SharpMask model")
     parser.add_argument(
+        "--compute-dtype",
+        choices=[d for d in COMPUTE_DTYPES if d],
+        help="run the per-scale network in this dtype (bfloat16: about 2x faster on CPUs with AVX-512 BF16)",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="inference.FIELD=VALUE", help="inference config overrides"
     )
     args = parser.parse_args(argv)
 
-    generator = ProposalGenerator.from_saved(args.model, coarse=args.coarse)
+    options = {"coarse": args.coarse, "compute_dtype": args.compute_dtype}
+    generator = ProposalGenerator.from_saved(args.model, **options)
     if args.set:
         config = Config(inference=generator.config).override(args.set).inference
-        generator = ProposalGenerator(generator.model, config, coarse=args.coarse)
+        generator = ProposalGenerator(generator.model, config, **options)
     ids_by_name = {}
     if args.annotations:
         images = json.loads(Path(args.annotations).read_text())["images"]

@@ -347,6 +347,33 @@ def test_proposals_are_sorted_capped_and_image_sized(sharpmask):
     assert np.mean(agree) > 0.9
 
 
+def test_bfloat16_network_gives_nearly_the_same_proposals(sharpmask):
+    config = InferenceConfig(top_n=40)
+    image = smooth_image(90, 121)
+    want = ProposalGenerator(sharpmask, config).propose(image)
+    fast = ProposalGenerator(sharpmask, config, compute_dtype="bfloat16")
+    assert {layer.compute_dtype for layer in fast._trunk.layers if layer.weights} == {"bfloat16"}
+    got = fast.propose(image)
+    assert got["masks"].dtype == bool and got["scores"].dtype == np.float32
+    index = {tuple(np.round(box, 2)): i for i, box in enumerate(got["window_boxes"])}
+    matched = [(i, index.get(tuple(np.round(box, 2)))) for i, box in enumerate(want["window_boxes"][:20])]
+    assert all(j is not None for _, j in matched), "the float32 top 20 must be among the bfloat16 top 40"
+    ious = [
+        (np.logical_and(want["masks"][i], got["masks"][j]).sum() + 1)
+        / (np.logical_or(want["masks"][i], got["masks"][j]).sum() + 1)
+        for i, j in matched
+    ]
+    assert np.mean(ious) > 0.9, np.round(ious, 3)
+    assert max(abs(want["scores"][i] - got["scores"][j]) for i, j in matched) < 0.05
+
+
+def test_compute_dtype_is_validated(deepmask):
+    with pytest.raises(ValueError, match="compute_dtype must be one of"):
+        ProposalGenerator(deepmask, compute_dtype="int8")
+    with pytest.raises(ValueError, match="fold_bn"):
+        ProposalGenerator(deepmask, compute_dtype="bfloat16", fold_bn=False)
+
+
 def test_fixed_size_tensors_are_padded_to_top_n(deepmask):
     gen = ProposalGenerator(deepmask, InferenceConfig(scale_min=0, scale_max=0, top_n=500))
     out = {k: v.numpy() for k, v in gen.propose_tensors(np.zeros((20, 30, 3), np.uint8)).items()}
@@ -491,6 +518,11 @@ def test_cli_writes_coco_results_and_pictures(deepmask, tmp_path):
     _, _, w, h = first["bbox"]
     assert area == 0 or (w * h >= area and np.allclose(mask_utils.toBbox(first["segmentation"]), first["bbox"]))
     assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["a.png", "b.png"]
+    # The same in bfloat16, with an inference override.
+    out16 = tmp_path / "results16.json"
+    args = ["--model", str(tmp_path), str(images / "a.png"), "--out", str(out16)]
+    assert main([*args, "--compute-dtype", "bfloat16", "--set", "inference.top_n=3"]) == 0
+    assert len(json.loads(out16.read_text())) == 3
 
 
 def test_coco_results_round_trip_masks():
