@@ -490,8 +490,8 @@ class ProposalGenerator(tf.Module):
             same outputs up to float rounding). The copy does not follow later weight changes of
             `model`: build a new generator after changing them.
         compute_dtype: run the per-scale network (trunk, the object vectors' convolution, skip
-            features) in this dtype: "bfloat16" (about 2x faster on CPUs with AVX-512 BF16, and
-            on GPUs) or "float16" (GPUs); None computes in the model's own dtype. Scores,
+            features) in this dtype: "bfloat16" (its convolutions about 2x faster on CPUs with
+            AVX-512 BF16) or "float16" (for GPUs); None computes in the model's own dtype. Scores,
             masks and everything after the ranking stay float32. Needs `fold_bn`.
         phase_refine: run SharpMask's vertical path as `sharpmask_tf.fast_refine` (sub-pixel
             convolutions instead of upsample, pad and convolve; same logits up to float
