@@ -173,6 +173,10 @@ class TrainingConfig:
         object.__setattr__(self, "lr_decay_at", tuple(float(f) for f in self.lr_decay_at))
 
 
+# Dtypes full-image inference can run its per-scale network in (None: the model's own).
+COMPUTE_DTYPES = (None, "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class InferenceConfig:
     """Full-image proposals (SPEC.md section 4)."""
@@ -185,6 +189,7 @@ class InferenceConfig:
     max_side: int = 1024  # images are downscaled so their longest side is at most this
     nms_threshold: float | None = None  # mask-IoU NMS threshold; None (the paper) is off
     crop_size: int = 56  # side of the fixed-size mask crops returned beside boxes
+    compute_dtype: str | None = None  # None: the model's dtype; "bfloat16"/"float16": the per-scale network's
 
     def __post_init__(self) -> None:
         s = "inference"
@@ -199,6 +204,8 @@ class InferenceConfig:
             _fail(s, "mask_threshold", self.mask_threshold, "must be in (0, 1)")
         if self.nms_threshold is not None and not 0.0 < self.nms_threshold <= 1.0:
             _fail(s, "nms_threshold", self.nms_threshold, "must be None or in (0, 1]")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            _fail(s, "compute_dtype", self.compute_dtype, f"must be one of {COMPUTE_DTYPES}")
 
     @property
     def scales(self) -> tuple[float, ...]:

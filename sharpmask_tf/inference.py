@@ -41,7 +41,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sharpmask_tf.config import TRUNK_STRIDE, Config, InferenceConfig
+from sharpmask_tf.config import COMPUTE_DTYPES, TRUNK_STRIDE, Config, InferenceConfig
 from sharpmask_tf.deepmask import HEAD_OBJECT, HEAD_REDUCE, MASK_LOGITS, SCORE_HIDDEN, SCORE_LOGITS
 from sharpmask_tf.fast_refine import fast_refine
 from sharpmask_tf.sharpmask import REFINE_TAPS
@@ -54,8 +54,6 @@ SKIP_STRIDES = (16, 8, 4, 2)
 PASTE_PARALLEL = 8
 # Side of the grid on which the optional mask NMS measures mask IoU.
 NMS_GRID = 128
-# Dtypes the per-scale network can run in (None: the model's own).
-COMPUTE_DTYPES = (None, "bfloat16", "float16")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -491,7 +489,8 @@ class ProposalGenerator(tf.Module):
             `model`: build a new generator after changing them.
         compute_dtype: run the per-scale network (trunk, the object vectors' convolution, skip
             features) in this dtype: "bfloat16" (its convolutions about 2x faster on CPUs with
-            AVX-512 BF16) or "float16" (for GPUs); None computes in the model's own dtype. Scores,
+            AVX-512 BF16) or "float16" (for GPUs); None takes `config.compute_dtype` (whose
+            default, None, computes in the model's own dtype). Scores,
             masks and everything after the ranking stay float32. Needs `fold_bn`.
         phase_refine: run SharpMask's vertical path as `sharpmask_tf.fast_refine` (sub-pixel
             convolutions instead of upsample, pad and convolve; same logits up to float
@@ -518,6 +517,7 @@ class ProposalGenerator(tf.Module):
         self.full_masks = full_masks
         self.scales = self.config.scales
         self._normalize = model.get_layer("normalize")
+        compute_dtype = compute_dtype or self.config.compute_dtype
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(
                 f"compute_dtype must be one of {COMPUTE_DTYPES}. Received: compute_dtype={compute_dtype!r}"

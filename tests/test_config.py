@@ -29,12 +29,14 @@ def test_overrides_are_typed():
             "training.lr_decay_at=[0.25,0.75]",
             "model.padding=symmetric",
             "inference.nms_threshold=0.5",
+            "inference.compute_dtype=bfloat16",
             "model.trunk_weights=null",
         ],
     )
     assert c.model.refine_k == 32 and c.model.padding == "symmetric"
     assert c.training.lr_decay_at == (0.25, 0.75)
     assert c.inference.nms_threshold == 0.5 and c.model.trunk_weights is None
+    assert c.inference.compute_dtype == "bfloat16"
     assert get_config("small").model.refine_k == 16  # presets are not mutated
 
 
@@ -56,6 +58,7 @@ def test_default_pyramid_is_the_papers():
         ("data.score_frequency=1.5", "score_frequency", "1.5"),
         ("training.batch_size=0", "batch_size", "0"),
         ("inference.mask_threshold=1", "mask_threshold", "1"),
+        ("inference.compute_dtype=int8", "compute_dtype", "'int8'"),
         ('model.patch_size="big"', "patch_size", "'big'"),
     ],
 )

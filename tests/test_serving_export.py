@@ -174,6 +174,23 @@ def test_the_graph_uses_only_core_tensorflow_ops(exported):
     assert not unknown, f"ops outside core TensorFlow: {sorted(unknown)}"
 
 
+def test_a_bfloat16_export_serves_nearly_the_same_proposals(model, config, generator, images, tmp_path):
+    bf16 = config.override(["inference.compute_dtype=bfloat16"])
+    path = export_model(model, bf16, tmp_path)
+    assert json.loads((path / "assets.extra" / METADATA_FILE).read_text())["config"]["inference"]["compute_dtype"] == (
+        "bfloat16"
+    )
+    out = tf.saved_model.load(str(path)).signatures[SIGNATURE_BYTES](images=tf.constant(images))
+    for row, data in enumerate(images):
+        want = in_process(generator, tf.io.decode_image(data, channels=0, expand_animations=False))
+        got = {k: v[row].numpy() for k, v in out.items()}
+        index = {tuple(np.round(box, 2)): i for i, box in enumerate(got["window_boxes"])}
+        matched = [(i, index.get(tuple(np.round(box, 2)))) for i, box in enumerate(want["window_boxes"][:10])]
+        assert all(j is not None for _, j in matched), "the float32 top 10 must be among the bfloat16 top 20"
+        assert max(abs(want["scores"][i] - got["scores"][j]) for i, j in matched) < 0.05
+        assert max(np.abs(want["masks"][i] - got["masks"][j]).max() for i, j in matched) < 0.1
+
+
 def test_a_tf1_session_loads_and_runs_the_signature_by_tensor_names(exported, loaded, images):
     # TF Serving's C++ SavedModelBundle: restore into a Session, run the init op, feed and fetch
     # the SignatureDef's tensor names. The closest stand-in for tensorflow_model_server here.
