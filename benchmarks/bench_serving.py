@@ -127,11 +127,16 @@ def run_paired(signature, target: str, model_name: str, images: list[bytes], req
 
 
 def bench_presets(
-    presets: Sequence[str], images: list[bytes], concurrencies: Sequence[int], requests: int, warmup: int
+    presets: Sequence[str],
+    images: list[bytes],
+    concurrencies: Sequence[int],
+    requests: int,
+    warmup: int,
+    overrides: Sequence[str] = (),
 ) -> list[dict]:
-    """Exports each preset (random weights) and serves it from a `serving.server` subprocess;
-    measures concurrency 1 paired with in-process calls of the same signature (`run_paired`),
-    then gRPC alone at every other concurrency level."""
+    """Exports each preset (random weights, config `overrides` applied) and serves it from a
+    `serving.server` subprocess; measures concurrency 1 paired with in-process calls of the same
+    signature (`run_paired`), then gRPC alone at every other concurrency level."""
     import keras
     import tensorflow as tf
 
@@ -143,11 +148,12 @@ def bench_presets(
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_serving_") as base:
         for preset in presets:
-            config = get_config(preset)
+            config = get_config(preset, list(overrides))
             keras.utils.set_random_seed(0)
             t0 = time.perf_counter()
             version_dir = export_model(build_model(config), config, base, model_name=preset)
-            common = {"preset": preset, "top_n": config.export.top_n, "export_s": round(time.perf_counter() - t0, 1)}
+            label = " ".join([preset, *overrides])
+            common = {"preset": label, "top_n": config.export.top_n, "export_s": round(time.perf_counter() - t0, 1)}
             keras.backend.clear_session()
             signature = tf.saved_model.load(str(version_dir)).signatures[SIGNATURE_BYTES]
             with ServerProcess(version_dir.parent, preset) as server:
@@ -209,6 +215,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--requests", type=int, default=20, help="requests per concurrency level")
     parser.add_argument("--warmup", type=int, default=2, help="requests sent first and not timed")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="config overrides for --export-presets",
+    )
     args = parser.parse_args(argv)
 
     images = []
@@ -219,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.export_presets:
         if args.batch != 1:
             parser.error("--export-presets measures one image per request; drop --batch")
-        rows = bench_presets(args.export_presets, images, args.concurrency, args.requests, args.warmup)
+        rows = bench_presets(args.export_presets, images, args.concurrency, args.requests, args.warmup, args.set)
         print(markdown_table(rows))
         return
     server = None
