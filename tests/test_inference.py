@@ -131,9 +131,10 @@ def bilinear_paste_reference(probabilities, boxes, height, width, threshold):
     return out
 
 
-def test_paste_masks_matches_bilinear_resampling_at_pixel_centres():
+@pytest.mark.parametrize("m", [7, 120])  # a matmul along y, and a blend of two rows
+def test_paste_masks_matches_bilinear_resampling_at_pixel_centres(m):
     rng = np.random.default_rng(3)
-    probabilities = rng.uniform(0, 1, (6, 7, 7)).astype(np.float32)
+    probabilities = rng.uniform(0, 1, (6, m, m)).astype(np.float32)
     boxes = np.array(
         [
             [3.3, 2.7, 17.9, 13.1],  # inside, upsampled
