@@ -28,6 +28,7 @@ the numpy API.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -529,14 +530,11 @@ class ProposalGenerator(tf.Module):
         self.full_masks = full_masks
         self.scales = self.config.scales
         self._normalize = model.get_layer("normalize")
-        compute_dtype = compute_dtype or self.config.compute_dtype
-        if compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(
-                f"compute_dtype must be one of {COMPUTE_DTYPES}. Received: compute_dtype={compute_dtype!r}"
-            )
+        if compute_dtype:  # validated by the config
+            self.config = dataclasses.replace(self.config, compute_dtype=compute_dtype)
+        compute_dtype = self.config.compute_dtype
         if compute_dtype and not fold_bn:
             raise ValueError("compute_dtype runs an inference copy of the trunk: it needs fold_bn=True.")
-        self.compute_dtype = compute_dtype
         trunk = model.get_layer("trunk")
         self._trunk = fold_batch_norm(trunk, compute_dtype) if fold_bn else trunk
         self._head_reduce = model.get_layer(HEAD_REDUCE)
@@ -544,12 +542,10 @@ class ProposalGenerator(tf.Module):
         self._score_hidden = model.get_layer(SCORE_HIDDEN)
         self._score_logits = model.get_layer(SCORE_LOGITS)
         self._mask_logits = None if self.refine else model.get_layer(MASK_LOGITS)
-        self._skip = None
+        self._skip = self._refine_net = None
         if self.refine:
             skip = model.get_layer("skip")
             self._skip = fold_batch_norm(skip, compute_dtype) if compute_dtype else skip
-        self._refine_net = None
-        if self.refine:
             refine = model.get_layer("refine")
             self._refine_net = fast_refine(refine) if phase_refine else refine
         self._level = tf.function(self._level_features, jit_compile=jit_compile, reduce_retracing=True)
@@ -589,15 +585,16 @@ class ProposalGenerator(tf.Module):
     def _level_features(self, padded):
         """Network over one padded scaled image (1, Hp, Wp, 3): score logits (Ho, Wo), object
         vectors (Ho, Wo, D) and, for SharpMask, skip features {skip_i: (Hp/t_i, Wp/t_i, c_i)}."""
+        compute_dtype = self.config.compute_dtype
         normalized = self._normalize(padded)
-        if self.compute_dtype:
-            normalized = tf.cast(normalized, self.compute_dtype)
+        if compute_dtype:
+            normalized = tf.cast(normalized, compute_dtype)
         taps = self._trunk(normalized)
         reduced = self._head_reduce(taps["conv4"])
         fs = self.patch_size // TRUNK_STRIDE
         kernel = tf.reshape(self._head_object.kernel, [fs, fs, reduced.shape[-1], -1])
-        if self.compute_dtype:
-            reduced = tf.cast(reduced, self.compute_dtype)
+        if compute_dtype:
+            reduced = tf.cast(reduced, compute_dtype)
         objects = tf.nn.conv2d(reduced, tf.cast(kernel, reduced.dtype), 1, "VALID")
         objects = tf.nn.bias_add(tf.cast(objects, self._head_object.bias.dtype), self._head_object.bias)
         scores = self._score_logits(self._score_hidden(objects))[0, :, :, 0]
