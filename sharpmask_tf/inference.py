@@ -45,6 +45,7 @@ import tensorflow as tf
 from sharpmask_tf.config import COMPUTE_DTYPES, TRUNK_STRIDE, Config, InferenceConfig
 from sharpmask_tf.deepmask import HEAD_OBJECT, HEAD_REDUCE, MASK_LOGITS, SCORE_HIDDEN, SCORE_LOGITS
 from sharpmask_tf.fast_refine import fast_refine
+from sharpmask_tf.layers import MirrorPad2D
 from sharpmask_tf.sharpmask import REFINE_TAPS
 
 # Area outside the picture, in [0, 1] RGB (SPEC.md section 2).
@@ -258,14 +259,15 @@ def paste_masks_and_boxes(probabilities, boxes, height, width, threshold: float)
         if probabilities.shape[1] is not None and probabilities.shape[1] + 2 < PASTE_BLEND_FROM:
             values = tf.matmul(tf.nn.relu(1.0 - tf.abs(ys[:, None] - grid[None])), across)
         else:
-            top = tf.clip_by_value(tf.floor(ys), 0.0, m)
-            t = (ys - top)[:, None]
-            top = tf.cast(top, tf.int32)
-            values = tf.gather(across, top) * (1.0 - t) + tf.gather(across, top + 1) * t
+            values = _blend_rows(across, ys, m)
         keep = values >= keep_above
         canvas = tf.pad(keep, [[row, height - row - h], [col, width - col - w]])
-        return canvas, mask_boxes(keep[None])[0] + tf.cast(tf.stack([col, row, col, row]), tf.float32) * tf.cast(
-            tf.reduce_any(keep), tf.float32
+        # The box from the rows' and columns' maxima (float reductions, cheaper than on booleans).
+        kept_rows = tf.reduce_max(values, axis=1) >= keep_above
+        kept_cols = tf.reduce_max(values, axis=0) >= keep_above
+        box = _extent_boxes(kept_rows[None], kept_cols[None])[0]
+        return canvas, box + tf.cast(tf.stack([col, row, col, row]), tf.float32) * tf.cast(
+            tf.reduce_any(kept_rows), tf.float32
         )
 
     masks, tight = tf.map_fn(
@@ -278,6 +280,15 @@ def paste_masks_and_boxes(probabilities, boxes, height, width, threshold: float)
 
 
 _paste_graph = tf.function(paste_masks_and_boxes, reduce_retracing=True)
+
+
+def _blend_rows(values, coordinates, last):
+    """Linear interpolation between rows of `values` (R, C) at fractional row `coordinates` (n,),
+    each within [0, last + 1] with last = R - 2 (as a float): (n, C)."""
+    top = tf.clip_by_value(tf.floor(coordinates), 0.0, last)
+    t = (coordinates - top)[:, None]
+    top = tf.cast(top, tf.int32)
+    return tf.gather(values, top) * (1.0 - t) + tf.gather(values, top + 1) * t
 
 
 def resize_masks(masks, size: int):
@@ -310,8 +321,11 @@ def mask_boxes(masks):
         (N, 4) float32 (x0, y0, x1, y1) with exclusive x1, y1 (so x1 - x0 is the width COCO's
         `toBbox` reports); (0, 0, 0, 0) for an empty mask.
     """
-    rows = tf.reduce_any(masks, axis=2)
-    cols = tf.reduce_any(masks, axis=1)
+    return _extent_boxes(tf.reduce_any(masks, axis=2), tf.reduce_any(masks, axis=1))
+
+
+def _extent_boxes(rows, cols):
+    """`mask_boxes` from (N, H) rows and (N, W) columns holding any mask pixel."""
 
     def extent(any_along):
         n = tf.shape(any_along)[1]
@@ -408,17 +422,26 @@ def model_geometry(model: keras.Model) -> tuple[int, int]:
 
 
 def fold_batch_norm(trunk: keras.Model, dtype: str | None = None) -> keras.Model:
-    """An inference copy of a trunk whose frozen BatchNorms are folded into the convolutions.
+    """An inference copy of a trunk whose frozen BatchNorms and mirror pads are folded into the
+    convolutions.
 
-    Every `<name>_bn` layer that follows the convolution `<name>_conv` becomes an identity and the
-    convolution absorbs its affine transform: kernel * g and (bias - mean) * g + beta, with
-    g = gamma / sqrt(variance + epsilon). Every convolution adds its bias with `tf.nn.bias_add`,
-    so the graph optimiser fuses convolution, bias and ReLU. Outputs equal the trunk's up to float
-    rounding; the copy skips the elementwise passes of BatchNorm and of separate bias additions.
+    - Every `<name>_bn` layer that follows the convolution `<name>_conv` becomes an identity and
+      the convolution absorbs its affine transform: kernel * g and (bias - mean) * g + beta, with
+      g = gamma / sqrt(variance + epsilon).
+    - Every 1-pixel `MirrorPad2D` feeding only a 3x3 stride-1 valid convolution with fewer
+      output than input channels (the skip nets') becomes an identity, and the convolution a
+      `_MirrorBorderConv2D`, which needs no padded copy of its input. (Where channels do not
+      shrink, as in the trunk, fixing the output's border costs about what the copy does.)
+    - Every convolution adds its bias with `tf.nn.bias_add`, so the graph optimiser fuses
+      convolution, bias and ReLU.
+
+    Outputs equal the trunk's up to float rounding; the copy skips the elementwise passes of
+    BatchNorm, of separate bias additions and of padding.
 
     Args:
         trunk: a model from `sharpmask_tf.backbone.resnet_trunk` (or any functional model of
-            Keras layers, such as the skip nets: with no BatchNorm to fold, only the biases change).
+            Keras layers, such as the skip nets: with no BatchNorm to fold, the pads and biases
+            change).
         dtype: the copy's dtype policy ("bfloat16", "float16", "mixed_bfloat16", ...); None keeps
             each layer's own.
 
@@ -432,14 +455,34 @@ def fold_batch_norm(trunk: keras.Model, dtype: str | None = None) -> keras.Model
         and layer.name.endswith("_bn")
         and isinstance(_layer_or_none(trunk, layer.name[: -len("_bn")] + "_conv"), keras.layers.Conv2D)
     }
+    folded_bn = {f"{name}_bn" for name in folded_names}
+    pads, border_convs = set(), {}
+    for layer in trunk.layers:
+        conv = _sole_consumer(layer)
+        if (
+            isinstance(layer, MirrorPad2D)
+            and layer.padding == 1
+            and type(conv) is keras.layers.Conv2D
+            and tuple(conv.kernel_size) == (3, 3)
+            and tuple(conv.strides) == (1, 1)
+            and tuple(conv.dilation_rate) == (1, 1)
+            and conv.padding == "valid"
+            and conv.filters < conv.input.shape[-1]
+        ):
+            pads.add(layer.name)
+            border_convs[conv.name] = layer.mode
 
     def clone(layer):
         config = layer.get_config() if dtype is None else {**layer.get_config(), "dtype": dtype}
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.name[: -len("_bn")] in folded_names:
-            return _FoldedBatchNorm(name=layer.name, dtype=dtype)
+        if (isinstance(layer, keras.layers.BatchNormalization) and layer.name in folded_bn) or layer.name in pads:
+            return _Identity(name=layer.name, dtype=dtype)
         if type(layer) is keras.layers.Conv2D:
-            folded = layer.name[: -len("_conv")] in folded_names
-            return _BiasAddConv2D.from_config({**config, "use_bias": layer.use_bias or folded})
+            config["use_bias"] = layer.use_bias or layer.name[: -len("_conv")] in folded_names
+            if layer.name in border_convs:
+                return _MirrorBorderConv2D.from_config(
+                    {**config, "padding": "same", "border": border_convs[layer.name]}
+                )
+            return _BiasAddConv2D.from_config(config)
         return layer.__class__.from_config(config)
 
     copy = keras.models.clone_model(trunk, clone_function=clone)
@@ -452,9 +495,22 @@ def fold_batch_norm(trunk: keras.Model, dtype: str | None = None) -> keras.Model
             kernel = np.asarray(layer.kernel) * g
             bias = np.asarray(layer.bias) if layer.use_bias else np.zeros_like(g)
             target.set_weights([kernel, (bias - mean) * g + beta])
-        elif layer.weights and not isinstance(target, _FoldedBatchNorm):
+        elif layer.weights and not isinstance(target, _Identity):
             target.set_weights(layer.get_weights())
     return copy
+
+
+def _sole_consumer(layer: keras.layers.Layer):
+    """The layer that alone consumes `layer`'s output in its functional model, else None."""
+    consumers = {node.operation.name: node.operation for node in layer._outbound_nodes}
+    return next(iter(consumers.values())) if len(consumers) == 1 and len(layer._outbound_nodes) == 1 else None
+
+
+def _mirror_index(index, size, mode: str):
+    """The pixel that index -1 or `size` (one past an edge) mirrors in `mode` padding."""
+    if mode == "reflect":
+        return tf.where(index < 0, -index, tf.where(index >= size, 2 * size - 2 - index, index))
+    return tf.where(index < 0, -index - 1, tf.where(index >= size, 2 * size - 1 - index, index))
 
 
 class _BiasAddConv2D(keras.layers.Conv2D):
@@ -468,8 +524,65 @@ class _BiasAddConv2D(keras.layers.Conv2D):
         return outputs if self.activation is None else self.activation(outputs)
 
 
-class _FoldedBatchNorm(keras.layers.Layer):
-    """Stands where a BatchNorm was folded into the preceding convolution: passes inputs through."""
+class _MirrorBorderConv2D(_BiasAddConv2D):
+    """A 3x3 stride-1 convolution of its input padded by one mirrored pixel (`border`, as
+    `MirrorPad2D` pads), computed without the padded copy: a "same" convolution with zero padding,
+    then its first and last rows and columns replaced, in place, by their exact values: the 3x3
+    mirrored neighbourhoods of the border pixels, gathered from the input, times the kernel as
+    one matmul. Maps need at least 2 rows and columns, as reflect padding does."""
+
+    def __init__(self, border: str = "reflect", **kwargs):
+        super().__init__(**kwargs)
+        self.border = border
+
+    def call(self, inputs):
+        outputs = super().call(inputs)
+        if self.border == "zero":
+            return outputs
+        batch, h, w = tf.shape(inputs)[0], tf.shape(inputs)[1], tf.shape(inputs)[2]
+        # The border pixels, top row, bottom row, left column, right column (corners twice), and
+        # their 3x3 neighbourhoods in the mirror-padded input as pixels of the input itself.
+        rw, rh = tf.range(w), tf.range(h)
+        rows = tf.concat([tf.zeros_like(rw), tf.fill([w], h - 1), rh, rh], axis=0)
+        cols = tf.concat([rw, rw, tf.zeros_like(rh), tf.fill([h], w - 1)], axis=0)
+        taps = tf.constant([-1, 0, 1])
+        source_rows = _mirror_index(rows[:, None, None] + taps[None, :, None], h, self.border)
+        source_cols = _mirror_index(cols[:, None, None] + taps[None, None, :], w, self.border)
+        channels = inputs.shape[-1]
+        flat = tf.reshape(inputs, [batch, h * w, channels])
+        patches = tf.gather(flat, tf.reshape(source_rows * w + source_cols, [-1]), axis=1)
+        kernel = tf.reshape(tf.cast(self.kernel, inputs.dtype), [9 * channels, self.filters])
+        border = tf.matmul(tf.reshape(patches, [-1, 9 * channels]), kernel)
+        if self.use_bias:
+            border = tf.nn.bias_add(border, tf.cast(self.bias, border.dtype))
+        if self.activation is not None:
+            border = self.activation(border)
+        top, bottom, left, right = tf.split(tf.reshape(border, [batch, -1, self.filters]), [w, w, h, h], axis=1)
+        for begin, end, value in (
+            ([0, 0], [1, 0], top[:, None]),
+            ([h - 1, 0], [h, 0], bottom[:, None]),
+            ([0, 0], [0, 1], left[:, :, None]),
+            ([0, w - 1], [0, w], right[:, :, None]),
+        ):
+            # Bits of the axes taken whole: batch, channels, and a spatial axis whose end is 0.
+            whole = 0b1001 | sum(2 << i for i, e in enumerate(end) if isinstance(e, int) and e == 0)
+            outputs = tf.raw_ops.TensorStridedSliceUpdate(
+                input=outputs,
+                begin=tf.stack([0, *begin, 0]),
+                end=tf.stack([0, *end, 0]),
+                strides=[1, 1, 1, 1],
+                value=value,
+                begin_mask=whole,
+                end_mask=whole,
+            )
+        return outputs
+
+    def get_config(self):
+        return {**super().get_config(), "border": self.border}
+
+
+class _Identity(keras.layers.Layer):
+    """Stands where a layer was folded into a neighbouring convolution: passes inputs through."""
 
     def call(self, inputs, training=None, mask=None):
         return inputs
@@ -545,7 +658,7 @@ class ProposalGenerator(tf.Module):
         self._skip = self._refine_net = None
         if self.refine:
             skip = model.get_layer("skip")
-            self._skip = fold_batch_norm(skip, compute_dtype) if compute_dtype else skip
+            self._skip = fold_batch_norm(skip, compute_dtype) if fold_bn else skip
             refine = model.get_layer("refine")
             self._refine_net = fast_refine(refine) if phase_refine else refine
         self._level = tf.function(self._level_features, jit_compile=jit_compile, reduce_retracing=True)
