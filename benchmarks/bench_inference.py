@@ -1,13 +1,16 @@
 """Full-image proposal speed: seconds per 640x480 image, GFLOP, GFLOP/s against matmul, peak RSS.
 
-Run from the repository root: `python -m benchmarks.bench_inference` (about 3 minutes on 2
+Run from the repository root: `python -m benchmarks.bench_inference` (about 10 minutes on 2
 cores). Every configuration runs in its own process so peak RSS (resource.getrusage) is its own;
 each process also measures the float32 matmul rate, so the two rates share the machine's state.
+Configurations run in interleaved rounds, DeepMask and SharpMask one after the other, so their
+time ratio is taken within a round.
 Models are the ResNet-50 presets with random weights (speed does not depend on the weights).
 
 FLOP count: multiply-adds x 2 of every Conv2D and MatMul in the frozen graph of one scale
 (trunk, head as convolutions, score branch, skip features), summed over the pyramid, plus the
-mask stage for the N kept windows (DeepMask's mask layer, or SharpMask's vertical path).
+mask stage for the N kept windows (DeepMask's mask layer, or SharpMask's vertical path), counted
+on the model's own layers: the generator's border recomputations are extra work, not counted.
 Resizing, padding, elementwise ops and pasting masks are not counted.
 """
 
@@ -56,10 +59,21 @@ def _graph_flops(concrete) -> float:
 
 
 def pipeline_gflops(generator, height: int, width: int) -> float:
-    """The pipeline's Conv2D/MatMul GFLOP for one height x width image."""
+    """The pipeline's Conv2D/MatMul GFLOP for one height x width image, counted on the model's
+    own layers (the generator's faster copies recompute some borders; that is not counted)."""
+    import dataclasses
+
     import tensorflow as tf
 
-    from sharpmask_tf.inference import padded_size, scaled_size
+    from sharpmask_tf.inference import ProposalGenerator, padded_size, scaled_size
+
+    plain = ProposalGenerator(
+        generator.model,
+        dataclasses.replace(generator.config, compute_dtype=None),
+        coarse=not generator.refine,
+        fold_bn=False,
+        phase_refine=False,
+    )
 
     p = generator.patch_size
     cap = min(1.0, generator.config.max_side / max(height, width))
@@ -67,7 +81,7 @@ def pipeline_gflops(generator, height: int, width: int) -> float:
     for s in generator.scales:
         hp = int(padded_size(scaled_size(height, cap * s), p))
         wp = int(padded_size(scaled_size(width, cap * s), p))
-        level = tf.function(generator._level_features)
+        level = tf.function(plain._level_features)
         flops += _graph_flops(level.get_concrete_function(tf.TensorSpec([1, hp, wp, 3])))
     n = generator.config.top_n
     model = generator.model
@@ -126,70 +140,80 @@ def run_one(preset: str, variant: str, runs: int, top_n: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per configuration (median)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per process (median)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="processes per configuration, run in interleaved rounds so DeepMask and SharpMask "
+        "share the machine's state; the table gives the round with the median time",
+    )
     parser.add_argument("--top-n", type=int, default=500)
     parser.add_argument("--variants", default="default,no_full_masks,bfloat16")
     parser.add_argument("--models", default="deepmask_resnet50,sharpmask_resnet50")
     parser.add_argument("--one", nargs=2, metavar=("PRESET", "VARIANT"), help=argparse.SUPPRESS)
-    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--json", help="also write every round's rows to this JSON file")
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(*args.one, runs=args.runs, top_n=args.top_n)))
         return 0
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    rows = []
-    for variant in args.variants.split(","):
-        for preset in args.models.split(","):
-            cmd = [
-                sys.executable,
-                "-m",
-                "benchmarks.bench_inference",
-                "--one",
-                preset,
-                variant,
-                "--runs",
-                str(args.runs),
-                "--top-n",
-                str(args.top_n),
-            ]
-            done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
-            if done.returncode:
-                print(done.stderr[-2000:], file=sys.stderr)
-                return done.returncode
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"  {preset} {variant}: {rows[-1]['seconds']:.2f} s", file=sys.stderr, flush=True)
+    variants, presets = args.variants.split(","), args.models.split(",")
+    rounds = {(p.split("_")[0], v): [] for v in variants for p in presets}
+    for r in range(args.rounds):
+        for variant in variants:
+            for preset in presets:
+                cmd = [sys.executable, "-m", "benchmarks.bench_inference", "--one", preset, variant]
+                cmd += ["--runs", str(args.runs), "--top-n", str(args.top_n)]
+                done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+                if done.returncode:
+                    print(done.stderr[-2000:], file=sys.stderr)
+                    return done.returncode
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                rounds[row["model"], variant].append(row)
+                print(f"  round {r + 1}: {preset} {variant}: {row['seconds']:.2f} s", file=sys.stderr, flush=True)
     print(
-        f"640x480 image, 7 scales 2^-2.5..2^0.5, N={args.top_n}, median of {args.runs} runs, "
-        f"{os.cpu_count()} CPU cores\n"
+        f"640x480 image, 7 scales 2^-2.5..2^0.5, N={args.top_n}, {args.rounds} rounds of one process per "
+        f"configuration, median of {args.runs} runs each, {os.cpu_count()} CPU cores\n"
     )
     header = (
         "model",
         "variant",
         "s/image",
+        "range",
         "cpu s",
         "GFLOP",
         "GFLOP/s",
         "matmul GFLOP/s",
         "% matmul",
+        "% range",
         "peak RSS GB",
         "load avg",
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for r in rows:
+    for (model, variant), rows in rounds.items():
+        r = sorted(rows, key=lambda row: row["seconds"])[len(rows) // 2]
+        seconds = [row["seconds"] for row in rows]
+        shares = [100 * row["share_of_matmul"] for row in rows]
         print(
-            f"| {r['model']} | {r['variant']} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | {r['gflop']:.0f} | "
-            f"{r['gflops']:.0f} | {r['matmul_gflops']:.0f} | {100 * r['share_of_matmul']:.0f}% | {r['peak_rss_gb']:.2f} | "
-            f"{r['load_average']:.1f} |"
+            f"| {model} | {variant} | {r['seconds']:.2f} | {min(seconds):.2f}-{max(seconds):.2f} | "
+            f"{r['cpu_seconds']:.2f} | {r['gflop']:.0f} | {r['gflops']:.0f} | {r['matmul_gflops']:.0f} | "
+            f"{100 * r['share_of_matmul']:.0f}% | {min(shares):.0f}-{max(shares):.0f}% | "
+            f"{max(row['peak_rss_gb'] for row in rows):.2f} | {r['load_average']:.1f} |"
         )
-    by = {(r["model"], r["variant"]): r for r in rows}
-    for variant in args.variants.split(","):
-        if ("sharpmask", variant) in by and ("deepmask", variant) in by:
-            ratio = by["sharpmask", variant]["seconds"] / by["deepmask", variant]["seconds"]
-            print(f"SharpMask / DeepMask time ({variant}): {ratio:.2f}x")
+    for variant in variants:
+        if ("sharpmask", variant) in rounds and ("deepmask", variant) in rounds:
+            ratios = sorted(
+                s["seconds"] / d["seconds"] for s, d in zip(rounds["sharpmask", variant], rounds["deepmask", variant])
+            )
+            print(
+                f"SharpMask / DeepMask time ({variant}), per round: median {ratios[len(ratios) // 2]:.2f}x, "
+                f"range {ratios[0]:.2f}-{ratios[-1]:.2f}x"
+            )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump([row for rows in rounds.values() for row in rows], f, indent=2)
     return 0
 
 
