@@ -132,9 +132,15 @@ def bilinear_paste_reference(probabilities, boxes, height, width, threshold):
 
 
 @pytest.mark.parametrize("m", [7, 120])  # a matmul along y, and a blend of two rows
-def test_paste_masks_matches_bilinear_resampling_at_pixel_centres(m):
+@pytest.mark.parametrize("blob", [False, True])  # masks above the threshold everywhere, or in a blob
+def test_paste_masks_matches_bilinear_resampling_at_pixel_centres(m, blob):
     rng = np.random.default_rng(3)
-    probabilities = rng.uniform(0, 1, (6, m, m)).astype(np.float32)
+    probabilities = rng.uniform(0, 1, (7, m, m)).astype(np.float32)
+    if blob:  # a compact mask, at the pipeline's threshold, and one below it everywhere
+        k = np.arange(m)
+        inside = (np.abs(k - 0.3 * m)[:, None] < 0.2 * m) & (np.abs(k - 0.6 * m)[None] < 0.25 * m)
+        probabilities = np.where(inside, 0.9 + 0.1 * probabilities, 0.1 * probabilities).astype(np.float32)
+        probabilities[6] = 0.1  # below the threshold everywhere
     boxes = np.array(
         [
             [3.3, 2.7, 17.9, 13.1],  # inside, upsampled
@@ -143,15 +149,18 @@ def test_paste_masks_matches_bilinear_resampling_at_pixel_centres(m):
             [5.1, 4.4, 8.2, 7.3],  # smaller than the mask: downsampled
             [30.0, 30.0, 50.0, 50.0],  # outside the image
             [0, 0, 0, 0],  # padding row
+            [3.3, 2.7, 17.9, 13.1],  # inside
         ],
         np.float32,
     )
-    masks, tight = paste_masks_and_boxes(probabilities, boxes, 17, 23, 0.5)
-    want = bilinear_paste_reference(probabilities, boxes, 17, 23, 0.5)
+    threshold = 0.2 if blob else 0.5
+    masks, tight = paste_masks_and_boxes(probabilities, boxes, 17, 23, threshold)
+    want = bilinear_paste_reference(probabilities, boxes, 17, 23, threshold)
     # Float rounding may flip a pixel whose value is within 1e-6 of the threshold; none is here.
     np.testing.assert_array_equal(masks.numpy(), want)
     np.testing.assert_array_equal(tight.numpy(), mask_boxes(want).numpy())
-    assert want[:4].any(axis=(1, 2)).all() and not want[4:].any()
+    pasted = want.any(axis=(1, 2))
+    np.testing.assert_array_equal(pasted[[0, 1, 3, 4, 5, 6]], [True, True, True, False, False, not blob])
 
 
 @pytest.mark.parametrize("m, size", [(160, 56), (56, 56), (20, 32), (7, 3)])
