@@ -32,6 +32,7 @@ from tensorflow_serving.apis import (
     get_model_status_pb2,
     model_service_pb2_grpc,
     predict_pb2,
+    prediction_log_pb2,
     prediction_service_pb2_grpc,
 )
 
@@ -42,6 +43,9 @@ SERVE_TAG = "serve"
 # Large enough for a batch of full-resolution images in and dense masks out; gRPC's default
 # receive limit is 4 MiB.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# TF Serving's SavedModel warm-up file, under the version's assets.extra, and its record limit.
+WARMUP_FILE = "tf_serving_warmup_requests"
+MAX_WARMUP_RECORDS = 1000
 # TensorFlow's error codes are gRPC's, number for number.
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -77,13 +81,15 @@ class LoadedVersion:
     model: Any
 
 
-def load_version(path: str, version: int) -> LoadedVersion:
-    """Loads the `serve` MetaGraph of the SavedModel in `path`.
+def load_version(path: str, version: int, warmup: bool = True) -> LoadedVersion:
+    """Loads the `serve` MetaGraph of the SavedModel in `path`, then replays its warm-up
+    requests (`run_warmup`) unless `warmup` is False.
 
     Raises:
         ValueError: if the SavedModel has no MetaGraphDef tagged exactly `serve`.
         OSError, tf.errors.OpError, google.protobuf.message.DecodeError: for a missing, partial
             or corrupt SavedModel.
+        RequestError: for warm-up data that does not run, as TF Serving fails such a load.
     """
     saved_model = saved_model_pb2.SavedModel()
     with open(os.path.join(path, "saved_model.pb"), "rb") as f:
@@ -93,13 +99,69 @@ def load_version(path: str, version: int) -> LoadedVersion:
     if meta_graph is None:
         raise ValueError(f"{path} has no MetaGraphDef tagged {{{SERVE_TAG}}}. Received tag sets: {tag_sets}")
     model = tf.saved_model.load(path, tags=[SERVE_TAG])
-    return LoadedVersion(
+    loaded = LoadedVersion(
         version=version,
         path=path,
         signature_defs=dict(meta_graph.signature_def),
         signatures=dict(model.signatures),
         model=model,
     )
+    if warmup:
+        count = run_warmup(loaded)
+        if count:
+            logger.info("Ran %d warm-up requests of version %d from %s", count, version, path)
+    return loaded
+
+
+def run_warmup(loaded: LoadedVersion) -> int:
+    """Replays `assets.extra/tf_serving_warmup_requests` against a loaded version, as
+    tensorflow_model_server does at load time (its default `--enable_model_warmup`): a TFRecord
+    file of PredictionLog records, at most 1000, each run once. No file is no warm-up.
+
+    Returns:
+        The number of requests run.
+
+    Raises:
+        RequestError: DATA_LOSS for a file that is not TFRecord, INVALID_ARGUMENT for a record
+            that is not a PredictionLog or for more than 1000 records, UNIMPLEMENTED for a
+            log type other than Predict (this server answers Predict only), or the error a
+            Predict request gets.
+    """
+    path = os.path.join(loaded.path, "assets.extra", WARMUP_FILE)
+    if not os.path.isfile(path):
+        return 0
+    try:
+        records = [record.numpy() for record in tf.data.TFRecordDataset(path)]
+    except tf.errors.DataLossError as e:
+        raise RequestError(
+            grpc.StatusCode.DATA_LOSS, f"{e.message}. Please verify your warmup data is in TFRecord format."
+        ) from e
+    if len(records) > MAX_WARMUP_RECORDS:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS}) at {path}. "
+            f"Received: {len(records)} records",
+        )
+    count = 0
+    for index, record in enumerate(records):
+        log = prediction_log_pb2.PredictionLog()
+        try:
+            log.ParseFromString(record)
+        except Exception as e:  # noqa: BLE001 -- protobuf's DecodeError differs between implementations
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"Failed to parse warmup record {index} from {path}: {e}"
+            ) from e
+        kind = log.WhichOneof("log_type")
+        if kind is None:
+            continue
+        if kind != "predict_log":
+            raise RequestError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"Unsupported log_type for warmup: {kind} (record {index} of {path}); this server answers Predict only",
+            )
+        run_predict(loaded, log.predict_log.request)
+        count += 1
+    return count
 
 
 def _directory_fingerprint(path: str) -> tuple[tuple[str, int, int], ...]:
@@ -129,6 +191,7 @@ class VersionManager:
         model_name: the name requests must use.
         num_versions: how many of the newest loadable versions to keep loaded.
         version_labels: label -> version, for `model_spec.version_label`.
+        enable_model_warmup: replay each version's warm-up requests before serving it.
     """
 
     def __init__(
@@ -137,6 +200,7 @@ class VersionManager:
         model_name: str,
         num_versions: int = 1,
         version_labels: Mapping[str, int] | None = None,
+        enable_model_warmup: bool = True,
     ):
         if num_versions < 1:
             raise ValueError(f"num_versions must be positive. Received: num_versions={num_versions}")
@@ -144,6 +208,7 @@ class VersionManager:
         self.model_name = model_name
         self.num_versions = num_versions
         self.version_labels = dict(version_labels or {})
+        self.enable_model_warmup = enable_model_warmup
         self._lock = threading.Lock()
         self._loaded: dict[int, LoadedVersion] = {}
         # Versions that are not loaded any more, or failed to: version -> (code, message).
@@ -198,13 +263,14 @@ class VersionManager:
             return False
         logger.info("Loading version %d of %s from %s", version, self.model_name, path)
         try:
-            loaded = load_version(path, version)
+            loaded = load_version(path, version, warmup=self.enable_model_warmup)
         except Exception as e:  # noqa: BLE001 -- any load failure leaves the served versions as they are
             logger.warning(
                 "Loading version %d of %s failed; keeping the served versions: %s", version, self.model_name, e
             )
             self._failed_fingerprints[version] = fingerprint
             code = _GRPC_CODES.get(e.error_code) if isinstance(e, tf.errors.OpError) else None
+            code = e.code if isinstance(e, RequestError) else code
             with self._lock:
                 self._ended[version] = (code or grpc.StatusCode.UNKNOWN, f"Loading {path} failed: {e}")
             return False
@@ -310,6 +376,42 @@ def _input_tensors(signature_name: str, signature: meta_graph_pb2.SignatureDef, 
     return tensors
 
 
+def run_predict(loaded: LoadedVersion, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+    """Answers a PredictRequest with one loaded version, as TF Serving's Predict does.
+
+    Raises:
+        RequestError: with the status code TF Serving answers a bad request or a failed run with.
+    """
+    signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    if signature_name not in loaded.signatures:
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{signature_name}" not found.')
+    signature = loaded.signature_defs[signature_name]
+    inputs = _input_tensors(signature_name, signature, request.inputs)
+    aliases = list(request.output_filter) or sorted(signature.outputs)
+    for alias in aliases:
+        if alias not in signature.outputs:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"output tensor alias not found in signature: {alias} "
+                f"Outputs expected to be in the set {{{','.join(sorted(signature.outputs))}}}.",
+            )
+    if len(set(aliases)) != len(aliases):
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"duplicate output tensor alias. Received: output_filter={aliases}"
+        )
+    try:
+        outputs = loaded.signatures[signature_name](**inputs)
+    except tf.errors.OpError as e:
+        raise RequestError(_GRPC_CODES.get(e.error_code, grpc.StatusCode.UNKNOWN), e.message) from e
+    response = predict_pb2.PredictResponse()
+    response.model_spec.name = request.model_spec.name
+    response.model_spec.version.value = loaded.version
+    response.model_spec.signature_name = signature_name
+    for alias in aliases:
+        response.outputs[alias].CopyFrom(tf.make_tensor_proto(outputs[alias].numpy()))
+    return response
+
+
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """Predict and GetModelMetadata; Classify, Regress and MultiInference stay UNIMPLEMENTED."""
 
@@ -318,37 +420,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @_serving_rpc
     def Predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-        loaded = self._manager.resolve(request.model_spec)
-        signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-        if signature_name not in loaded.signatures:
-            raise RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{signature_name}" not found.'
-            )
-        signature = loaded.signature_defs[signature_name]
-        inputs = _input_tensors(signature_name, signature, request.inputs)
-        aliases = list(request.output_filter) or sorted(signature.outputs)
-        for alias in aliases:
-            if alias not in signature.outputs:
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"output tensor alias not found in signature: {alias} "
-                    f"Outputs expected to be in the set {{{','.join(sorted(signature.outputs))}}}.",
-                )
-        if len(set(aliases)) != len(aliases):
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT, f"duplicate output tensor alias. Received: output_filter={aliases}"
-            )
-        try:
-            outputs = loaded.signatures[signature_name](**inputs)
-        except tf.errors.OpError as e:
-            raise RequestError(_GRPC_CODES.get(e.error_code, grpc.StatusCode.UNKNOWN), e.message) from e
-        response = predict_pb2.PredictResponse()
-        response.model_spec.name = request.model_spec.name
-        response.model_spec.version.value = loaded.version
-        response.model_spec.signature_name = signature_name
-        for alias in aliases:
-            response.outputs[alias].CopyFrom(tf.make_tensor_proto(outputs[alias].numpy()))
-        return response
+        return run_predict(self._manager.resolve(request.model_spec), request)
 
     @_serving_rpc
     def GetModelMetadata(
@@ -418,6 +490,8 @@ class ModelServer:
         poll_interval: seconds between scans of the base path.
         max_workers: threads answering requests concurrently.
         max_message_bytes: max send and receive message size.
+        enable_model_warmup: replay each version's `assets.extra/tf_serving_warmup_requests`
+            before serving it (TF Serving's default); a version whose warm-up fails is not served.
     """
 
     def __init__(
@@ -432,10 +506,11 @@ class ModelServer:
         poll_interval: float = 1.0,
         max_workers: int = 8,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        enable_model_warmup: bool = True,
     ):
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be positive. Received: poll_interval={poll_interval}")
-        self.manager = VersionManager(base_path, model_name, num_versions, version_labels)
+        self.manager = VersionManager(base_path, model_name, num_versions, version_labels, enable_model_warmup)
         self.host = host
         self.port = port
         self.poll_interval = poll_interval
@@ -535,6 +610,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between base path scans")
     parser.add_argument("--max-workers", type=int, default=8, help="request threads")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    parser.add_argument(
+        "--enable-model-warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="replay assets.extra/tf_serving_warmup_requests before serving a version (as TF Serving does)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -551,6 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         poll_interval=args.poll_interval,
         max_workers=args.max_workers,
         max_message_bytes=args.max_message_bytes,
+        enable_model_warmup=args.enable_model_warmup,
     )
     server.start()
     stop = threading.Event()

@@ -19,15 +19,17 @@ from google.protobuf import text_format
 from PIL import Image
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (
+    classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_service_pb2_grpc,
     predict_pb2,
+    prediction_log_pb2,
     prediction_service_pb2_grpc,
 )
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.server import ModelServer, parse_version_labels, start_server
+from serving.server import WARMUP_FILE, ModelServer, parse_version_labels, start_server
 from sharpmask_tf.config import ExportConfig
 
 MODEL = "stats"
@@ -323,6 +325,98 @@ def test_new_versions_are_served_without_restart_and_half_written_ones_are_not(t
         eventually(lambda: served()[0] == 2)
         assert served() == (2, 220.0)
         assert states() == {1: END, 2: AVAILABLE}
+
+
+class CallCounter(tf.Module):
+    """Counts the requests it answers (a variable assigned in the signature), so a test sees
+    whether warm-up requests ran before the first real one."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = tf.Variable(0, dtype=tf.int64)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    def count(self, images):
+        tf.debugging.assert_positive(tf.size(images), message="images must hold at least one encoded image")
+        return {"calls": self.calls.assign_add(1)[None]}
+
+
+def save_counter_model(path, warmup_logs=None, warmup_bytes=None) -> str:
+    """A CallCounter SavedModel whose assets.extra holds these warm-up records (or raw bytes)."""
+    module = CallCounter()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.count})
+    extra = path / "assets.extra"
+    if warmup_logs is not None:
+        extra.mkdir()
+        with tf.io.TFRecordWriter(str(extra / WARMUP_FILE)) as writer:
+            for log in warmup_logs:
+                writer.write(log if isinstance(log, bytes) else log.SerializeToString())
+    if warmup_bytes is not None:
+        extra.mkdir()
+        (extra / WARMUP_FILE).write_bytes(warmup_bytes)
+    return str(path)
+
+
+def predict_log(inputs) -> prediction_log_pb2.PredictionLog:
+    request = predict_request(inputs)
+    return prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_warmup_requests_run_before_the_first_request(tmp_path, warmup):
+    base = tmp_path / MODEL
+    save_counter_model(base / "1", [predict_log({"images": [b"x"]})] * 3 + [prediction_log_pb2.PredictionLog()])
+    with (
+        ModelServer(str(base), MODEL, enable_model_warmup=warmup) as server,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
+        response = predict(predict_request({"images": [b"y"]}))
+    # Three Predict records ran at load time (the empty record is skipped, as TF Serving does).
+    assert tf.make_ndarray(response.outputs["calls"]).tolist() == ([4] if warmup else [1])
+
+
+def test_a_version_whose_warmup_fails_is_not_served_and_says_why(tmp_path):
+    base = tmp_path / MODEL
+    good = predict_log({"images": [b"x"]})
+    classify = prediction_log_pb2.PredictionLog(
+        classify_log=prediction_log_pb2.ClassifyLog(request=classification_pb2.ClassificationRequest())
+    )
+    save_counter_model(base / "1", [good])
+    save_counter_model(base / "2", [good, predict_log({"pictures": [b"x"]})])  # an input it does not have
+    save_counter_model(base / "3", [good, predict_log({"images": np.array([], object)})])  # fails in the run
+    save_counter_model(base / "4", warmup_bytes=b"not a TFRecord file at all")
+    save_counter_model(base / "5", [b"\xff\xff not a PredictionLog"])
+    save_counter_model(base / "6", [classify])
+    save_counter_model(base / "7", [good] * 1001)
+    with (
+        ModelServer(str(base), MODEL) as server,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        status_request = get_model_status_pb2.GetModelStatusRequest()
+        status_request.model_spec.name = MODEL
+        statuses = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(status_request)
+        codes = {code.value[0]: code for code in grpc.StatusCode}
+        states = {s.version: (s.state, codes[s.status.error_code]) for s in statuses.model_version_status}
+        messages = {s.version: s.status.error_message for s in statuses.model_version_status}
+        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+            predict_request({"images": [b"y"]})
+        )
+    assert states == {
+        1: (AVAILABLE, grpc.StatusCode.OK),
+        2: (END, grpc.StatusCode.INVALID_ARGUMENT),
+        3: (END, grpc.StatusCode.INVALID_ARGUMENT),
+        4: (END, grpc.StatusCode.DATA_LOSS),
+        5: (END, grpc.StatusCode.INVALID_ARGUMENT),
+        6: (END, grpc.StatusCode.UNIMPLEMENTED),
+        7: (END, grpc.StatusCode.INVALID_ARGUMENT),
+    }
+    assert "pictures" in messages[2] and "at least one encoded image" in messages[3]
+    assert "TFRecord" in messages[4] and "parse" in messages[5]
+    assert "classify_log" in messages[6] and "exceeds the maximum (1000)" in messages[7]
+    # The version that warmed up serves, its one warm-up request counted.
+    assert response.model_spec.version.value == 1
+    assert tf.make_ndarray(response.outputs["calls"]).tolist() == [2]
 
 
 def test_parse_version_labels():
