@@ -610,9 +610,10 @@ class ProposalGenerator(tf.Module):
         coarse: use DeepMask's coarse masks even if the model has the refinement.
         full_masks: also paste masks at image size ("masks"); crops and boxes are always given.
         jit_compile: XLA-compile the per-scale network (trunk, head, skip features).
-        fold_bn: run a copy of the trunk with BatchNorm folded into the convolutions (faster,
-            same outputs up to float rounding). The copy does not follow later weight changes of
-            `model`: build a new generator after changing them.
+        fold_bn: run copies of the trunk with BatchNorm folded into the convolutions and of
+            SharpMask's skip nets without padded copies of their inputs (`fold_batch_norm`;
+            faster, same outputs up to float rounding). The copies do not follow later weight
+            changes of `model`: build a new generator after changing them.
         compute_dtype: run the per-scale network (trunk, the object vectors' convolution, skip
             features) in this dtype: "bfloat16" (its convolutions about 2x faster on CPUs with
             AVX-512 BF16) or "float16" (for GPUs); None takes `config.compute_dtype` (whose
