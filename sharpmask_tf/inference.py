@@ -54,8 +54,8 @@ GREY = 0.5
 SKIP_STRIDES = (16, 8, 4, 2)
 # Proposals pasted onto the image grid concurrently.
 PASTE_PARALLEL = 8
-# Mask side (+2 padding) from which pasting blends two rows instead of a matmul along y.
-PASTE_BLEND_FROM = 100
+# Mask side from which pasting blends two rows instead of a matmul along y.
+PASTE_BLEND_FROM = 98
 # Side of the grid on which the optional mask NMS measures mask IoU.
 NMS_GRID = 128
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -232,34 +232,32 @@ def paste_masks_and_boxes(probabilities, boxes, height, width, threshold: float)
 
     def mask_coordinates(first, count, start, end):
         # Mask-pixel coordinates (0 = centre of the first mask pixel) of `count` pixel centres
-        # from pixel `first` on, +1 for the edge pixel the padding below adds.
+        # from pixel `first` on, clamped to the edge pixels' centres (bilinear on the edge-padded
+        # mask, without padding it).
         pixels = tf.cast(first + tf.range(count), tf.float32) + 0.5
-        return (pixels - start) / (end - start) * m - 0.5 + 1
+        return tf.clip_by_value((pixels - start) / (end - start) * m - 0.5, 0.0, m - 1.0)
 
-    padded = tf.pad(probabilities, [[0, 0], [1, 1], [1, 1]], mode="SYMMETRIC")
-    grid = tf.range(m + 2)
     # An empty window keeps nothing: its threshold is above any probability.
     thresholds = tf.where(empty, 2.0, tf.cast(threshold, tf.float32))
     layout = tf.stack([r0, c0, rows, cols], axis=-1)
 
     def paste_one(args):
-        mask, (x0_, y0_, x1_, y1_), (row, col, h, w), keep_above = (
+        index, (x0_, y0_, x1_, y1_), (row, col, h, w), keep_above = (
             args[0],
             tf.unstack(args[1]),
             tf.unstack(args[2]),
             args[3],
         )
-        # Bilinear resampling along x as a matmul with tent weights max(0, 1 - |coordinate - k|),
-        # (M+2, M+2) @ (M+2, w), then along y: another matmul for small masks, a blend of the two
-        # neighbouring rows for large ones (cheaper than M+2 multiply-adds per pixel). Every
-        # coordinate lies inside the padded mask.
-        wx = tf.nn.relu(1.0 - tf.abs(mask_coordinates(col, w, x0_, x1_)[:, None] - grid[None]))
-        across = tf.matmul(mask, wx, transpose_b=True)
+        mask = probabilities[index]  # a view: slicing the first axis copies nothing
+        # Bilinear resampling along x as a matmul with the tent weights of each pixel,
+        # (M, M) @ (M, w), then along y: another matmul for small masks, a blend of the two
+        # neighbouring rows for large ones (cheaper than M multiply-adds per pixel).
+        across = tf.matmul(mask, _tent_weights(mask_coordinates(col, w, x0_, x1_), m), transpose_b=True)
         ys = mask_coordinates(row, h, y0_, y1_)
-        if probabilities.shape[1] is not None and probabilities.shape[1] + 2 < PASTE_BLEND_FROM:
-            values = tf.matmul(tf.nn.relu(1.0 - tf.abs(ys[:, None] - grid[None])), across)
+        if probabilities.shape[1] is not None and probabilities.shape[1] < PASTE_BLEND_FROM:
+            values = tf.matmul(_tent_weights(ys, m), across)
         else:
-            values = _blend_rows(across, ys, m)
+            values = _blend_rows(across, ys, m - 2.0)
         keep = values >= keep_above
         canvas = tf.pad(keep, [[row, height - row - h], [col, width - col - w]])
         # The box from the rows' and columns' maxima (float reductions, cheaper than on booleans).
@@ -272,7 +270,7 @@ def paste_masks_and_boxes(probabilities, boxes, height, width, threshold: float)
 
     masks, tight = tf.map_fn(
         paste_one,
-        (padded, tf.stack([x0, y0, x1, y1], axis=-1), layout, thresholds),
+        (tf.range(tf.shape(probabilities)[0]), tf.stack([x0, y0, x1, y1], axis=-1), layout, thresholds),
         fn_output_signature=(tf.TensorSpec([None, None], tf.bool), tf.TensorSpec([4], tf.float32)),
         parallel_iterations=PASTE_PARALLEL,
     )
@@ -280,6 +278,13 @@ def paste_masks_and_boxes(probabilities, boxes, height, width, threshold: float)
 
 
 _paste_graph = tf.function(paste_masks_and_boxes, reduce_retracing=True)
+
+
+def _tent_weights(coordinates, size):
+    """Bilinear weights (n, size) of `coordinates` (n,) in [0, size - 1] on `size` pixels: the
+    tent max(0, 1 - |coordinate - k|)."""
+    grid = tf.range(tf.cast(size, tf.float32))
+    return tf.nn.relu(1.0 - tf.abs(coordinates[:, None] - grid[None]))
 
 
 def _blend_rows(values, coordinates, last):
