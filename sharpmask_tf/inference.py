@@ -289,11 +289,13 @@ def _tent_weights(coordinates, size):
 
 def _blend_rows(values, coordinates, last):
     """Linear interpolation between rows of `values` (R, C) at fractional row `coordinates` (n,),
-    each within [0, last + 1] with last = R - 2 (as a float): (n, C)."""
+    each within [0, last + 1] with last = R - 2 (as a float): (n, C). Row k plus t times the step
+    to row k + 1: two gathers, a multiply and an add."""
     top = tf.clip_by_value(tf.floor(coordinates), 0.0, last)
     t = (coordinates - top)[:, None]
     top = tf.cast(top, tf.int32)
-    return tf.gather(values, top) * (1.0 - t) + tf.gather(values, top + 1) * t
+    steps = values[1:] - values[:-1]
+    return tf.gather(values, top) + tf.gather(steps, top) * t
 
 
 def resize_masks(masks, size: int):
