@@ -509,8 +509,8 @@ def fold_batch_norm(trunk: keras.Model, dtype: str | None = None) -> keras.Model
 
 def _sole_consumer(layer: keras.layers.Layer):
     """The layer that alone consumes `layer`'s output in its functional model, else None."""
-    consumers = {node.operation.name: node.operation for node in layer._outbound_nodes}
-    return next(iter(consumers.values())) if len(consumers) == 1 and len(layer._outbound_nodes) == 1 else None
+    nodes = layer._outbound_nodes
+    return nodes[0].operation if len(nodes) == 1 else None
 
 
 def _mirror_index(index, size, mode: str):
@@ -565,18 +565,22 @@ class _MirrorBorderConv2D(_BiasAddConv2D):
         if self.activation is not None:
             border = self.activation(border)
         top, bottom, left, right = tf.split(tf.reshape(border, [batch, -1, self.filters]), [w, w, h, h], axis=1)
-        for begin, end, value in (
-            ([0, 0], [1, 0], top[:, None]),
-            ([h - 1, 0], [h, 0], bottom[:, None]),
-            ([0, 0], [0, 1], left[:, :, None]),
-            ([0, w - 1], [0, w], right[:, :, None]),
+        # Row 0 and h-1 (axis 1), column 0 and w-1 (axis 2); the other three axes are taken whole.
+        for axis, index, value in (
+            (1, 0, top[:, None]),
+            (1, h - 1, bottom[:, None]),
+            (2, 0, left[:, :, None]),
+            (2, w - 1, right[:, :, None]),
         ):
-            # Bits of the axes taken whole: batch, channels, and a spatial axis whose end is 0.
-            whole = 0b1001 | sum(2 << i for i, e in enumerate(end) if isinstance(e, int) and e == 0)
+            begin = [0, 0, 0, 0]
+            begin[axis] = index
+            end = [0, 0, 0, 0]
+            end[axis] = index + 1
+            whole = 0b1111 & ~(1 << axis)
             outputs = tf.raw_ops.TensorStridedSliceUpdate(
                 input=outputs,
-                begin=tf.stack([0, *begin, 0]),
-                end=tf.stack([0, *end, 0]),
+                begin=tf.stack(begin),
+                end=tf.stack(end),
                 strides=[1, 1, 1, 1],
                 value=value,
                 begin_mask=whole,
