@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 PADDING_MODES = ("reflect", "symmetric", "zero")
@@ -19,6 +21,8 @@ ON_BAD_ANNOTATION = ("error", "skip")
 
 # The trunk's total stride: the four feature taps are at strides 2, 4, 8 and 16.
 TRUNK_STRIDE = 16
+# The resolved configuration a training run (or a conversion) writes beside its models.
+CONFIG_FILE = "config.json"
 
 
 def _fail(section: str, name: str, value: Any, why: str) -> None:
@@ -300,6 +304,22 @@ class Config:
                 value = raw
             d[section][name] = value
         return Config.from_dict(d)
+
+
+def load_run_config(path: str | os.PathLike) -> Config | None:
+    """The `config.json` inside a run directory, or beside a `.keras` file; None if there is none.
+
+    Raises:
+        ValueError: naming the file when it is not a valid configuration.
+    """
+    path = Path(path)
+    config_json = (path if path.is_dir() else path.parent) / CONFIG_FILE
+    if not config_json.is_file():
+        return None
+    try:
+        return Config.from_json(config_json.read_text())
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{config_json} is not a valid sharpmask_tf configuration: {err}") from err
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:

@@ -46,7 +46,7 @@ from sharpmask_tf.config import COMPUTE_DTYPES, TRUNK_STRIDE, Config, InferenceC
 from sharpmask_tf.deepmask import HEAD_OBJECT, HEAD_REDUCE, MASK_LOGITS, SCORE_HIDDEN, SCORE_LOGITS
 from sharpmask_tf.fast_refine import fast_refine
 from sharpmask_tf.layers import MirrorPad2D
-from sharpmask_tf.sharpmask import REFINE_TAPS
+from sharpmask_tf.sharpmask import REFINE_TAPS, model_geometry
 
 # Area outside the picture, in [0, 1] RGB (SPEC.md section 2).
 GREY = 0.5
@@ -409,23 +409,6 @@ def to_rgb(image):
 # ---------------------------------------------------------------------------------------------
 # The generator.
 # ---------------------------------------------------------------------------------------------
-
-
-def model_geometry(model: keras.Model) -> tuple[int, int]:
-    """(patch_size, context) of a DeepMask/SharpMask model, read from its layers.
-
-    Raises:
-        ValueError: if the model lacks DeepMask's named layers.
-    """
-    try:
-        crop = model.get_layer("head_crop").crop
-    except ValueError as err:
-        raise ValueError(
-            f"Expected a DeepMask or SharpMask model with a 'head_crop' layer. Received: model {model.name!r}"
-        ) from err
-    input_size = int(model.inputs[0].shape[1])
-    context = crop * TRUNK_STRIDE
-    return input_size - 2 * context, context
 
 
 def fold_batch_norm(trunk: keras.Model, dtype: str | None = None) -> keras.Model:

@@ -5,12 +5,39 @@ from __future__ import annotations
 import keras
 
 from sharpmask_tf.backbone import TAP_STRIDES, load_imagenet_weights
-from sharpmask_tf.config import Config, ModelConfig
+from sharpmask_tf.config import TRUNK_STRIDE, Config, ModelConfig
 from sharpmask_tf.deepmask import deepmask_graph, deepmask_model
 from sharpmask_tf.layers import CenterCrop2D, MirrorPad2D, Upsample2D
 
 # Module i (1 = coarsest) refines with the tap at this position, coarse to fine.
 REFINE_TAPS = ("conv4", "conv3", "conv2", "conv1")
+# The stride of skip feature i's map (skip1 .. skip4), the same order.
+REFINE_STRIDES = tuple(TAP_STRIDES[t] for t in REFINE_TAPS)
+# Names of the nested models and output keys that other modules look up.
+SKIP_NET = "skip"
+REFINE_NET = "refine"
+
+
+def is_sharpmask(model: keras.Model) -> bool:
+    """Whether a DeepMask-family model has SharpMask's refinement (its `refine` net)."""
+    return any(layer.name == REFINE_NET for layer in model.layers)
+
+
+def model_geometry(model: keras.Model) -> tuple[int, int]:
+    """(patch_size, context) of a DeepMask/SharpMask model, read from its layers.
+
+    Raises:
+        ValueError: if the model lacks DeepMask's named layers.
+    """
+    try:
+        crop = model.get_layer("head_crop").crop
+    except ValueError as err:
+        raise ValueError(
+            f"Expected a DeepMask or SharpMask model with a 'head_crop' layer. Received: model {model.name!r}"
+        ) from err
+    input_size = int(model.inputs[0].shape[1])
+    context = crop * TRUNK_STRIDE
+    return input_size - 2 * context, context
 
 
 def _conv3x3(x, filters: int, padding: str, name: str, activation=None):
