@@ -95,6 +95,20 @@ class DeepMask(keras.Model):
             scores are float32 under any policy.
     """
 
+    # The constructor arguments that `get_config` returns (besides name, trainable and dtype).
+    ARGUMENTS = (
+        "patch_size",
+        "context",
+        "trunk_blocks",
+        "trunk_width",
+        "padding",
+        "head_channels",
+        "object_dim",
+        "mask_size",
+        "score_hidden",
+        "dropout",
+    )
+
     def __init__(
         self,
         patch_size: int = 160,
@@ -137,20 +151,6 @@ class DeepMask(keras.Model):
             score_hidden=score_hidden,
             dropout=dropout,
         )
-
-    # The constructor arguments that `get_config` returns (besides name, trainable and dtype).
-    ARGUMENTS = (
-        "patch_size",
-        "context",
-        "trunk_blocks",
-        "trunk_width",
-        "padding",
-        "head_channels",
-        "object_dim",
-        "mask_size",
-        "score_hidden",
-        "dropout",
-    )
 
     def _store_arguments(self, **arguments) -> None:
         for key, value in arguments.items():

@@ -19,25 +19,21 @@ REFINE_NET = "refine"
 
 
 def is_sharpmask(model: keras.Model) -> bool:
-    """Whether a DeepMask-family model has SharpMask's refinement (its `refine` net)."""
+    """Whether a model is a SharpMask, DeepMask with the refinement (its `refine` net)."""
     return isinstance(model, SharpMask)
 
 
-def _require_deepmask(model: keras.Model) -> None:
+def model_geometry(model: keras.Model) -> tuple[int, int]:
+    """(patch_size, context) of a DeepMask/SharpMask model, the arguments it was built with.
+
+    Raises:
+        ValueError: if the model is not a DeepMask or SharpMask.
+    """
     if not isinstance(model, DeepMask):
         raise ValueError(
             "Expected a DeepMask or SharpMask model (sharpmask_tf.deepmask.DeepMask or "
             f"sharpmask_tf.sharpmask.SharpMask, as build_model makes). Received: {type(model).__name__} {model.name!r}"
         )
-
-
-def model_geometry(model: keras.Model) -> tuple[int, int]:
-    """(patch_size, context) of a DeepMask/SharpMask model, as it was built with.
-
-    Raises:
-        ValueError: if the model is not a DeepMask or SharpMask.
-    """
-    _require_deepmask(model)
     return model.patch_size, model.context
 
 
@@ -130,6 +126,8 @@ class SharpMask(DeepMask):
         ValueError: if refine_k is not a positive multiple of 16.
     """
 
+    ARGUMENTS = DeepMask.ARGUMENTS + ("refine_k", "refine_skip_hidden", "refine_skip_hidden_last", "upsampling")
+
     def __init__(
         self,
         patch_size: int = 160,
@@ -198,10 +196,8 @@ class SharpMask(DeepMask):
         # Where stage 2's gradients stop: the object vector and the trunk's taps in this graph.
         self._refinement_features = [object_vector, *(taps[t] for t in TAP_STRIDES)]
 
-    ARGUMENTS = DeepMask.ARGUMENTS + ("refine_k", "refine_skip_hidden", "refine_skip_hidden_last", "upsampling")
 
-
-def refinement_split(model: SharpMask) -> tuple[keras.Model, keras.Model]:
+def refinement_split(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     """Splits a SharpMask model where stage 2's gradients stop.
 
     Returns:
@@ -224,36 +220,12 @@ def refinement_split(model: SharpMask) -> tuple[keras.Model, keras.Model]:
     return frozen, refinement
 
 
-def model_kwargs(config: ModelConfig) -> dict:
-    """The model constructor's keyword arguments for a model config."""
-    kwargs = dict(
-        patch_size=config.patch_size,
-        context=config.context,
-        trunk_blocks=config.trunk_blocks,
-        trunk_width=config.trunk_width,
-        padding=config.padding,
-        head_channels=config.head_channels,
-        object_dim=config.object_dim,
-        mask_size=config.mask_size,
-        score_hidden=config.score_hidden,
-        dropout=config.dropout,
-    )
-    if config.refinement:
-        kwargs.update(
-            refine_k=config.refine_k,
-            refine_skip_hidden=config.refine_skip_hidden,
-            refine_skip_hidden_last=config.refine_skip_hidden_last,
-            upsampling=config.upsampling,
-        )
-    return kwargs
-
-
-def build_model(config: Config | ModelConfig) -> keras.Model:
+def build_model(config: Config | ModelConfig) -> DeepMask:
     """Builds SharpMask (model.refinement) or DeepMask from a config, loading trunk weights
     from `model.trunk_weights` ("imagenet" or a ResNet50 weights file) when it is set."""
     model_config = config.model if isinstance(config, Config) else config
     build = SharpMask if model_config.refinement else DeepMask
-    model = build(**model_kwargs(model_config))
+    model = build(**{key: getattr(model_config, key) for key in build.ARGUMENTS})
     if model_config.trunk_weights:
         load_imagenet_weights(model.get_layer("trunk"), model_config.trunk_weights)
     return model
