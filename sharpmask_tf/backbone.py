@@ -13,8 +13,6 @@ from sharpmask_tf.layers import FrozenBatchNormalization, MirrorPad2D
 BN_EPSILON = 1.001e-5
 RESNET50_BLOCKS = (3, 4, 6)
 RESNET50_WIDTH = 64
-# The four taps and their strides, finest first; refinement module R(5-i) uses tap i.
-TAP_STRIDES = {"conv1": 2, "conv2": 4, "conv3": 8, "conv4": 16}
 _NEEDS_RESNET50 = (
     f"ImageNet weights need the ResNet-50 geometry (model.trunk_blocks={RESNET50_BLOCKS}, "
     f"model.trunk_width={RESNET50_WIDTH})."
@@ -65,7 +63,7 @@ def resnet_trunk(
 
     Returns:
         A functional model from (B, H, W, 3) normalised images to a dict of taps `conv1`..`conv4`
-        at strides 2, 4, 8, 16 with width, 4*width, 8*width and 16*width channels.
+        at strides 2, 4, 8, 16 (`sharpmask_tf.config.TAP_STRIDES`) with width, 4*width, 8*width and 16*width channels.
     """
     inputs = keras.Input((None, None, 3), name="trunk_input")
     x = _conv(inputs, width, 7, "conv1_conv", padding, strides=2)

@@ -19,14 +19,28 @@ PADDING_MODES = ("reflect", "symmetric", "zero")
 UPSAMPLING_MODES = ("bilinear", "nearest")
 ON_BAD_ANNOTATION = ("error", "skip")
 
-# The trunk's total stride: the four feature taps are at strides 2, 4, 8 and 16.
-TRUNK_STRIDE = 16
+# The trunk's four feature taps and their strides, finest first (conv1 .. conv4 of ResNet).
+TAP_STRIDES = {"conv1": 2, "conv2": 4, "conv3": 8, "conv4": 16}
+# The trunk's total stride, that of its deepest tap: windows and the head step by it.
+TRUNK_STRIDE = TAP_STRIDES["conv4"]
 # The resolved configuration a training run (or a conversion) writes beside its models.
 CONFIG_FILE = "config.json"
 
 
 def _fail(section: str, name: str, value: Any, why: str) -> None:
     raise ValueError(f"{section}.{name} {why}. Received: {name}={value!r}")
+
+
+def refine_channels(refine_k: int) -> tuple[int, ...]:
+    """Mask channels entering R1..R4 and leaving R4: k, k/2, k/4, k/8, k/16.
+
+    Raises:
+        ValueError: if refine_k is not a positive multiple of 16.
+    """
+    modules = len(TAP_STRIDES)  # one refinement module per tap, each halving the channels
+    if refine_k < 2**modules or refine_k % 2**modules:
+        _fail("model", "refine_k", refine_k, f"must be a positive multiple of {2**modules}")
+    return tuple(refine_k // 2**i for i in range(modules + 1))
 
 
 @dataclass(frozen=True)
@@ -67,8 +81,7 @@ class ModelConfig:
                 _fail(s, name, getattr(self, name), "must be positive")
         if not 0.0 <= self.dropout < 1.0:
             _fail(s, "dropout", self.dropout, "must be in [0, 1)")
-        if self.refine_k < 16 or self.refine_k % 16:
-            _fail(s, "refine_k", self.refine_k, "must be a positive multiple of 16")
+        refine_channels(self.refine_k)
         for name in ("refine_skip_hidden", "refine_skip_hidden_last"):
             if getattr(self, name) < 1:
                 _fail(s, name, getattr(self, name), "must be positive")
@@ -89,7 +102,7 @@ class ModelConfig:
     @property
     def refine_channels(self) -> tuple[int, ...]:
         """Mask channels entering R1..R4 and leaving R4: k, k/2, k/4, k/8, k/16."""
-        return tuple(self.refine_k // 2**i for i in range(5))
+        return refine_channels(self.refine_k)
 
 
 @dataclass(frozen=True)

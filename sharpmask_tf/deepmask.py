@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import keras
 
-from sharpmask_tf.backbone import TAP_STRIDES, resnet_trunk
+from sharpmask_tf.backbone import resnet_trunk
+from sharpmask_tf.config import TRUNK_STRIDE
 from sharpmask_tf.layers import CenterCrop2D, ImageNormalization
 
 # Layers of head C, by role. Inference rebuilds them as convolutions from these names.
@@ -38,7 +42,7 @@ def deepmask_graph(
     inputs = keras.Input((input_size, input_size, 3), name="images")
     trunk = resnet_trunk(trunk_blocks, trunk_width, padding, name="trunk")
     taps = trunk(ImageNormalization(name="normalize")(inputs))
-    x = CenterCrop2D(context // TAP_STRIDES["conv4"], name="head_crop")(taps["conv4"])
+    x = CenterCrop2D(context // TRUNK_STRIDE, name="head_crop")(taps["conv4"])
     x = keras.layers.Conv2D(head_channels, 1, activation="relu", name=HEAD_REDUCE)(x)
     x = keras.layers.Flatten(name="head_flatten")(x)
     object_vector = keras.layers.Dense(object_dim, name=HEAD_OBJECT)(x)
@@ -55,34 +59,107 @@ def deepmask_graph(
     return inputs, taps, object_vector, {"masks": masks, "scores": scores}
 
 
-def deepmask_model(
-    patch_size: int = 160,
-    context: int = 16,
-    trunk_blocks: tuple[int, int, int] = (3, 4, 6),
-    trunk_width: int = 64,
-    padding: str = "reflect",
-    head_channels: int = 128,
-    object_dim: int = 512,
-    mask_size: int = 56,
-    score_hidden: int = 1024,
-    dropout: float = 0.5,
-    name: str = "deepmask",
-) -> keras.Model:
-    """DeepMask with head C.
+@contextlib.contextmanager
+def dtype_policy_scope(dtype: str | None) -> Iterator[None]:
+    """Makes `dtype` (a Keras dtype policy name; None keeps the current one) the global dtype
+    policy inside the block, so layers built there take it; the previous policy comes back after."""
+    previous = keras.config.dtype_policy()
+    if dtype is not None:
+        keras.config.set_dtype_policy(dtype)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+@keras.saving.register_keras_serializable(package="sharpmask_tf")
+class DeepMask(keras.Model):
+    """DeepMask with head C, a functional model that keeps its constructor's arguments.
 
     Takes (B, S, S, 3) RGB patches in [0, 1], S = patch_size + 2*context (192 for the paper),
     and returns {"masks": (B, mask_size, mask_size), "scores": (B, 1)}, both logits.
+
+    Args:
+        patch_size: side of the window the mask covers (iSz), a multiple of the trunk stride.
+        context: context added on every side of the window, a multiple of the trunk stride.
+        trunk_blocks: residual blocks in conv2_x, conv3_x and conv4_x ((3, 4, 6) is ResNet-50).
+        trunk_width: conv1 filters; the stages scale from it as in ResNet-50.
+        padding: `reflect`, `symmetric` or `zero` for every 3x3/7x7 trunk convolution.
+        head_channels: the 1x1 reduction of the conv4 features.
+        object_dim: length of the object vector.
+        mask_size: side of the coarse mask logits (oSz).
+        score_hidden: hidden units of the score branch.
+        dropout: dropout rate of the score branch.
+        name: the model's name.
+        dtype: the dtype policy its layers are built with (None: the global policy); the masks and
+            scores are float32 under any policy.
     """
-    inputs, _, _, outputs = deepmask_graph(
-        patch_size,
-        context,
-        trunk_blocks,
-        trunk_width,
-        padding,
-        head_channels,
-        object_dim,
-        mask_size,
-        score_hidden,
-        dropout,
+
+    # The constructor arguments that `get_config` returns (besides name, trainable and dtype).
+    ARGUMENTS = (
+        "patch_size",
+        "context",
+        "trunk_blocks",
+        "trunk_width",
+        "padding",
+        "head_channels",
+        "object_dim",
+        "mask_size",
+        "score_hidden",
+        "dropout",
     )
-    return keras.Model(inputs, outputs, name=name)
+
+    def __init__(
+        self,
+        patch_size: int = 160,
+        context: int = 16,
+        trunk_blocks: tuple[int, int, int] = (3, 4, 6),
+        trunk_width: int = 64,
+        padding: str = "reflect",
+        head_channels: int = 128,
+        object_dim: int = 512,
+        mask_size: int = 56,
+        score_hidden: int = 1024,
+        dropout: float = 0.5,
+        name: str = "deepmask",
+        dtype: str | None = None,
+        **kwargs,
+    ):
+        with dtype_policy_scope(dtype):
+            inputs, _, _, outputs = deepmask_graph(
+                patch_size,
+                context,
+                trunk_blocks,
+                trunk_width,
+                padding,
+                head_channels,
+                object_dim,
+                mask_size,
+                score_hidden,
+                dropout,
+            )
+            super().__init__(inputs, outputs, name=name, **kwargs)
+        self._store_arguments(
+            patch_size=patch_size,
+            context=context,
+            trunk_blocks=tuple(trunk_blocks),
+            trunk_width=trunk_width,
+            padding=padding,
+            head_channels=head_channels,
+            object_dim=object_dim,
+            mask_size=mask_size,
+            score_hidden=score_hidden,
+            dropout=dropout,
+        )
+
+    def _store_arguments(self, **arguments) -> None:
+        for key, value in arguments.items():
+            setattr(self, key, value)
+
+    def get_config(self) -> dict:
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": self.dtype_policy.name,
+            **{key: getattr(self, key) for key in self.ARGUMENTS},
+        }

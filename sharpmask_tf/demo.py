@@ -9,6 +9,7 @@ client and draws the served proposals. Everything goes under `--out` (default de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     from sharpmask_tf.inference import ProposalGenerator
 
     _step(f"Evaluation: class-agnostic COCO average recall on {args.eval_images} synthetic val images")
-    sharp = ProposalGenerator.from_saved(run)
+    sharp = ProposalGenerator.from_saved(run, dataclasses.replace(config.inference, top_n=args.eval_proposals))
     rows = {}
     for name, generator in (
         ("DeepMask", ProposalGenerator(sharp.model, sharp.config, coarse=True)),
@@ -67,7 +68,6 @@ def main(argv: list[str] | None = None) -> None:
             config.data.val_annotations,
             config.data.val_images,
             max_images=args.eval_images,
-            top_n=args.eval_proposals,
             out_dir=out / f"eval_{name.lower()}",
         )
         rows[name] = result

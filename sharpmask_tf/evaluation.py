@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import io
 import json
 import os
@@ -26,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from sharpmask_tf.config import Config, load_run_config
+from sharpmask_tf.data.coco import indexed_coco
 from sharpmask_tf.losses import iou_summary, mask_iou
 
 MAX_DETS = (1, 10, 100, 1000)
@@ -44,12 +45,7 @@ def load_coco(annotations: str | os.PathLike | dict | Any):
     for key in ("images", "annotations"):
         if key not in dataset:
             raise ValueError(f"COCO annotations need an {key!r} list. Received keys: {sorted(dataset)}")
-    dataset = {"categories": [{"id": 1, "name": "object"}], **dataset}
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
+    return indexed_coco({"categories": [{"id": 1, "name": "object"}], **dataset})
 
 
 def _results_for(results: list[dict], iou_type: str) -> list[dict]:
@@ -194,22 +190,21 @@ def plot_recall(curves: dict[str, Sequence[float]], path: str | os.PathLike, tit
 
 
 def evaluate_model(
-    generator_or_model_path,
+    generator,
     annotations_json: str | os.PathLike,
     images_dir: str | os.PathLike,
     max_images: int | None = None,
-    top_n: int | None = None,
     out_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Runs a proposal generator over a COCO-format split and measures its average recall.
 
     Args:
-        generator_or_model_path: a `ProposalGenerator`, or a `.keras` file / training run
-            directory for `ProposalGenerator.from_saved`.
+        generator: the `sharpmask_tf.inference.ProposalGenerator` to evaluate, as the caller
+            configured it (its `config.top_n` proposals per image; AR@1000 needs 1000); it must
+            paste full masks (`full_masks=True`).
         annotations_json: the split's COCO annotations.
         images_dir: the folder holding the split's `file_name`s.
         max_images: evaluate the first this many images by id (all if None).
-        top_n: proposals per image (the generator's `top_n` if None; AR@1000 needs 1000).
         out_dir: if given, writes results.json, metrics.json and recall.png there.
 
     Returns:
@@ -217,16 +212,16 @@ def evaluate_model(
         "seconds_per_image", "top_n"}; the curves are left out of metrics.json.
 
     Raises:
+        ValueError: if the generator does not paste full masks.
         FileNotFoundError: if an image of the split is missing.
     """
-    from sharpmask_tf.inference import ProposalGenerator, coco_results, load_image
+    from sharpmask_tf.inference import coco_results, load_image
 
-    generator = generator_or_model_path
-    if not isinstance(generator, ProposalGenerator):
-        generator = ProposalGenerator.from_saved(generator_or_model_path)
-    if (top_n is not None and top_n != generator.config.top_n) or not generator.full_masks:
-        config = dataclasses.replace(generator.config, top_n=top_n or generator.config.top_n)
-        generator = ProposalGenerator(generator.model, config, coarse=generator.coarse)
+    if not generator.full_masks:
+        raise ValueError(
+            "Mask average recall needs the masks at image size: build the ProposalGenerator with "
+            "full_masks=True. Received: full_masks=False"
+        )
     gt = load_coco(annotations_json)
     ids = sorted(gt.getImgIds())[:max_images]
     results, seconds = [], 0.0
@@ -322,13 +317,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--images", help="image folder of the split (with --model)")
     parser.add_argument("--max-images", type=int, help="evaluate the first N images by id")
     parser.add_argument("--top-n", type=int, help="proposals per image (default: the model's config)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="config overrides of the model's config.json (or the defaults), e.g. inference.max_side=800 (with --model)",
+    )
     parser.add_argument("--out", help="folder for results.json, metrics.json and recall.png")
     args = parser.parse_args(argv)
     if args.model:
         if not args.images:
             parser.error("--model needs --images")
-        metrics = evaluate_model(args.model, args.annotations, args.images, args.max_images, args.top_n, args.out)
+        overrides = [*args.set, *([f"inference.top_n={args.top_n}"] if args.top_n is not None else [])]
+        try:
+            config = (load_run_config(args.model) or Config()).override(overrides)
+        except ValueError as err:
+            parser.error(str(err))
+        from sharpmask_tf.inference import ProposalGenerator
+
+        generator = ProposalGenerator.from_saved(args.model, config.inference)
+        metrics = evaluate_model(generator, args.annotations, args.images, args.max_images, args.out)
     else:
+        if args.set:
+            parser.error("--set configures the proposals of --model; it has no effect on --results")
         gt = load_coco(args.annotations)
         ids = sorted(gt.getImgIds())[: args.max_images]
         metrics = {t: average_recall(gt, args.results, t, ids) for t in IOU_TYPES}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import keras
 
-from sharpmask_tf.backbone import TAP_STRIDES, load_imagenet_weights
-from sharpmask_tf.config import TRUNK_STRIDE, Config, ModelConfig
-from sharpmask_tf.deepmask import deepmask_graph, deepmask_model
+from sharpmask_tf.backbone import load_imagenet_weights
+from sharpmask_tf.config import TAP_STRIDES, TRUNK_STRIDE, Config, ModelConfig, refine_channels
+from sharpmask_tf.deepmask import DeepMask, deepmask_graph, dtype_policy_scope
 from sharpmask_tf.layers import CenterCrop2D, MirrorPad2D, Upsample2D
 
-# Module i (1 = coarsest) refines with the tap at this position, coarse to fine.
-REFINE_TAPS = ("conv4", "conv3", "conv2", "conv1")
+# Module i (1 = coarsest) refines with the tap at this position, coarse to fine: every tap, deepest first.
+REFINE_TAPS = tuple(reversed(TAP_STRIDES))
 # The stride of skip feature i's map (skip1 .. skip4), the same order.
 REFINE_STRIDES = tuple(TAP_STRIDES[t] for t in REFINE_TAPS)
 # Names of the nested models and output keys that other modules look up.
@@ -19,25 +19,22 @@ REFINE_NET = "refine"
 
 
 def is_sharpmask(model: keras.Model) -> bool:
-    """Whether a DeepMask-family model has SharpMask's refinement (its `refine` net)."""
-    return any(layer.name == REFINE_NET for layer in model.layers)
+    """Whether a model is a SharpMask, DeepMask with the refinement (its `refine` net)."""
+    return isinstance(model, SharpMask)
 
 
 def model_geometry(model: keras.Model) -> tuple[int, int]:
-    """(patch_size, context) of a DeepMask/SharpMask model, read from its layers.
+    """(patch_size, context) of a DeepMask/SharpMask model, the arguments it was built with.
 
     Raises:
-        ValueError: if the model lacks DeepMask's named layers.
+        ValueError: if the model is not a DeepMask or SharpMask.
     """
-    try:
-        crop = model.get_layer("head_crop").crop
-    except ValueError as err:
+    if not isinstance(model, DeepMask):
         raise ValueError(
-            f"Expected a DeepMask or SharpMask model with a 'head_crop' layer. Received: model {model.name!r}"
-        ) from err
-    input_size = int(model.inputs[0].shape[1])
-    context = crop * TRUNK_STRIDE
-    return input_size - 2 * context, context
+            "Expected a DeepMask or SharpMask model (sharpmask_tf.deepmask.DeepMask or "
+            f"sharpmask_tf.sharpmask.SharpMask, as build_model makes). Received: {type(model).__name__} {model.name!r}"
+        )
+    return model.patch_size, model.context
 
 
 def _conv3x3(x, filters: int, padding: str, name: str, activation=None):
@@ -51,7 +48,7 @@ def skip_network(
     skip_hidden: int,
     skip_hidden_last: int,
     padding: str,
-    name: str = "skip",
+    name: str = SKIP_NET,
 ) -> keras.Model:
     """The horizontal nets: bottom-up taps to skip features S1..S4, on feature maps of any size.
 
@@ -77,7 +74,7 @@ def refine_network(
     refine_channels: tuple[int, ...],
     padding: str,
     upsampling: str,
-    name: str = "refine",
+    name: str = REFINE_NET,
 ) -> keras.Model:
     """The vertical path: object vector and window skip features to 16*feature_size mask logits.
 
@@ -105,86 +102,130 @@ def refine_network(
     return keras.Model([obj, *skips], m, name=name)
 
 
-def sharpmask_model(
-    patch_size: int = 160,
-    context: int = 16,
-    trunk_blocks: tuple[int, int, int] = (3, 4, 6),
-    trunk_width: int = 64,
-    padding: str = "reflect",
-    head_channels: int = 128,
-    object_dim: int = 512,
-    mask_size: int = 56,
-    score_hidden: int = 1024,
-    dropout: float = 0.5,
-    refine_k: int = 32,
-    refine_skip_hidden: int = 64,
-    refine_skip_hidden_last: int = 32,
-    upsampling: str = "bilinear",
-    name: str = "sharpmask",
-) -> keras.Model:
-    """SharpMask: DeepMask's trunk and head C plus refinement modules R1..R4.
+@keras.saving.register_keras_serializable(package="sharpmask_tf")
+class SharpMask(DeepMask):
+    """SharpMask: DeepMask's trunk and head C plus refinement modules R1..R4, a functional model
+    that keeps its constructor's arguments.
 
     Takes (B, S, S, 3) RGB patches in [0, 1], S = patch_size + 2*context, and returns logits
     {"masks": (B, patch_size, patch_size), "scores": (B, 1), "coarse_masks": (B, mask_size,
     mask_size)}; the coarse DeepMask masks stay available beside the refined ones.
+
+    Args:
+        patch_size, context, trunk_blocks, trunk_width, padding, head_channels, object_dim,
+            mask_size, score_hidden, dropout: as for `sharpmask_tf.deepmask.DeepMask`.
+        refine_k: mask channels entering R1 (k), halved by every module; a multiple of 16.
+        refine_skip_hidden: width of the horizontal nets' first convolution (R1..R3).
+        refine_skip_hidden_last: width of that convolution at the finest stage (R4).
+        upsampling: `bilinear` or `nearest` upsampling between the modules.
+        name: the model's name.
+        dtype: the dtype policy its layers are built with (None: the global policy); the three
+            outputs are float32 under any policy.
+
+    Raises:
+        ValueError: if refine_k is not a positive multiple of 16.
     """
-    if refine_k % 16:
-        raise ValueError(f"refine_k must be a multiple of 16. Received: refine_k={refine_k!r}")
-    refine_channels = tuple(refine_k // 2**i for i in range(len(REFINE_TAPS) + 1))
-    inputs, taps, object_vector, head = deepmask_graph(
-        patch_size,
-        context,
-        trunk_blocks,
-        trunk_width,
-        padding,
-        head_channels,
-        object_dim,
-        mask_size,
-        score_hidden,
-        dropout,
-    )
-    tap_channels = {t: int(taps[t].shape[-1]) for t in REFINE_TAPS}
-    skips = skip_network(tap_channels, refine_channels, refine_skip_hidden, refine_skip_hidden_last, padding)(taps)
-    windows = [
-        CenterCrop2D(context // TAP_STRIDES[tap], name=f"refine{i}_skip_crop")(skips[f"skip{i}"])
-        for i, tap in enumerate(REFINE_TAPS, start=1)
-    ]
-    refine = refine_network(object_dim, patch_size // TAP_STRIDES["conv4"], refine_channels, padding, upsampling)
-    masks = keras.layers.Activation("linear", dtype="float32", name="refined_masks")(refine([object_vector, *windows]))
-    outputs = {"masks": masks, "scores": head["scores"], "coarse_masks": head["masks"]}
-    return keras.Model(inputs, outputs, name=name)
 
+    ARGUMENTS = DeepMask.ARGUMENTS + ("refine_k", "refine_skip_hidden", "refine_skip_hidden_last", "upsampling")
 
-def model_kwargs(config: ModelConfig) -> dict:
-    """The model constructor's keyword arguments for a model config."""
-    kwargs = dict(
-        patch_size=config.patch_size,
-        context=config.context,
-        trunk_blocks=config.trunk_blocks,
-        trunk_width=config.trunk_width,
-        padding=config.padding,
-        head_channels=config.head_channels,
-        object_dim=config.object_dim,
-        mask_size=config.mask_size,
-        score_hidden=config.score_hidden,
-        dropout=config.dropout,
-    )
-    if config.refinement:
-        kwargs.update(
-            refine_k=config.refine_k,
-            refine_skip_hidden=config.refine_skip_hidden,
-            refine_skip_hidden_last=config.refine_skip_hidden_last,
-            upsampling=config.upsampling,
+    def __init__(
+        self,
+        patch_size: int = 160,
+        context: int = 16,
+        trunk_blocks: tuple[int, int, int] = (3, 4, 6),
+        trunk_width: int = 64,
+        padding: str = "reflect",
+        head_channels: int = 128,
+        object_dim: int = 512,
+        mask_size: int = 56,
+        score_hidden: int = 1024,
+        dropout: float = 0.5,
+        refine_k: int = 32,
+        refine_skip_hidden: int = 64,
+        refine_skip_hidden_last: int = 32,
+        upsampling: str = "bilinear",
+        name: str = "sharpmask",
+        dtype: str | None = None,
+        **kwargs,
+    ):
+        channels = refine_channels(refine_k)
+        with dtype_policy_scope(dtype):
+            inputs, taps, object_vector, head = deepmask_graph(
+                patch_size,
+                context,
+                trunk_blocks,
+                trunk_width,
+                padding,
+                head_channels,
+                object_dim,
+                mask_size,
+                score_hidden,
+                dropout,
+            )
+            tap_channels = {t: int(taps[t].shape[-1]) for t in REFINE_TAPS}
+            skip = skip_network(tap_channels, channels, refine_skip_hidden, refine_skip_hidden_last, padding, SKIP_NET)
+            skips = skip(taps)
+            windows = [
+                CenterCrop2D(context // TAP_STRIDES[tap], name=f"refine{i}_skip_crop")(skips[f"skip{i}"])
+                for i, tap in enumerate(REFINE_TAPS, start=1)
+            ]
+            refine = refine_network(object_dim, patch_size // TRUNK_STRIDE, channels, padding, upsampling, REFINE_NET)
+            masks = keras.layers.Activation("linear", dtype="float32", name="refined_masks")(
+                refine([object_vector, *windows])
+            )
+            outputs = {"masks": masks, "scores": head["scores"], "coarse_masks": head["masks"]}
+            # The graph extends DeepMask's instead of being DeepMask's finished one: skip
+            # DeepMask.__init__ and make the functional model from this graph.
+            super(DeepMask, self).__init__(inputs, outputs, name=name, **kwargs)
+        self._store_arguments(
+            patch_size=patch_size,
+            context=context,
+            trunk_blocks=tuple(trunk_blocks),
+            trunk_width=trunk_width,
+            padding=padding,
+            head_channels=head_channels,
+            object_dim=object_dim,
+            mask_size=mask_size,
+            score_hidden=score_hidden,
+            dropout=dropout,
+            refine_k=refine_k,
+            refine_skip_hidden=refine_skip_hidden,
+            refine_skip_hidden_last=refine_skip_hidden_last,
+            upsampling=upsampling,
         )
-    return kwargs
+        # Where stage 2's gradients stop: the object vector and the trunk's taps in this graph.
+        self._refinement_features = [object_vector, *(taps[t] for t in TAP_STRIDES)]
 
 
-def build_model(config: Config | ModelConfig) -> keras.Model:
+def refinement_split(model: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """Splits a SharpMask model where stage 2's gradients stop.
+
+    Returns:
+        (frozen, refinement): `frozen` maps images to [object vector (B, object_dim), trunk taps
+        conv1..conv4], that is the trunk and head C up to the object vector; `refinement` maps that
+        list to the refined (B, P, P) mask logits through the horizontal nets and the vertical
+        path. Both share the model's layers and weights.
+
+    Raises:
+        ValueError: if the model is not a SharpMask.
+    """
+    if not isinstance(model, SharpMask):
+        raise ValueError(
+            f"refinement_split needs a SharpMask (build_model with model.refinement=true). "
+            f"Received: {type(model).__name__} {model.name!r}"
+        )
+    features = model._refinement_features
+    frozen = keras.Model(model.input, features, name="frozen_trunk_and_head")
+    refinement = keras.Model(features, model.output["masks"], name="refinement")
+    return frozen, refinement
+
+
+def build_model(config: Config | ModelConfig) -> DeepMask:
     """Builds SharpMask (model.refinement) or DeepMask from a config, loading trunk weights
     from `model.trunk_weights` ("imagenet" or a ResNet50 weights file) when it is set."""
     model_config = config.model if isinstance(config, Config) else config
-    build = sharpmask_model if model_config.refinement else deepmask_model
-    model = build(**model_kwargs(model_config))
+    build = SharpMask if model_config.refinement else DeepMask
+    model = build(**{key: getattr(model_config, key) for key in build.ARGUMENTS})
     if model_config.trunk_weights:
         load_imagenet_weights(model.get_layer("trunk"), model_config.trunk_weights)
     return model

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from sharpmask_tf.config import Config
 from sharpmask_tf.losses import iou_summary, joint_loss, mask_iou, resize_logits
-from sharpmask_tf.sharpmask import build_model, copy_weights
+from sharpmask_tf.sharpmask import build_model, copy_weights, refinement_split
 
 STAGES = ("deepmask", "sharpmask")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
@@ -113,22 +113,6 @@ def learning_rate_schedule(config: Config, stage: str) -> keras.optimizers.sched
 def stage_model(config: Config, stage: str) -> keras.Model:
     """DeepMask for stage 1, SharpMask for stage 2, from the config's model section."""
     return build_model(dataclasses.replace(config.model, refinement=stage == "sharpmask"))
-
-
-def refinement_split(model: keras.Model) -> tuple[keras.Model, keras.Model]:
-    """Splits a SharpMask model where stage 2's gradients stop.
-
-    Returns:
-        (frozen, refinement): `frozen` maps images to [object vector (B, object_dim), trunk taps
-        conv1..conv4], that is the trunk and head C up to the object vector; `refinement` maps that
-        list to the refined (B, P, P) mask logits through the horizontal nets and the vertical
-        path. Both share the model's layers and weights.
-    """
-    taps = model.get_layer("skip")._inbound_nodes[0].arguments.args[0]
-    features = [model.get_layer("head_object").output, *(taps[k] for k in ("conv1", "conv2", "conv3", "conv4"))]
-    frozen = keras.Model(model.inputs, features, name="frozen_trunk_and_head")
-    refinement = keras.Model(features, model.output["masks"], name="refinement")
-    return frozen, refinement
 
 
 def check_model_dir(config: Config, model_dir: str) -> None:

@@ -7,7 +7,7 @@ from sharpmask_tf.layers import MirrorPad2D
 
 
 def test_tap_shapes_for_a_192_patch():
-    trunk = resnet_trunk()
+    trunk = resnet_trunk((1, 1, 1), 64)  # the tap shapes depend on the width, not the block counts
     taps = trunk(np.zeros((1, 192, 192, 3), "float32"))
     shapes = {k: tuple(v.shape) for k, v in taps.items()}
     assert shapes == {
@@ -56,10 +56,17 @@ def _random_resnet50():
     return ref
 
 
-def test_imagenet_loader_copies_every_tensor_from_a_weights_file(tmp_path):
+@pytest.fixture(scope="module")
+def random_resnet50(tmp_path_factory):
+    """Keras' ResNet50 with random weights, and the weights file it saved."""
     ref = _random_resnet50()
-    path = str(tmp_path / "resnet50_notop.weights.h5")
+    path = str(tmp_path_factory.mktemp("resnet50") / "resnet50_notop.weights.h5")
     ref.save_weights(path)
+    return ref, path
+
+
+def test_imagenet_loader_copies_every_tensor_from_a_weights_file(random_resnet50):
+    ref, path = random_resnet50
     trunk = resnet_trunk()
     copied = load_imagenet_weights(trunk, path)
     ref_layers = [layer for layer in ref.layers if layer.weights and not layer.name.startswith("conv5")]
@@ -75,8 +82,7 @@ def test_imagenet_loader_copies_every_tensor_from_a_weights_file(tmp_path):
     np.testing.assert_allclose(np.asarray(zero(x)["conv4"]), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
-def test_imagenet_loader_refuses_a_small_trunk(tmp_path):
-    path = str(tmp_path / "r50.weights.h5")
-    keras.applications.ResNet50(weights=None, include_top=False).save_weights(path)
+def test_imagenet_loader_refuses_a_small_trunk(random_resnet50):
+    _, path = random_resnet50
     with pytest.raises(ValueError, match="ResNet-50 geometry"):
         load_imagenet_weights(resnet_trunk((1, 1, 1), 16), path)

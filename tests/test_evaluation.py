@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from pycocotools import mask as mask_utils
 
-from sharpmask_tf.config import InferenceConfig, get_config
+from sharpmask_tf.config import CONFIG_FILE, InferenceConfig, get_config
 from sharpmask_tf.evaluation import (
     MAX_DETS,
     average_recall,
@@ -195,8 +195,8 @@ def test_evaluate_model_end_to_end(tmp_path):
     objects = {1: [square(h, w, 10, 10, 40)], 2: [square(h, w, 60, 30, 50, 40), square(h, w, 5, 50, 30)], 3: []}
     ann, images = write_split(tmp_path, objects, h, w)
     tf.keras.utils.set_random_seed(0)
-    generator = ProposalGenerator(build_model(get_config("small")), InferenceConfig(top_n=50))
-    metrics = evaluate_model(generator, ann, images, max_images=2, top_n=60, out_dir=tmp_path / "out")
+    generator = ProposalGenerator(build_model(get_config("small")), InferenceConfig(top_n=60))
+    metrics = evaluate_model(generator, ann, images, max_images=2, out_dir=tmp_path / "out")
     assert metrics["num_images"] == 2 and metrics["top_n"] == 60
     for t in ("segm", "bbox"):
         assert metrics[t]["num_objects"] == 3
@@ -212,6 +212,36 @@ def test_evaluate_model_end_to_end(tmp_path):
     assert (
         main(["--annotations", str(ann), "--results", str(tmp_path / "out" / "results.json"), "--max-images", "2"]) == 0
     )
+
+
+def test_evaluate_model_refuses_a_generator_without_full_masks(tmp_path):
+    ann, images = write_split(tmp_path, {1: []})
+    generator = ProposalGenerator(build_model(get_config("small", ["model.refinement=false"])), full_masks=False)
+    with pytest.raises(ValueError, match="full_masks=False"):
+        evaluate_model(generator, ann, images)
+
+
+def test_cli_set_overrides_the_run_config(tmp_path, capsys):
+    h, w = 96, 128
+    ann, images = write_split(tmp_path, {1: [square(h, w, 10, 10, 40)], 2: [square(h, w, 5, 50, 30)]}, h, w)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = get_config("small", ["model.refinement=false", "inference.top_n=40"])
+    (run / CONFIG_FILE).write_text(config.to_json())
+    build_model(config).save(run / "deepmask.keras")
+    out = tmp_path / "out"
+    argv = ["--annotations", str(ann), "--model", str(run), "--images", str(images), "--out", str(out)]
+    assert main([*argv, "--set", "inference.top_n=7", "--set", "inference.max_side=100"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["top_n"] == 7
+    assert json.loads((out / "metrics.json").read_text())["top_n"] == 7
+    results = json.loads((out / "results.json").read_text())
+    assert [sum(r["image_id"] == i for r in results) for i in (1, 2)] == [7, 7]
+    with pytest.raises(SystemExit):
+        main([*argv, "--set", "inference.top_m=7"])
+    assert "Unknown field 'top_m'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--annotations", str(ann), "--results", str(out / "results.json"), "--set", "inference.top_n=7"])
+    assert "--set" in capsys.readouterr().err
 
 
 def test_format_table_in_percent():

@@ -34,6 +34,15 @@ class DatasetError(ValueError):
     """A dataset file or record that cannot be used."""
 
 
+def indexed_coco(dataset: dict[str, Any]) -> COCO:
+    """A pycocotools COCO object over a parsed annotations dict, indexed without its console output."""
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
 def _decode_rle_string(counts: str) -> list[int] | None:
     """Decodes COCO's compressed RLE string (pycocotools' rleFrString) to run lengths.
 
@@ -186,10 +195,7 @@ class CocoDataset:
             "annotations": annotations,
             "categories": raw.get("categories", []),
         }
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco = COCO()
-            self.coco.dataset = dataset
-            self.coco.createIndex()
+        self.coco = indexed_coco(dataset)
         if self.skipped:
             logger.warning(
                 "%s: skipped %d bad records: %s", annotation_file, sum(self.skipped.values()), dict(self.skipped)
