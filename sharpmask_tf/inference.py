@@ -220,8 +220,7 @@ class ProposalGenerator(tf.Module):
         scale's first index into the map and its width."""
         height, width = tf.shape(rgb)[0], tf.shape(rgb)[1]
         scores, objects, sizes, scale_y, scale_x = [], [], [], [], []
-        skip_maps = {name: [] for name in SKIP_NAMES}
-        skip_widths = {name: [] for name in SKIP_NAMES}
+        skip_maps, skip_widths = {}, {}
         for s in self.scales:
             padded, (hs, ws) = scale_and_pad(rgb, cap * s, self.patch_size)
             level_scores, level_objects, skips = self._level(padded[None])
@@ -231,13 +230,13 @@ class ProposalGenerator(tf.Module):
             scale_y.append(tf.cast(hs, tf.float32) / tf.cast(height, tf.float32))
             scale_x.append(tf.cast(ws, tf.float32) / tf.cast(width, tf.float32))
             for name, feature in skips.items():
-                skip_maps[name].append(tf.reshape(feature, [-1, feature.shape[-1]]))
-                skip_widths[name].append(tf.shape(feature)[1])
+                skip_maps.setdefault(name, []).append(tf.reshape(feature, [-1, feature.shape[-1]]))
+                skip_widths.setdefault(name, []).append(tf.shape(feature)[1])
         skip_windows = {}
-        for name in skips:
-            counts = tf.stack([tf.shape(f)[0] for f in skip_maps[name]])
+        for name, maps in skip_maps.items():
+            counts = tf.stack([tf.shape(f)[0] for f in maps])
             offsets = tf.concat([[0], tf.cumsum(counts)[:-1]], axis=0)
-            skip_windows[name] = (tf.concat(skip_maps[name], axis=0), offsets, tf.stack(skip_widths[name]))
+            skip_windows[name] = (tf.concat(maps, axis=0), offsets, tf.stack(skip_widths[name]))
         return {
             "scores": tf.concat(scores, axis=0),
             "objects": tf.concat(objects, axis=0),
