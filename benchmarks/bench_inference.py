@@ -29,13 +29,13 @@ import numpy as np
 from benchmarks.common import matmul_gflops
 
 VARIANTS = {
-    # name: ProposalGenerator keyword arguments
-    "default": {},
-    "xla": {"jit_compile": True},
-    "unfolded_bn": {"fold_bn": False},  # not in the default list: --variants default,unfolded_bn
-    "plain_refine": {"phase_refine": False},  # not in the default list either
-    "bfloat16": {"compute_dtype": "bfloat16"},  # its matmul reference is a bfloat16 matmul
-    "no_full_masks": {"full_masks": False},
+    # name: (ProposalGenerator keyword arguments, config overrides)
+    "default": ({}, []),
+    "xla": ({"jit_compile": True}, []),
+    "unfolded_bn": ({"fold_bn": False}, []),  # not in the default list: --variants default,unfolded_bn
+    "plain_refine": ({"phase_refine": False}, []),  # not in the default list either
+    "bfloat16": ({}, ["inference.compute_dtype=bfloat16"]),  # its matmul reference is a bfloat16 matmul
+    "no_full_masks": ({"full_masks": False}, []),
 }
 
 
@@ -65,7 +65,8 @@ def pipeline_gflops(generator, height: int, width: int) -> float:
 
     import tensorflow as tf
 
-    from sharpmask_tf.inference import ProposalGenerator, padded_size, scaled_size
+    from sharpmask_tf.inference import ProposalGenerator
+    from sharpmask_tf.pyramid import padded_size, scaled_size
 
     plain = ProposalGenerator(
         generator.model,
@@ -103,10 +104,11 @@ def run_one(preset: str, variant: str, runs: int, top_n: int) -> dict:
     from sharpmask_tf.inference import ProposalGenerator
     from sharpmask_tf.sharpmask import build_model
 
-    config = get_config(preset, [f"inference.top_n={top_n}"])
+    options, overrides = VARIANTS[variant]
+    config = get_config(preset, [f"inference.top_n={top_n}", *overrides])
     tf.keras.utils.set_random_seed(0)
     model = build_model(config)
-    generator = ProposalGenerator(model, config.inference, **VARIANTS[variant])
+    generator = ProposalGenerator(model, config.inference, **options)
     image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     start = time.perf_counter()
     out = generator.propose(image)
@@ -118,7 +120,7 @@ def run_one(preset: str, variant: str, runs: int, top_n: int) -> dict:
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - cpu_start)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # before counting FLOPs
-    matmul = matmul_gflops(dtype=VARIANTS[variant].get("compute_dtype") or "float32")
+    matmul = matmul_gflops(dtype=config.inference.compute_dtype or "float32")
     gflop = pipeline_gflops(generator, 480, 640)
     seconds = float(np.median(wall))
     return {

@@ -135,7 +135,7 @@ def paste_crops(crops: np.ndarray, window_boxes: np.ndarray, height: int, width:
     Returns:
         (n, height, width) bool.
     """
-    from sharpmask_tf.inference import paste_masks
+    from sharpmask_tf.masks import paste_masks
 
     if len(crops) == 0:
         return np.zeros((0, height, width), bool)
@@ -166,7 +166,7 @@ def serve_and_query(
     """
     from PIL import Image
 
-    from sharpmask_tf.inference import load_image
+    from sharpmask_tf.images import load_image
     from sharpmask_tf.visualize import draw_proposals
 
     if not image_paths:

@@ -35,6 +35,38 @@ IOU_TYPES = ("segm", "bbox")
 AREAS = ("all", "small", "medium", "large")
 
 
+def coco_results(proposals: dict[str, np.ndarray], image_id: int) -> list[dict[str, Any]]:
+    """COCO results entries (class-agnostic, category_id 1) for one image's proposals.
+
+    Args:
+        proposals: the numpy dict of `ProposalGenerator.propose` (needs "masks").
+        image_id: the COCO image id.
+
+    Returns:
+        A list of {"image_id", "category_id", "segmentation" (RLE, counts as str), "bbox"
+        ([x, y, w, h] of the tight box), "score"} dicts, best first.
+    """
+    from pycocotools import mask as mask_utils
+
+    masks = proposals["masks"]
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(np.transpose(masks, (1, 2, 0)).astype(np.uint8)))
+    results = []
+    for rle, box, score in zip(rles, proposals["boxes"], proposals["scores"]):
+        x0, y0, x1, y1 = (float(v) for v in box)
+        results.append(
+            {
+                "image_id": int(image_id),
+                "category_id": 1,
+                "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": float(score),
+            }
+        )
+    return results
+
+
 def load_coco(annotations: str | os.PathLike | dict | Any):
     """A pycocotools COCO object from a path, a parsed dict, or a COCO object (returned as is)."""
     from pycocotools.coco import COCO
@@ -215,7 +247,7 @@ def evaluate_model(
         ValueError: if the generator does not paste full masks.
         FileNotFoundError: if an image of the split is missing.
     """
-    from sharpmask_tf.inference import coco_results, load_image
+    from sharpmask_tf.images import load_image
 
     if not generator.full_masks:
         raise ValueError(

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sharpmask_tf.layers import MirrorPad2D, Upsample2D
+from sharpmask_tf.layers import MirrorPad2D, Upsample2D, mirror_index
 
 # Upsampled pixel 2m + r as weights on input pixels m + offset (tf.image.resize, half-pixel
 # centres), for parity r = 0, 1; offsets past the edges are clamped onto the edge pixel.
@@ -40,8 +40,10 @@ def _resampling_matrix(n: int, interpolation: str, padding: str) -> np.ndarray:
         for r, taps in enumerate(_UPSAMPLE_TAPS[interpolation]):
             for offset, weight in taps.items():
                 up[2 * m + r, min(max(m + offset, 0), n - 1)] += weight
-    edges = {"reflect": (up[1], up[-2]), "symmetric": (up[0], up[-1]), "zero": (np.zeros(n), np.zeros(n))}
-    first, last = edges[padding]
+    if padding == "zero":
+        first = last = np.zeros(n)
+    else:
+        first, last = up[mirror_index(-1, 2 * n, padding)], up[mirror_index(2 * n, 2 * n, padding)]
     return np.concatenate([first[None], up, last[None]])
 
 
@@ -89,7 +91,7 @@ def _pad(x: tf.Tensor, padding: str) -> tf.Tensor:
     _, h, w, c = x.shape
     if padding == "zero":
         return tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
-    side = lambda n: [1, *range(n), n - 2] if padding == "reflect" else [0, *range(n), n - 1]  # noqa: E731
+    side = lambda n: [mirror_index(k, n, padding) for k in range(-1, n + 1)]  # noqa: E731
     pixels = [r * w + q for r in side(h) for q in side(w)]
     return tf.reshape(tf.gather(tf.reshape(x, [-1, h * w, c]), pixels, axis=1), [-1, h + 2, w + 2, c])
 

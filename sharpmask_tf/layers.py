@@ -14,6 +14,31 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _TF_PAD_MODES = {"reflect": "REFLECT", "symmetric": "SYMMETRIC", "zero": "CONSTANT"}
 
 
+def mirror_index(index, size, mode: str):
+    """The pixel of a side of `size` pixels that `index` reads under `MirrorPad2D`'s `mode`.
+
+    `reflect` mirrors about the edge pixels' centres (-1 reads 1, size reads size - 2),
+    `symmetric` about the edges themselves (-1 reads 0, size reads size - 1); an index inside the
+    side reads itself. One mirroring: -size < index < 2*size - 1 for `reflect` (and size >= 2),
+    -size <= index < 2*size for `symmetric`.
+
+    Args:
+        index: int, NumPy array or integer tensor of indices.
+        size: the side's length (int or integer tensor).
+        mode: "reflect" or "symmetric".
+
+    Returns:
+        The mirrored indices, of the type of `index`.
+    """
+    if mode == "reflect":
+        fold = abs  # about pixel 0's centre
+    elif mode == "symmetric":
+        fold = lambda i: abs(2 * i + 1) // 2  # noqa: E731  (about pixel 0's outer edge)
+    else:
+        raise ValueError(f"Only reflect and symmetric padding mirror pixels. Received: mode={mode!r}")
+    return size - 1 - fold(size - 1 - fold(index))
+
+
 @keras.saving.register_keras_serializable(package="sharpmask_tf")
 class MirrorPad2D(keras.layers.Layer):
     """Pads height and width of an NHWC tensor by mirroring (or zeros).

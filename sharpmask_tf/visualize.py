@@ -15,9 +15,18 @@ def proposal_colors(n: int) -> np.ndarray:
     return np.array([colorsys.hsv_to_rgb(h, 0.85, 1.0) for h in hues]).reshape(n, 3).__mul__(255).astype(np.uint8)
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """Pixels of a binary mask with a 4-neighbour outside it (image border counts as outside)."""
-    padded = np.pad(mask, 1)
+def mask_outline(mask: np.ndarray, border_outside: bool = True) -> np.ndarray:
+    """Pixels of a binary mask with a 4-neighbour outside it.
+
+    Args:
+        mask: (H, W) bool.
+        border_outside: whether beyond the array's border counts as outside the mask (so mask
+            pixels on the border are outline) or as continuing the border pixels.
+
+    Returns:
+        (H, W) bool.
+    """
+    padded = np.pad(mask, 1) if border_outside else np.pad(mask, 1, mode="edge")
     interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
     return mask & ~interior
 
@@ -60,7 +69,7 @@ def draw_proposals(
     colors = proposal_colors(len(masks))
     for mask, color in zip(masks[::-1], colors[::-1]):
         canvas[mask] = (1 - alpha) * canvas[mask] + alpha * color
-        canvas[_outline(mask)] = color
+        canvas[mask_outline(mask)] = color
     picture = Image.fromarray(canvas.astype(np.uint8))
     if scores is not None:
         draw = ImageDraw.Draw(picture)

@@ -11,6 +11,7 @@ from sharpmask_tf.config import CONFIG_FILE, InferenceConfig, get_config
 from sharpmask_tf.evaluation import (
     MAX_DETS,
     average_recall,
+    coco_results,
     evaluate_model,
     evaluate_patches,
     format_table,
@@ -18,6 +19,7 @@ from sharpmask_tf.evaluation import (
     main,
 )
 from sharpmask_tf.inference import ProposalGenerator
+from sharpmask_tf.masks import mask_boxes
 from sharpmask_tf.sharpmask import build_model
 
 THRESHOLDS = np.linspace(0.5, 0.95, 10)
@@ -249,3 +251,13 @@ def test_format_table_in_percent():
     table = format_table({"segm": row, "bbox": row})
     assert table.count("25.0") == 14 and "| segm |" in table and "| bbox |" in table
     assert MAX_DETS == (1, 10, 100, 1000)
+
+
+def test_coco_results_round_trip_masks():
+    masks = np.zeros((2, 5, 6), bool)
+    masks[0, 1:3, 2:5] = True
+    proposals = {"masks": masks, "boxes": mask_boxes(masks).numpy(), "scores": np.array([0.9, 0.1])}
+    results = coco_results(proposals, 4)
+    np.testing.assert_array_equal(mask_utils.decode(results[0]["segmentation"]), masks[0])
+    assert results[0]["bbox"] == [2.0, 1.0, 3.0, 2.0] and results[1]["bbox"] == [0.0, 0.0, 0.0, 0.0]
+    assert coco_results({"masks": masks[:0], "boxes": np.zeros((0, 4)), "scores": np.zeros(0)}, 1) == []

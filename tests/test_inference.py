@@ -1,35 +1,17 @@
-"""Full-image proposals: index arithmetic, geometry, consistency with the patch model, edge cases."""
+"""Full-image proposals: index arithmetic end to end, consistency with the patch model, edge cases, the CLI."""
 
+import dataclasses
 import json
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from sharpmask_tf.config import InferenceConfig, get_config
-from sharpmask_tf.inference import (
-    GREY,
-    ProposalGenerator,
-    check_image,
-    coco_results,
-    fold_batch_norm,
-    greedy_nms,
-    level_positions,
-    load_image,
-    main,
-    mask_boxes,
-    mask_iou_matrix,
-    padded_size,
-    paste_masks,
-    paste_masks_and_boxes,
-    resize_masks,
-    scaled_size,
-    score_map_size,
-    to_rgb,
-    window_boxes,
-    window_pixels,
-)
+from sharpmask_tf.images import GREY, to_rgb
+from sharpmask_tf.inference import ProposalGenerator, main
+from sharpmask_tf.masks import mask_iou_matrix, paste_masks
+from sharpmask_tf.pyramid import padded_size, scaled_size, window_boxes
 from sharpmask_tf.sharpmask import build_model
 
 P, C = 64, 16  # the small preset's patch size and context
@@ -56,206 +38,6 @@ def smooth_image(h, w, seed=0):
         y, x = rng.integers(0, h - 20), rng.integers(0, w - 20)
         image[y : y + rng.integers(10, 40), x : x + rng.integers(10, 40)] = rng.uniform(0, 1, 3)
     return (np.clip(image, 0, 1) * 255).astype(np.uint8)
-
-
-# ----------------------------------------------------------------------------- pure functions
-
-
-def test_level_positions_walks_every_map_row_major_from_zero():
-    heights, widths = np.array([3, 1, 4, 2]), np.array([5, 2, 1, 3])
-    counts = heights * widths
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    expected = [(lv, r, c) for lv in range(4) for r in range(heights[lv]) for c in range(widths[lv])]
-    level, row, col = level_positions(np.arange(counts.sum()), offsets, widths)
-    assert list(zip(level.numpy(), row.numpy(), col.numpy())) == expected
-
-
-def test_window_boxes_known_values():
-    boxes = window_boxes([0, 2], [0, 3], [1.0, 0.5], [1.0, 0.25], patch_size=160).numpy()
-    # (0, 0) at scale 1: the window starts half a window before the image.
-    np.testing.assert_allclose(boxes[0], [-80, -80, 80, 80])
-    # (2, 3): x0 = (48 - 80) / 0.25, y0 = (32 - 80) / 0.5, side 160 / scale.
-    np.testing.assert_allclose(boxes[1], [-128, -96, -128 + 640, -96 + 320])
-
-
-def test_sizes_are_multiples_of_the_stride_with_half_a_window_each_side():
-    for scaled in (1, 15, 16, 17, 63, 100):
-        hp = int(padded_size(scaled, 64))
-        assert hp % 16 == 0 and hp - scaled - 32 >= 32 and hp - scaled - 32 < 48
-        # Window centres 16*row cover the whole scaled image.
-        assert 16 * (int(score_map_size(hp, 64)) - 1) >= scaled
-    assert int(scaled_size(97, 2**-2.5)) == round(97 * 2**-2.5)
-    assert int(scaled_size(3, 0.01)) == 1
-
-
-def test_paste_masks_fills_exactly_the_window():
-    ones = np.ones((3, 8, 8), np.float32)
-    boxes = np.array([[2, 3, 10, 7], [-5, -5, 4.5, 2.2], [0, 0, 0, 0]], np.float32)  # last: padding row
-    masks = paste_masks(ones, boxes, 9, 12, 0.2).numpy()
-    ys, xs = np.mgrid[0:9, 0:12] + 0.5
-    for m, (x0, y0, x1, y1) in zip(masks[:2], boxes[:2]):
-        np.testing.assert_array_equal(m, (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1))
-    assert not masks[2].any()
-
-
-def test_paste_masks_keeps_the_mask_shape():
-    left = np.zeros((1, 4, 4), np.float32)
-    left[0, :, :2] = 1.0  # left half of the window
-    masks = paste_masks(left, np.array([[0, 0, 40, 40]], np.float32), 40, 40, 0.5).numpy()[0]
-    # Bilinear between the mask pixel centres at x = 15 and 25 crosses .5 at x = 20.
-    assert masks[:, :20].all() and not masks[:, 20:].any()
-
-
-def bilinear_paste_reference(probabilities, boxes, height, width, threshold):
-    """paste_masks' definition, pixel by pixel in numpy: bilinear at the pixel centre, clamped to
-    the mask's edge inside the window, nothing outside it."""
-    out = np.zeros((len(boxes), height, width), bool)
-    for n, (prob, (x0, y0, x1, y1)) in enumerate(zip(probabilities, boxes)):
-        m = prob.shape[0]
-        for i in range(height):
-            for j in range(width):
-                cy, cx = i + 0.5, j + 0.5
-                if not (x0 <= cx < x1 and y0 <= cy < y1):
-                    continue
-                ky = np.clip((cy - y0) / (y1 - y0) * m - 0.5, 0, m - 1)
-                kx = np.clip((cx - x0) / (x1 - x0) * m - 0.5, 0, m - 1)
-                a, b = int(min(ky, m - 2)), int(min(kx, m - 2))
-                ty, tx = ky - a, kx - b
-                value = (
-                    (1 - ty) * (1 - tx) * prob[a, b]
-                    + (1 - ty) * tx * prob[a, b + 1]
-                    + ty * (1 - tx) * prob[a + 1, b]
-                    + ty * tx * prob[a + 1, b + 1]
-                )
-                out[n, i, j] = value >= threshold
-    return out
-
-
-@pytest.mark.parametrize("m", [7, 120])  # a matmul along y, and a blend of two rows
-@pytest.mark.parametrize("blob", [False, True])  # masks above the threshold everywhere, or in a blob
-def test_paste_masks_matches_bilinear_resampling_at_pixel_centres(m, blob):
-    rng = np.random.default_rng(3)
-    probabilities = rng.uniform(0, 1, (7, m, m)).astype(np.float32)
-    if blob:  # a compact mask, at the pipeline's threshold, and one below it everywhere
-        k = np.arange(m)
-        inside = (np.abs(k - 0.3 * m)[:, None] < 0.2 * m) & (np.abs(k - 0.6 * m)[None] < 0.25 * m)
-        probabilities = np.where(inside, 0.9 + 0.1 * probabilities, 0.1 * probabilities).astype(np.float32)
-        probabilities[6] = 0.1  # below the threshold everywhere
-    boxes = np.array(
-        [
-            [3.3, 2.7, 17.9, 13.1],  # inside, upsampled
-            [-6.5, -4.2, 9.0, 8.5],  # over the top-left corner
-            [20.2, 9.6, 40.0, 30.0],  # over the bottom-right corner
-            [5.1, 4.4, 8.2, 7.3],  # smaller than the mask: downsampled
-            [30.0, 30.0, 50.0, 50.0],  # outside the image
-            [0, 0, 0, 0],  # padding row
-            [3.3, 2.7, 17.9, 13.1],  # inside
-        ],
-        np.float32,
-    )
-    threshold = 0.2 if blob else 0.5
-    masks, tight = paste_masks_and_boxes(probabilities, boxes, 17, 23, threshold)
-    want = bilinear_paste_reference(probabilities, boxes, 17, 23, threshold)
-    # Float rounding may flip a pixel whose value is within 1e-6 of the threshold; none is here.
-    np.testing.assert_array_equal(masks.numpy(), want)
-    np.testing.assert_array_equal(tight.numpy(), mask_boxes(want).numpy())
-    pasted = want.any(axis=(1, 2))
-    np.testing.assert_array_equal(pasted[[0, 1, 3, 4, 5, 6]], [True, True, True, False, False, not blob])
-
-
-@pytest.mark.parametrize("m, size", [(160, 56), (56, 56), (20, 32), (7, 3)])
-def test_resize_masks_equals_the_antialiased_resize(m, size):
-    masks = np.random.default_rng(m).uniform(0, 1, (3, m, m)).astype(np.float32)
-    want = tf.image.resize(masks[..., None], [size, size], method="bilinear", antialias=True)[..., 0]
-    np.testing.assert_allclose(resize_masks(masks, size), want, atol=1e-5)
-
-
-def test_window_pixels_are_the_pixel_centres_inside_each_window():
-    boxes = np.array([[2.4, 0.6, 5.5, 3.5], [-3, -3, 2, 100], [7, 1, 7, 4]], np.float32)
-    got = window_pixels(boxes, 6, 8).numpy()
-    # x: centres 2.5..4.5 inside [2.4, 5.5) -> columns 2..4; y: centres 0.5 < 0.6 is out, 1.5, 2.5 in.
-    np.testing.assert_array_equal(got[0], [1, 2, 3, 5])
-    np.testing.assert_array_equal(got[1], [0, 0, 6, 2])  # clipped to the image
-    assert got[2, 3] <= got[2, 1]  # zero width: no column
-
-
-def test_mask_boxes_are_tight_and_exclusive():
-    masks = np.zeros((2, 6, 7), bool)
-    masks[0, 1:4, 2:6] = True
-    boxes = mask_boxes(masks).numpy()
-    np.testing.assert_array_equal(boxes, [[2, 1, 6, 4], [0, 0, 0, 0]])
-
-
-def test_greedy_nms_keeps_the_best_of_each_overlapping_group():
-    masks = np.zeros((4, 10, 10), bool)
-    masks[0, :5, :5] = True
-    masks[1, :5, :4] = True  # IoU .8 with 0
-    masks[2, 5:, 5:] = True
-    masks[3, 5:, 6:] = True  # IoU .8 with 2
-    iou = mask_iou_matrix(masks).numpy()
-    np.testing.assert_allclose(iou[0, 1], 0.8)
-    np.testing.assert_array_equal(greedy_nms(iou, 0.5).numpy(), [True, False, True, False])
-    np.testing.assert_array_equal(greedy_nms(iou, 0.9).numpy(), [True] * 4)
-
-
-def test_to_rgb_handles_gray_alpha_and_uint8():
-    gray = np.array([[0, 255]], np.uint8)
-    np.testing.assert_allclose(to_rgb(gray).numpy(), [[[0, 0, 0], [1, 1, 1]]])
-    rgba = np.array([[[255, 0, 0, 255], [255, 0, 0, 0]]], np.uint8)
-    np.testing.assert_allclose(to_rgb(rgba).numpy(), [[[1, 0, 0], [GREY] * 3]])
-    gray_alpha = np.array([[[1.0, 0.5]]], np.float32)
-    np.testing.assert_allclose(to_rgb(gray_alpha).numpy(), [[[0.75] * 3]])
-
-
-def test_check_image_rejects_what_it_cannot_use():
-    with pytest.raises(ValueError, match="shape=\\(4, 4, 5\\)"):
-        check_image(np.zeros((4, 4, 5), np.uint8))
-    with pytest.raises(ValueError, match="at least one pixel"):
-        check_image(np.zeros((0, 4, 3), np.uint8))
-    with pytest.raises(ValueError, match="dtype=int32"):
-        check_image(np.zeros((4, 4, 3), np.int32))
-    assert check_image(np.zeros((4, 4), np.float64)).shape == (4, 4, 1)
-
-
-def test_fold_batch_norm_keeps_the_trunk_outputs():
-    tf.keras.utils.set_random_seed(5)
-    trunk = build_model(get_config("small")).get_layer("trunk")
-    rng = np.random.default_rng(0)
-    for layer in trunk.layers:
-        if layer.name.endswith("_bn"):  # non-trivial statistics
-            layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(np.float32) for w in layer.get_weights()])
-    folded = fold_batch_norm(trunk)
-    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
-    x = rng.uniform(-1, 1, (1, 77, 93, 3)).astype(np.float32)
-    want, got = trunk(x), folded(x)
-    for tap in ("conv1", "conv2", "conv3", "conv4"):
-        np.testing.assert_allclose(got[tap], want[tap], atol=1e-4)
-
-
-@pytest.mark.parametrize("padding", ["reflect", "symmetric", "zero"])
-@pytest.mark.parametrize("height,width", [(2, 2), (2, 5), (7, 3), (13, 17)])
-def test_folded_skip_nets_keep_their_outputs_without_padded_copies(padding, height, width):
-    # The skip nets' convolutions shrink channels, so the copy drops their mirror pads and
-    # recomputes the output borders (corners included) from the input; maps as small as 2x2.
-    tf.keras.utils.set_random_seed(6)
-    skip = build_model(get_config("small", [f"model.padding={padding}"])).get_layer("skip")
-    rng = np.random.default_rng(1)
-    for layer in skip.layers:  # biases too, so every border term matters
-        layer.set_weights([rng.normal(0, 0.5, w.shape).astype(np.float32) for w in layer.get_weights()])
-    folded = fold_batch_norm(skip)
-    names = {type(layer).__name__ for layer in folded.layers}
-    assert "MirrorPad2D" not in names and "_MirrorBorderConv2D" in names
-    taps = {t.name: rng.uniform(0, 1, (2, height, width, t.shape[-1])).astype(np.float32) for t in skip.inputs}
-    want, got = skip(taps), folded(taps)
-    for name in want:  # float rounding of sums of terms as large as the outputs
-        np.testing.assert_allclose(got[name], want[name], atol=2e-5 * max(1.0, np.abs(want[name]).max()))
-
-
-def test_folded_trunk_keeps_its_pads_where_channels_do_not_shrink():
-    trunk = build_model(get_config("small")).get_layer("trunk")
-    folded = fold_batch_norm(trunk)
-    pads = lambda model: sorted(layer.name for layer in model.layers if type(layer).__name__ == "MirrorPad2D")  # noqa: E731
-    assert pads(folded) == pads(trunk)
 
 
 # ----------------------------------------------------------------------------- index arithmetic, end to end
@@ -387,7 +169,7 @@ def test_bfloat16_network_gives_nearly_the_same_proposals(sharpmask):
     config = InferenceConfig(top_n=40)
     image = smooth_image(90, 121)
     want = ProposalGenerator(sharpmask, config).propose(image)
-    fast = ProposalGenerator(sharpmask, config, compute_dtype="bfloat16")
+    fast = ProposalGenerator(sharpmask, dataclasses.replace(config, compute_dtype="bfloat16"))
     assert {layer.compute_dtype for layer in fast._trunk.layers if layer.weights} == {"bfloat16"}
     got = fast.propose(image)
     assert got["masks"].dtype == bool and got["scores"].dtype == np.float32
@@ -405,9 +187,9 @@ def test_bfloat16_network_gives_nearly_the_same_proposals(sharpmask):
 
 def test_compute_dtype_is_validated(deepmask):
     with pytest.raises(ValueError, match="compute_dtype must be one of"):
-        ProposalGenerator(deepmask, compute_dtype="int8")
+        ProposalGenerator(deepmask, InferenceConfig(compute_dtype="int8"))
     with pytest.raises(ValueError, match="fold_bn"):
-        ProposalGenerator(deepmask, compute_dtype="bfloat16", fold_bn=False)
+        ProposalGenerator(deepmask, InferenceConfig(compute_dtype="bfloat16"), fold_bn=False)
 
 
 def test_fixed_size_tensors_are_padded_to_top_n(deepmask):
@@ -502,13 +284,6 @@ def test_from_saved_run_directory_uses_its_config(sharpmask, tmp_path):
         ProposalGenerator.from_saved(tmp_path / "no_such")
 
 
-def test_load_image_names_a_corrupt_file(tmp_path):
-    bad = tmp_path / "bad.jpg"
-    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    with pytest.raises(ValueError, match="bad.jpg"):
-        load_image(bad)
-
-
 def test_cli_writes_coco_results_and_pictures(deepmask, tmp_path):
     from PIL import Image
 
@@ -559,15 +334,3 @@ def test_cli_writes_coco_results_and_pictures(deepmask, tmp_path):
     args = ["--model", str(tmp_path), str(images / "a.png"), "--out", str(out16)]
     assert main([*args, "--compute-dtype", "bfloat16", "--set", "inference.top_n=3"]) == 0
     assert len(json.loads(out16.read_text())) == 3
-
-
-def test_coco_results_round_trip_masks():
-    from pycocotools import mask as mask_utils
-
-    masks = np.zeros((2, 5, 6), bool)
-    masks[0, 1:3, 2:5] = True
-    proposals = {"masks": masks, "boxes": mask_boxes(masks).numpy(), "scores": np.array([0.9, 0.1])}
-    results = coco_results(proposals, 4)
-    np.testing.assert_array_equal(mask_utils.decode(results[0]["segmentation"]), masks[0])
-    assert results[0]["bbox"] == [2.0, 1.0, 3.0, 2.0] and results[1]["bbox"] == [0.0, 0.0, 0.0, 0.0]
-    assert coco_results({"masks": masks[:0], "boxes": np.zeros((0, 4)), "scores": np.zeros(0)}, 1) == []

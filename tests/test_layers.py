@@ -3,7 +3,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sharpmask_tf.layers import CenterCrop2D, FrozenBatchNormalization, ImageNormalization, MirrorPad2D, Upsample2D
+from sharpmask_tf.layers import (
+    CenterCrop2D,
+    FrozenBatchNormalization,
+    ImageNormalization,
+    MirrorPad2D,
+    Upsample2D,
+    mirror_index,
+)
 
 KNOWN = np.arange(2 * 5 * 4 * 3, dtype="float32").reshape(2, 5, 4, 3)
 
@@ -100,3 +107,17 @@ def test_upsample_trains_in_half_precision_under_xla():
     assert g.dtype == tf.float16
     want = Upsample2D(2, "bilinear")(tf.nn.relu(tf.cast(x, tf.float32)))
     np.testing.assert_allclose(y.numpy().astype("float32"), want.numpy(), atol=2e-3)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "symmetric"])
+@pytest.mark.parametrize("size", [2, 3, 7])
+def test_mirror_index_reads_what_numpy_padding_writes(mode, size):
+    # np.pad's reflect and symmetric modes are MirrorPad2D's (tf.pad's), one pixel or more.
+    pad = size - 1 if mode == "reflect" else size
+    want = np.pad(np.arange(size), pad, mode=mode)
+    index = np.arange(-pad, size + pad)
+    np.testing.assert_array_equal(mirror_index(index, size, mode), want)
+    np.testing.assert_array_equal(mirror_index(tf.constant(index), size, mode).numpy(), want)
+    assert [mirror_index(int(i), size, mode) for i in index] == want.tolist()
+    with pytest.raises(ValueError, match="mode='zero'"):
+        mirror_index(index, size, "zero")

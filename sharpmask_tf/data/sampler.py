@@ -29,13 +29,13 @@ from PIL import Image
 
 from sharpmask_tf.config import Config
 from sharpmask_tf.data.coco import CocoDataset, DatasetError
+from sharpmask_tf.images import GREY
 
 logger = logging.getLogger(__name__)
 
 # Redraws allowed for one sample when images fail to decode or no negative is found, so a broken
 # dataset ends in an error instead of an endless loop.
 MAX_ATTEMPTS = 100
-GREY = 0.5
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 

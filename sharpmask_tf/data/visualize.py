@@ -17,6 +17,7 @@ from sharpmask_tf.config import get_config
 from sharpmask_tf.data.pipeline import load_split
 from sharpmask_tf.data.sampler import PatchSampler
 from sharpmask_tf.data.synthetic import ensure_dataset
+from sharpmask_tf.visualize import mask_outline
 
 LABEL_RGB = np.array([0.0, 1.0, 1.0], np.float32)
 LABEL_ALPHA = 0.45
@@ -41,9 +42,7 @@ def overlay_label(image: np.ndarray, label: np.ndarray, context: int) -> np.ndar
     tinted = image.copy()
     central = tinted[context : context + window, context : context + window]
     central[inside] = (1 - LABEL_ALPHA) * central[inside] + LABEL_ALPHA * LABEL_RGB
-    padded = np.pad(inside, 1, mode="edge")
-    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    central[inside & ~interior] = OUTLINE_RGB
+    central[mask_outline(inside, border_outside=False)] = OUTLINE_RGB
     return tinted
 
 
