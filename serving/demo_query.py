@@ -144,6 +144,16 @@ def paste_crops(crops: np.ndarray, window_boxes: np.ndarray, height: int, width:
     return paste_masks(crops, window_boxes, height, width, threshold).numpy()
 
 
+def side_by_side(pictures: Sequence[np.ndarray]) -> np.ndarray:
+    """(H, W, 3) uint8 pictures left to right on white, top-aligned."""
+    canvas = np.full((max(p.shape[0] for p in pictures), sum(p.shape[1] for p in pictures), 3), 255, np.uint8)
+    x = 0
+    for picture in pictures:
+        canvas[: picture.shape[0], x : x + picture.shape[1]] = picture
+        x += picture.shape[1]
+    return canvas
+
+
 def serve_and_query(
     export_dir_base: str | os.PathLike,
     model_name: str,
@@ -198,13 +208,8 @@ def serve_and_query(
                 "boxes": outputs["boxes"][i, :n].tolist(),
             }
         )
-    canvas = np.full((max(p.shape[0] for p in pictures), sum(p.shape[1] for p in pictures), 3), 255, np.uint8)
-    x = 0
-    for picture in pictures:
-        canvas[: picture.shape[0], x : x + picture.shape[1]] = picture
-        x += picture.shape[1]
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(out_png)
+    Image.fromarray(side_by_side(pictures)).save(out_png)
     return {"version": version, "target": target, "out_png": str(out_png), "images": results}
 
 
