@@ -141,7 +141,8 @@ def bench_presets(
     import tensorflow as tf
 
     from serving.demo_query import ServerProcess
-    from serving.export import SIGNATURE_BYTES, export_model
+    from serving.export import export_model
+    from serving.protocol import SIGNATURE_BYTES
     from sharpmask_tf.config import get_config
     from sharpmask_tf.sharpmask import build_model
 

@@ -34,9 +34,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from serving.server import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_SIGNATURE
-
-_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+from serving.protocol import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_SIGNATURE, GRPC_CODES, INPUT_KEY
 
 
 class ServingError(RuntimeError):
@@ -184,7 +182,7 @@ class ServingClient:
         return {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
 
     def predict_images(
-        self, images: Sequence[bytes], input_name: str = "images", signature_name: str | None = None
+        self, images: Sequence[bytes], input_name: str = INPUT_KEY, signature_name: str | None = None
     ) -> dict[str, np.ndarray]:
         """Calls Predict with encoded JPEG/PNG file bytes as a 1-D string tensor (see `predict`)."""
         return self.predict({input_name: np.array(list(images), dtype=object)}, signature_name)
@@ -222,12 +220,7 @@ class ServingClient:
         response = self._call(self._models.GetModelStatus, request, f"GetModelStatus({self.model_name})")
         state_name = get_model_status_pb2.ModelVersionStatus.State.Name
         return [
-            VersionStatus(
-                s.version,
-                state_name(s.state),
-                _CODE_NAMES.get(s.status.error_code, str(s.status.error_code)),
-                s.status.error_message,
-            )
+            VersionStatus(s.version, state_name(s.state), _code_name(s.status.error_code), s.status.error_message)
             for s in response.model_version_status
         ]
 
@@ -241,11 +234,37 @@ class ServingClient:
         self.close()
 
 
+def _code_name(number: int) -> str:
+    """A status's error code by its gRPC name, or the number itself if gRPC has no such code."""
+    code = GRPC_CODES.get(number)
+    return str(number) if code is None else code.name
+
+
 def to_json(value: np.ndarray) -> Any:
     """An array as nested lists; byte strings as {"b64": ...} like TF Serving's REST API."""
     if value.dtype == object:
         return np.vectorize(lambda b: {"b64": base64.b64encode(b).decode("ascii")}, otypes=[object])(value).tolist()
     return value.tolist()
+
+
+def _command_result(client: ServingClient, args: argparse.Namespace) -> Any:
+    """Runs the CLI's command and returns what it writes as JSON."""
+    if args.command == "predict":
+        images = []
+        for path in args.images:
+            with open(path, "rb") as f:
+                images.append(f.read())
+        outputs = client.predict_images(images, args.input_name)
+        return {name: to_json(value) for name, value in sorted(outputs.items())}
+    if args.command == "metadata":
+        metadata = client.get_model_metadata()
+        return {
+            "model_spec": {"name": metadata.name, "version": metadata.version},
+            "signature_def": {
+                name: json_format.MessageToDict(signature) for name, signature in metadata.signature_defs.items()
+            },
+        }
+    return {"model_version_status": [status._asdict() for status in client.get_model_status()]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -255,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server", default="localhost:8500", help="host:port")
     parser.add_argument("--model-name", default="sharpmask")
     parser.add_argument("--signature-name", default=DEFAULT_SIGNATURE)
-    parser.add_argument("--input-name", default="images", help="the signature input the images go to")
+    parser.add_argument("--input-name", default=INPUT_KEY, help="the signature input the images go to")
     version = parser.add_mutually_exclusive_group()
     version.add_argument("--version", type=int)
     version.add_argument("--version-label")
@@ -276,23 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_attempts=args.max_attempts,
     )
     try:
-        if args.command == "predict":
-            images = []
-            for path in args.images:
-                with open(path, "rb") as f:
-                    images.append(f.read())
-            outputs = client.predict_images(images, args.input_name)
-            result: Any = {name: to_json(value) for name, value in sorted(outputs.items())}
-        elif args.command == "metadata":
-            metadata = client.get_model_metadata()
-            result = {
-                "model_spec": {"name": metadata.name, "version": metadata.version},
-                "signature_def": {
-                    name: json_format.MessageToDict(signature) for name, signature in metadata.signature_defs.items()
-                },
-            }
-        else:
-            result = {"model_version_status": [status._asdict() for status in client.get_model_status()]}
+        result = _command_result(client, args)
     except ServingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -24,15 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from serving.client import ServingClient
-from serving.export import METADATA_FILE
+from serving.protocol import ASSETS_EXTRA, METADATA_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The line serving.server logs once it answers, with the bound port.
-_LISTENING = re.compile(r"Serving model \S+ from .* on (\S+):(\d+)\s*$")
 
 
 class ServerProcess:
-    """`python -m serving.server` on a free loopback port, as a child process.
+    """`python -m serving.server` on a free loopback port, as a child process; the port is read
+    from the file its `--port-file` writes once it listens.
 
     Args:
         base_path: the model's directory of numbered versions.
@@ -55,7 +54,6 @@ class ServerProcess:
         self.port: int | None = None
         self.log: list[str] = []
         self._process: subprocess.Popen | None = None
-        self._listening = threading.Event()
 
     @property
     def target(self) -> str:
@@ -71,35 +69,39 @@ class ServerProcess:
             RuntimeError: if the server exits or does not listen within startup_timeout (with
                 the end of its log).
         """
-        command = [
-            sys.executable, "-m", "serving.server",
-            "--model-base-path", self.base_path,
-            "--model-name", self.model_name,
-            "--port", "0",
-            "--poll-interval", str(self.poll_interval),
-        ]  # fmt: skip
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        self._process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-        threading.Thread(target=self._read_log, name="serving-log", daemon=True).start()
-        deadline = time.monotonic() + self.startup_timeout
-        while not self._listening.wait(0.1):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = "\n".join(self.log[-20:])
-                raise RuntimeError(f"serving.server did not start listening on {self.base_path}. Its log:\n{tail}")
+        with tempfile.TemporaryDirectory(prefix="serving_port_") as scratch:
+            port_file = Path(scratch) / "port"
+            command = [
+                sys.executable, "-m", "serving.server",
+                "--model-base-path", self.base_path,
+                "--model-name", self.model_name,
+                "--port", "0",
+                "--port-file", str(port_file),
+                "--poll-interval", str(self.poll_interval),
+            ]  # fmt: skip
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+            }
+            self._process = subprocess.Popen(
+                command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
+            )
+            threading.Thread(target=self._read_log, name="serving-log", daemon=True).start()
+            deadline = time.monotonic() + self.startup_timeout
+            # The server writes the file atomically, so once it exists it holds the whole port.
+            while not port_file.is_file():
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    tail = "\n".join(self.log[-20:])
+                    raise RuntimeError(f"serving.server did not start listening on {self.base_path}. Its log:\n{tail}")
+                time.sleep(0.1)
+            self.port = int(port_file.read_text())
         return self.port
 
     def _read_log(self) -> None:
         # Drains the pipe for the server's whole life, so it never blocks on a full pipe.
         for line in self._process.stderr:
             self.log.append(line.rstrip())
-            match = _LISTENING.search(line)
-            if match and not self._listening.is_set():
-                self.port = int(match.group(2))
-                self._listening.set()
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """Sends SIGTERM (SIGKILL after `timeout` seconds) and returns the exit code."""
@@ -142,6 +144,16 @@ def paste_crops(crops: np.ndarray, window_boxes: np.ndarray, height: int, width:
     return paste_masks(crops, window_boxes, height, width, threshold).numpy()
 
 
+def side_by_side(pictures: Sequence[np.ndarray]) -> np.ndarray:
+    """(H, W, 3) uint8 pictures left to right on white, top-aligned."""
+    canvas = np.full((max(p.shape[0] for p in pictures), sum(p.shape[1] for p in pictures), 3), 255, np.uint8)
+    x = 0
+    for picture in pictures:
+        canvas[: picture.shape[0], x : x + picture.shape[1]] = picture
+        x += picture.shape[1]
+    return canvas
+
+
 def serve_and_query(
     export_dir_base: str | os.PathLike,
     model_name: str,
@@ -177,7 +189,7 @@ def serve_and_query(
         version = client.get_model_metadata().version
         outputs = client.predict_images(encoded)
         target = server.target
-    metadata = json.loads((base / str(version) / "assets.extra" / METADATA_FILE).read_text())
+    metadata = json.loads((base / str(version) / ASSETS_EXTRA / METADATA_FILE).read_text())
     threshold = metadata["proposals"]["mask_threshold"]
     pictures, results = [], []
     for i, path in enumerate(image_paths):
@@ -196,13 +208,8 @@ def serve_and_query(
                 "boxes": outputs["boxes"][i, :n].tolist(),
             }
         )
-    canvas = np.full((max(p.shape[0] for p in pictures), sum(p.shape[1] for p in pictures), 3), 255, np.uint8)
-    x = 0
-    for picture in pictures:
-        canvas[: picture.shape[0], x : x + picture.shape[1]] = picture
-        x += picture.shape[1]
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(out_png)
+    Image.fromarray(side_by_side(pictures)).save(out_png)
     return {"version": version, "target": target, "out_png": str(out_png), "images": results}
 
 

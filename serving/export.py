@@ -6,6 +6,9 @@ and ranks, so a client sends file bytes and gets fixed-size proposals back.
     python -m serving.export --model runs/small --base-path exports --model-name sharpmask
     python -m serving.export --model runs/x/sharpmask.keras --set export.top_n=200 --version 3
 
+In three layers, as TF Model Garden's export: `ProposalExportModule` (the tf.Module behind the
+signatures), `export_model` (the library function that writes a version) and `main` (the flags).
+
 Signatures (N = export.top_n, M = inference.crop_size, B = images in the request):
 
 - `serving_default`: `images` (B,) string, encoded JPEG/PNG/GIF/BMP bytes; the images of one
@@ -45,20 +48,26 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from sharpmask_tf.config import Config
+from serving.protocol import (
+    ASSETS_EXTRA,
+    INPUT_KEY,
+    METADATA_FILE,
+    OUTPUT_KEYS,
+    SIGNATURE_BYTES,
+    SIGNATURE_PIXELS,
+    WARMUP_FILE,
+)
+from sharpmask_tf.config import Config, ExportConfig, get_config, load_run_config
 from sharpmask_tf.inference import ProposalGenerator
+from sharpmask_tf.sharpmask import is_sharpmask
 
-SIGNATURE_BYTES = "serving_default"
-SIGNATURE_PIXELS = "serving_images"
-INPUT_KEY = "images"
-OUTPUT_KEYS = ("boxes", "scores", "masks", "window_boxes", "num_proposals")
-METADATA_FILE = "sharpmask_export.json"
-WARMUP_FILE = "tf_serving_warmup_requests"
 # Side of the grey JPEG each warm-up request sends.
 WARMUP_IMAGE_SIDE = 128
 
+# ----------------------------------------------------------------------------- the export module
 
-class ProposalServer(tf.Module):
+
+class ProposalExportModule(tf.Module):
     """The exported object: one image's proposal function behind two batched signatures.
 
     Only the variables the signatures read are tracked, so the SavedModel holds no weights the
@@ -117,6 +126,9 @@ class ProposalServer(tf.Module):
         }
 
 
+# ----------------------------------------------------------------------------- the library
+
+
 def export_model(
     model_or_path: keras.Model | str | os.PathLike,
     config: Config,
@@ -155,6 +167,28 @@ def export_model(
         "version": version,
     }
     export = dataclasses.replace(config.export, **{k: v for k, v in overrides.items() if v is not None})
+    export, target = _version_dir(export, overwrite)
+    config = dataclasses.replace(config, export=export)
+
+    inference = dataclasses.replace(config.inference, top_n=export.top_n)
+    if isinstance(model_or_path, keras.Model):
+        generator = ProposalGenerator(model_or_path, inference, coarse=coarse, full_masks=False)
+        source = model_or_path.name
+    else:
+        generator = ProposalGenerator.from_saved(model_or_path, inference, coarse=coarse, full_masks=False)
+        source = str(model_or_path)
+    module = ProposalExportModule(generator.propose_tensors, inference.top_n, inference.crop_size)
+    _write_version(module, export_metadata(config, generator, source), export, target, overwrite)
+    return target
+
+
+def _version_dir(export: ExportConfig, overwrite: bool) -> tuple[ExportConfig, Path]:
+    """The export settings with version 0 resolved to the next free number, and the version
+    directory they name (its parent created).
+
+    Raises:
+        FileExistsError: if the version directory exists and `overwrite` is False.
+    """
     model_dir = Path(export.base_path) / export.model_name
     model_dir.mkdir(parents=True, exist_ok=True)
     if export.version == 0:
@@ -166,30 +200,25 @@ def export_model(
             f"Version {export.version} of {export.model_name} exists; pass overwrite=True (--overwrite) or "
             f"another version. Received: {str(target)!r}"
         )
-    config = dataclasses.replace(config, export=export)
+    return export, target
 
-    inference = dataclasses.replace(config.inference, top_n=export.top_n)
-    if isinstance(model_or_path, keras.Model):
-        generator = ProposalGenerator(model_or_path, inference, coarse=coarse, full_masks=False)
-        source = model_or_path.name
-    else:
-        generator = ProposalGenerator.from_saved(model_or_path, inference, coarse=coarse, full_masks=False)
-        source = str(model_or_path)
-    module = ProposalServer(generator.propose_tensors, inference.top_n, inference.crop_size)
 
-    staging = model_dir / f".tmp-{export.version}-{os.getpid()}"
+def _write_version(
+    module: ProposalExportModule, metadata: dict, export: ExportConfig, target: Path, overwrite: bool
+) -> None:
+    """Saves the module with its assets.extra files to a hidden staging directory beside
+    `target`, then renames it into place, so a server never sees a half-written version."""
+    staging = target.parent / f".tmp-{export.version}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         tf.saved_model.save(module, str(staging), signatures=module.signatures())
-        extra = staging / "assets.extra"
+        extra = staging / ASSETS_EXTRA
         extra.mkdir()
-        metadata = export_metadata(config, generator, source)
         (extra / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         write_warmup_requests(extra / WARMUP_FILE, export.model_name, export.warmup_requests)
         _move_into_place(staging, target, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _move_into_place(staging: Path, target: Path, overwrite: bool) -> None:
@@ -216,7 +245,7 @@ def export_metadata(config: Config, generator: ProposalGenerator, source: str) -
     """What `assets.extra/sharpmask_export.json` records: the resolved config, the pipeline's
     numbers as the graph uses them, and the signatures."""
     kind = "sharpmask" if generator.refine else "deepmask"
-    if generator.coarse and any(layer.name == "refine" for layer in generator.model.layers):
+    if generator.coarse and is_sharpmask(generator.model):
         kind = "sharpmask (coarse DeepMask masks)"
     cfg = generator.config
     return {
@@ -272,11 +301,7 @@ def write_warmup_requests(path: str | os.PathLike, model_name: str, count: int) 
             writer.write(log.SerializeToString())
 
 
-def run_config(path: str | os.PathLike) -> Config | None:
-    """The `config.json` beside a `.keras` file or inside a run directory, or None."""
-    path = Path(path)
-    config_json = (path if path.is_dir() else path.parent) / "config.json"
-    return Config.from_json(config_json.read_text()) if config_json.is_file() else None
+# ----------------------------------------------------------------------------- the CLI
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -292,11 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--coarse", action="store_true", help="serve DeepMask's coarse masks from a SharpMask")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing version directory")
     args = parser.parse_args(argv)
-
-    from sharpmask_tf.config import get_config
-
     try:
-        config = (run_config(args.model) or get_config(args.preset)).override(args.set)
+        config = (load_run_config(args.model) or get_config(args.preset)).override(args.set)
     except ValueError as err:
         parser.error(str(err))
     try:

@@ -21,16 +21,10 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 from serving.client import ServingClient, ServingError
 from serving.demo_query import serve_and_query
-from serving.export import (
-    METADATA_FILE,
-    SIGNATURE_BYTES,
-    SIGNATURE_PIXELS,
-    WARMUP_FILE,
-    _move_into_place,
-    export_model,
-    main,
-)
-from serving.server import VersionManager, start_server
+from serving.export import _move_into_place, export_model, main
+from serving.protocol import METADATA_FILE, SIGNATURE_BYTES, SIGNATURE_PIXELS, WARMUP_FILE
+from serving.server import start_server
+from serving.versions import VersionManager
 from sharpmask_tf.config import Config, get_config
 from sharpmask_tf.inference import ProposalGenerator
 from sharpmask_tf.sharpmask import build_model

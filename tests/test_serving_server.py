@@ -7,7 +7,9 @@ be checked.
 
 import io
 import os
-import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -19,17 +21,15 @@ from google.protobuf import text_format
 from PIL import Image
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (
-    classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_service_pb2_grpc,
     predict_pb2,
-    prediction_log_pb2,
     prediction_service_pb2_grpc,
 )
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.server import WARMUP_FILE, ModelServer, parse_version_labels, start_server
+from serving.server import parse_version_labels, start_server
 from sharpmask_tf.config import ExportConfig
 
 MODEL = "stats"
@@ -290,135 +290,6 @@ def test_model_status_lists_loaded_versions_as_available(channel):
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_new_versions_are_served_without_restart_and_half_written_ones_are_not(tmp_path, images):
-    base = tmp_path / MODEL
-    save_stats_model(base / "1", offset=0.0)
-    staged = save_stats_model(tmp_path / "staging", offset=20.0)
-    with (
-        ModelServer(str(base), MODEL, poll_interval=0.1) as server,
-        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
-        status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus
-        status_request = get_model_status_pb2.GetModelStatusRequest()
-        status_request.model_spec.name = MODEL
-
-        def served():
-            response = predict(predict_request({"images": images[:1]}))
-            return response.model_spec.version.value, float(tf.make_ndarray(response.outputs["mean_colour"])[0, 0])
-
-        def states():
-            return {s.version: s.state for s in status(status_request).model_version_status}
-
-        # Version 3 is still being written: variables but no saved_model.pb.
-        shutil.copytree(os.path.join(staged, "variables"), base / "3" / "variables")
-        # Version 2 has a saved_model.pb that does not parse.
-        (base / "2").mkdir()
-        (base / "2" / "saved_model.pb").write_bytes(b"not a SavedModel")
-        eventually(lambda: 2 in states())
-        assert states() == {1: AVAILABLE, 2: END}
-        assert served() == (1, 200.0)
-
-        # Version 2 completed (renamed into place, as an exporter should): it is loaded and served.
-        shutil.rmtree(base / "2")
-        os.rename(staged, base / "2")
-        eventually(lambda: served()[0] == 2)
-        assert served() == (2, 220.0)
-        assert states() == {1: END, 2: AVAILABLE}
-
-
-class CallCounter(tf.Module):
-    """Counts the requests it answers (a variable assigned in the signature), so a test sees
-    whether warm-up requests ran before the first real one."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = tf.Variable(0, dtype=tf.int64)
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
-    def count(self, images):
-        tf.debugging.assert_positive(tf.size(images), message="images must hold at least one encoded image")
-        return {"calls": self.calls.assign_add(1)[None]}
-
-
-def save_counter_model(path, warmup_logs=None, warmup_bytes=None) -> str:
-    """A CallCounter SavedModel whose assets.extra holds these warm-up records (or raw bytes)."""
-    module = CallCounter()
-    tf.saved_model.save(module, str(path), signatures={"serving_default": module.count})
-    extra = path / "assets.extra"
-    if warmup_logs is not None:
-        extra.mkdir()
-        with tf.io.TFRecordWriter(str(extra / WARMUP_FILE)) as writer:
-            for log in warmup_logs:
-                writer.write(log if isinstance(log, bytes) else log.SerializeToString())
-    if warmup_bytes is not None:
-        extra.mkdir()
-        (extra / WARMUP_FILE).write_bytes(warmup_bytes)
-    return str(path)
-
-
-def predict_log(inputs) -> prediction_log_pb2.PredictionLog:
-    request = predict_request(inputs)
-    return prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
-
-
-@pytest.mark.parametrize("warmup", [True, False])
-def test_warmup_requests_run_before_the_first_request(tmp_path, warmup):
-    base = tmp_path / MODEL
-    save_counter_model(base / "1", [predict_log({"images": [b"x"]})] * 3 + [prediction_log_pb2.PredictionLog()])
-    with (
-        ModelServer(str(base), MODEL, enable_model_warmup=warmup) as server,
-        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
-        response = predict(predict_request({"images": [b"y"]}))
-    # Three Predict records ran at load time (the empty record is skipped, as TF Serving does).
-    assert tf.make_ndarray(response.outputs["calls"]).tolist() == ([4] if warmup else [1])
-
-
-def test_a_version_whose_warmup_fails_is_not_served_and_says_why(tmp_path):
-    base = tmp_path / MODEL
-    good = predict_log({"images": [b"x"]})
-    classify = prediction_log_pb2.PredictionLog(
-        classify_log=prediction_log_pb2.ClassifyLog(request=classification_pb2.ClassificationRequest())
-    )
-    save_counter_model(base / "1", [good])
-    save_counter_model(base / "2", [good, predict_log({"pictures": [b"x"]})])  # an input it does not have
-    save_counter_model(base / "3", [good, predict_log({"images": np.array([], object)})])  # fails in the run
-    save_counter_model(base / "4", warmup_bytes=b"not a TFRecord file at all")
-    save_counter_model(base / "5", [b"\xff\xff not a PredictionLog"])
-    save_counter_model(base / "6", [classify])
-    save_counter_model(base / "7", [good] * 1001)
-    with (
-        ModelServer(str(base), MODEL) as server,
-        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-    ):
-        status_request = get_model_status_pb2.GetModelStatusRequest()
-        status_request.model_spec.name = MODEL
-        statuses = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(status_request)
-        codes = {code.value[0]: code for code in grpc.StatusCode}
-        states = {s.version: (s.state, codes[s.status.error_code]) for s in statuses.model_version_status}
-        messages = {s.version: s.status.error_message for s in statuses.model_version_status}
-        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
-            predict_request({"images": [b"y"]})
-        )
-    assert states == {
-        1: (AVAILABLE, grpc.StatusCode.OK),
-        2: (END, grpc.StatusCode.INVALID_ARGUMENT),
-        3: (END, grpc.StatusCode.INVALID_ARGUMENT),
-        4: (END, grpc.StatusCode.DATA_LOSS),
-        5: (END, grpc.StatusCode.INVALID_ARGUMENT),
-        6: (END, grpc.StatusCode.UNIMPLEMENTED),
-        7: (END, grpc.StatusCode.INVALID_ARGUMENT),
-    }
-    assert "pictures" in messages[2] and "at least one encoded image" in messages[3]
-    assert "TFRecord" in messages[4] and "parse" in messages[5]
-    assert "classify_log" in messages[6] and "exceeds the maximum (1000)" in messages[7]
-    # The version that warmed up serves, its one warm-up request counted.
-    assert response.model_spec.version.value == 1
-    assert tf.make_ndarray(response.outputs["calls"]).tolist() == [2]
-
-
 def test_parse_version_labels():
     assert parse_version_labels("stable=1, canary=2") == {"stable": 1, "canary": 2}
     assert parse_version_labels("") == {}
@@ -435,3 +306,40 @@ def test_example_model_server_config_parses_and_labels_point_at_served_versions(
     assert model.name == ExportConfig().model_name
     assert os.path.basename(model.base_path) == ExportConfig().model_name
     assert set(model.version_labels.values()) <= set(model.model_version_policy.specific.versions)
+
+
+@pytest.mark.slow
+def test_cli_writes_the_bound_port_to_the_port_file_and_removes_it_at_shutdown(base_path, tmp_path):
+    port_file = tmp_path / "run" / "port"
+    port_file.parent.mkdir()
+    log = tmp_path / "server.log"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [
+        sys.executable, "-m", "serving.server",
+        "--model-base-path", str(base_path),
+        "--model-name", MODEL,
+        "--port", "0",
+        "--port-file", str(port_file),
+    ]  # fmt: skip
+    with open(log, "w") as stderr:
+        server = subprocess.Popen(command, stderr=stderr, env={**os.environ, "PYTHONPATH": repo}, cwd=repo)
+    try:
+        eventually(lambda: port_file.is_file() or server.poll() is not None, timeout=120)
+        assert server.poll() is None, log.read_text()
+        port = int(port_file.read_text())
+        # The file is the whole port (no staging file left beside it), the one the log line shows.
+        assert os.listdir(port_file.parent) == ["port"]
+        assert f"Serving model {MODEL} from {base_path} on 127.0.0.1:{port}" in log.read_text()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            request = get_model_status_pb2.GetModelStatusRequest()
+            request.model_spec.name = MODEL
+            status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(request, timeout=30)
+        assert [s.version for s in status.model_version_status] == [2]
+
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+        assert not port_file.exists()
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()

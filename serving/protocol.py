@@ -1,0 +1,41 @@
+"""What the export, the server and the client agree on: names, file layout and limits.
+
+A version directory in TF Serving's layout, as `serving.export` writes it and `serving.versions`
+reads it:
+
+    <base_path>/<model_name>/<version>/saved_model.pb
+                                      /variables/...
+                                      /assets.extra/sharpmask_export.json
+                                      /assets.extra/tf_serving_warmup_requests
+"""
+
+from __future__ import annotations
+
+import grpc
+
+# TF Serving's default signature key: a request naming no signature gets this one. The export's
+# encoded-bytes signature is it.
+DEFAULT_SIGNATURE = "serving_default"
+SIGNATURE_BYTES = DEFAULT_SIGNATURE
+SIGNATURE_PIXELS = "serving_images"
+# The one input of both exported signatures, and their outputs.
+INPUT_KEY = "images"
+OUTPUT_KEYS = ("boxes", "scores", "masks", "window_boxes", "num_proposals")
+
+# The MetaGraph tag TF Serving loads.
+SERVE_TAG = "serve"
+SAVED_MODEL_FILE = "saved_model.pb"
+# Files beside the SavedModel that TF Serving leaves alone, except the warm-up file.
+ASSETS_EXTRA = "assets.extra"
+# The export's record of its config and pipeline numbers, under assets.extra (ours).
+METADATA_FILE = "sharpmask_export.json"
+# TF Serving's SavedModel warm-up file, under assets.extra, and the records it replays at most.
+WARMUP_FILE = "tf_serving_warmup_requests"
+MAX_WARMUP_RECORDS = 1000
+
+# Large enough for a batch of full-resolution images in and dense masks out; gRPC's default
+# receive limit is 4 MiB.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+# TensorFlow's error codes are gRPC's, number for number.
+GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
