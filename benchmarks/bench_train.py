@@ -22,7 +22,7 @@ import tensorflow as tf  # noqa: E402
 
 from benchmarks.common import matmul_gflops  # noqa: E402
 from sharpmask_tf.config import get_config  # noqa: E402
-from sharpmask_tf.trainer import Trainer, _Stage  # noqa: E402
+from sharpmask_tf.trainer import Trainer  # noqa: E402
 
 
 def _constant_dataset(config, split="train", stage=1, batch_size=None, input_context=None, seed=None, repeat=True):
@@ -51,18 +51,15 @@ def step_rate(preset: str, stage: str, batch: int, steps: int, jit: bool) -> flo
             make_validation_patches=lambda *a: None,
             progress=False,
         )
-        runner = _Stage(trainer, stage, None)
-        iterator = iter(
-            trainer.strategy.distribute_datasets_from_function(
-                lambda ctx: _constant_dataset(config, stage=1 if stage == "deepmask" else 2)
-            )
-        )
+        task = trainer.build_task(stage)
+        train_step = trainer.distributed_train_step(task, trainer.stage_checkpoints(task).step)
+        iterator = trainer.train_iterator(task, seed=0)
         stop = tf.constant(0.0)
         for _ in range(2):
-            runner._train_step(iterator, stop)[0].numpy()
+            train_step(iterator, stop)[0].numpy()
         start = time.perf_counter()
         for _ in range(steps):
-            sums, _ = runner._train_step(iterator, stop)
+            sums, _ = train_step(iterator, stop)
         sums.numpy()
         return batch * steps / (time.perf_counter() - start)
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from sharpmask_tf.config import Config, load_run_config
 from sharpmask_tf.data.coco import indexed_coco
-from sharpmask_tf.losses import iou_summary, mask_iou
+from sharpmask_tf.losses import iou_summary, mask_iou, resize_logits
 
 MAX_DETS = (1, 10, 100, 1000)
 CURVE_MAX = 1000
@@ -289,6 +289,24 @@ def _without_curves(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def output_ious(outputs: dict[str, Any], labels: np.ndarray, coarse: bool = False) -> np.ndarray:
+    """Per-patch IoU of one batch of model outputs (masks at probability .5) against their labels.
+
+    Args:
+        outputs: a DeepMask or SharpMask output dict: "masks" (B, h, w) logits and, from SharpMask,
+            "coarse_masks".
+        labels: (B, L, L) +1/-1 labels; logits of another side are resized bilinearly to L.
+        coarse: score SharpMask's coarse masks instead of the refined ones (DeepMask's "masks"
+            otherwise).
+
+    Returns:
+        (B,) IoUs (`sharpmask_tf.losses.mask_iou`: both empty counts as 1).
+    """
+    logits = outputs["coarse_masks" if coarse and "coarse_masks" in outputs else "masks"]
+    labels = np.asarray(labels)
+    return mask_iou(resize_logits(logits, labels.shape[1]).numpy(), labels)
+
+
 def patch_ious(model, batches: Iterable[dict[str, np.ndarray]], coarse: bool = False) -> np.ndarray:
     """Per-patch IoU of a model's masks (probability .5) on held-out mask samples.
 
@@ -299,19 +317,12 @@ def patch_ious(model, batches: Iterable[dict[str, np.ndarray]], coarse: bool = F
         coarse: score SharpMask's coarse masks instead of the refined ones.
 
     Returns:
-        (N,) IoUs over all patches (`sharpmask_tf.losses.mask_iou`: both empty counts as 1).
+        (N,) IoUs over all patches (`output_ious` of each batch).
     """
-    import tensorflow as tf
-
-    ious = []
-    for batch in batches:
-        out = model.predict_on_batch(np.asarray(batch["images"], np.float32))
-        logits = out["coarse_masks" if coarse and "coarse_masks" in out else "masks"]
-        labels = np.asarray(batch["masks"])
-        size = labels.shape[1:3]
-        if tuple(logits.shape[1:3]) != tuple(size):
-            logits = tf.image.resize(np.asarray(logits)[..., None], size, method="bilinear")[..., 0].numpy()
-        ious.append(mask_iou(logits, labels))
+    ious = [
+        output_ious(model.predict_on_batch(np.asarray(batch["images"], np.float32)), batch["masks"], coarse)
+        for batch in batches
+    ]
     return np.concatenate(ious) if ious else np.zeros([0])
 
 

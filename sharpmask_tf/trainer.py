@@ -1,10 +1,10 @@
 """The two-stage SharpMask schedule as one custom loop for every tf.distribute strategy.
 
-Stage 1 ("deepmask") trains DeepMask's trunk and head C on the joint mask + score loss with SGD,
-momentum and L2 weight decay under the reference's step schedule. Stage 2 ("sharpmask") builds
-SharpMask, copies stage 1's best weights in and trains only the refinement (horizontal nets S1..S4
-and the vertical path M1, R1..R4) with plain SGD; the trunk and head C run outside the gradient
-tape, so the backward pass never enters them.
+The loop drives a `sharpmask_tf.task.StageTask` per stage (its model, optimizer, inputs, replica
+train step and validation) through its public methods and owns everything around it: the
+strategy (`sharpmask_tf.distribute`), checkpoints and the best model (`sharpmask_tf.checkpoints`),
+resumption, stop signals, TensorBoard and metrics.json (TF Model Garden's split of `base_trainer`
+from `base_task`).
 
 The loop is a `strategy.run` step inside a `tf.function` (Keras 3's `fit` fails under
 MultiWorkerMirroredStrategy, keras-team/keras#20585). Each replica's loss is its per-example
@@ -21,8 +21,6 @@ A model directory holds:
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -37,21 +35,15 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from sharpmask_tf.config import Config
-from sharpmask_tf.losses import iou_summary, joint_loss, mask_iou, resize_logits
-from sharpmask_tf.sharpmask import build_model, copy_weights, refinement_split
+from sharpmask_tf.checkpoints import StageCheckpoints, check_model_dir, has_stage_result
+from sharpmask_tf.config import CONFIG_FILE, Config
+from sharpmask_tf.deepmask import dtype_policy_scope
+from sharpmask_tf.distribute import cluster_role, resolve_strategy
+from sharpmask_tf.task import STAGES, DatasetFn, StageTask, ValidationFn, stage_model
 
-STAGES = ("deepmask", "sharpmask")
-STRATEGIES = ("auto", "default", "mirrored", "multiworker")
-CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 # Patches drawn into TensorBoard at every validation.
 IMAGES_TO_LOG = 3
-# Validation forward passes run in chunks of this many patches.
-VALIDATION_CHUNK = 64
-
-DatasetFn = Callable[..., tf.data.Dataset]
-ValidationFn = Callable[..., dict]
 
 
 class TrainingInterrupted(Exception):
@@ -66,91 +58,6 @@ class TrainingInterrupted(Exception):
     def __init__(self, stage: str, step: int, signum: int):
         super().__init__(f"{signal.Signals(signum).name} received: stage {stage} saved at step {step}")
         self.stage, self.step, self.signum = stage, step, signum
-
-
-def resolve_strategy(name: str = "auto") -> tf.distribute.Strategy:
-    """Picks a tf.distribute strategy. Call it before any other TensorFlow work in the process
-    (MultiWorkerMirroredStrategy needs that).
-
-    Args:
-        name: "auto" (MultiWorkerMirroredStrategy when TF_CONFIG names several workers,
-            MirroredStrategy over all local GPUs when there are any, else the default strategy),
-            "default", "mirrored" (all local GPUs, or the CPU) or "multiworker" (from TF_CONFIG).
-
-    Returns:
-        The strategy.
-    """
-    if name not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}. Received: strategy={name!r}")
-    if name == "auto":
-        workers = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {}).get("worker", [])
-        if len(workers) > 1:
-            name = "multiworker"
-        elif tf.config.list_physical_devices("GPU"):
-            name = "mirrored"
-        else:
-            name = "default"
-    if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-def learning_rate_schedule(config: Config, stage: str) -> keras.optimizers.schedules.LearningRateSchedule | float:
-    """The learning rate of a stage: stage 1 steps down from `training.learning_rate` through
-    `lr_decay_rates` at the fractions `lr_decay_at` of `stage1_steps` (the reference's
-    1e-3 -> 5e-4 -> 1e-4 at 50% and 80%); stage 2 is constant."""
-    t = config.training
-    if stage == "sharpmask":
-        return t.stage2_learning_rate
-    boundaries = [max(1, round(f * t.stage1_steps)) for f in t.lr_decay_at]
-    for i in range(1, len(boundaries)):
-        boundaries[i] = max(boundaries[i], boundaries[i - 1] + 1)
-    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, [t.learning_rate, *t.lr_decay_rates])
-
-
-def stage_model(config: Config, stage: str) -> keras.Model:
-    """DeepMask for stage 1, SharpMask for stage 2, from the config's model section."""
-    return build_model(dataclasses.replace(config.model, refinement=stage == "sharpmask"))
-
-
-def check_model_dir(config: Config, model_dir: str) -> None:
-    """Checks that a model directory is new or was written with the same model configuration.
-
-    Raises:
-        ValueError: naming the differing `model` fields when its config.json disagrees.
-    """
-    path = os.path.join(model_dir, CONFIG_FILE)
-    if not tf.io.gfile.exists(path):
-        return
-    with tf.io.gfile.GFile(path) as f:
-        saved = Config.from_json(f.read())
-    diff = {
-        k: (v, getattr(config.model, k))
-        for k, v in dataclasses.asdict(saved.model).items()
-        if v != getattr(config.model, k)
-    }
-    if diff:
-        raise ValueError(
-            f"Model directory {model_dir} holds checkpoints of a different model configuration; "
-            f"use a new --model-dir. Differing fields (saved, requested): {diff}"
-        )
-
-
-def has_stage_result(model_dir: str, stage: str) -> bool:
-    """Whether a model directory holds the best weights of a stage."""
-    return tf.train.latest_checkpoint(os.path.join(model_dir, stage, "best")) is not None
-
-
-def _cluster_role(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
-    """(is_chief, worker index) of this process."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True, 0
-    task_type, task_id = resolver.task_type, int(resolver.task_id or 0)
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief), task_id
 
 
 class _StopSignals:
@@ -174,291 +81,6 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-class _Stage:
-    """One stage's model, optimizer, checkpoints, step function and validation."""
-
-    def __init__(
-        self,
-        trainer: Trainer,
-        stage: str,
-        init_from: keras.Model | None,
-    ):
-        self.trainer, self.stage = trainer, stage
-        config, strategy = trainer.config, trainer.strategy
-        t = config.training
-        self.total_steps = t.stage1_steps if stage == "deepmask" else t.stage2_steps
-        self.dir = os.path.join(trainer.model_dir, stage)
-        keras.utils.set_random_seed(t.seed)
-        with strategy.scope():
-            self.model = stage_model(config, stage)
-            if init_from is not None:
-                copy_weights(init_from, self.model)
-            if stage == "deepmask":
-                self.frozen, self.trained = None, self.model
-                optimizer = keras.optimizers.SGD(learning_rate_schedule(config, stage), momentum=t.momentum)
-                self.weight_decay = t.weight_decay
-            else:
-                self.frozen, self.trained = refinement_split(self.model)
-                optimizer = keras.optimizers.SGD(t.stage2_learning_rate)
-                self.weight_decay = 0.0
-            if t.mixed_precision:
-                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-            self.optimizer = optimizer
-            self.variables = self.trained.trainable_variables
-            self.optimizer.build(self.variables)
-            self.step = tf.Variable(
-                0, dtype=tf.int64, trainable=False, name="step", aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA
-            )
-            # The sampler stream is a pure function of (data seed, the step it started at); a
-            # resumed run starts a fresh, reproducible stream at the restored step.
-            self.data_seed = tf.Variable(
-                config.data.seed,
-                dtype=tf.int64,
-                trainable=False,
-                name="data_seed",
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-            )
-            self.stream_start = tf.Variable(
-                0,
-                dtype=tf.int64,
-                trainable=False,
-                name="stream_start",
-                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-            )
-        self.checkpoint = tf.train.Checkpoint(
-            model=self.model,
-            optimizer=self.optimizer,
-            step=self.step,
-            data_seed=self.data_seed,
-            stream_start=self.stream_start,
-        )
-        write_dir = (
-            self.dir if trainer.is_chief else os.path.join(trainer.model_dir, "workers", str(trainer.worker), stage)
-        )
-        self.manager = tf.train.CheckpointManager(self.checkpoint, write_dir, max_to_keep=3)
-        self.best_checkpoint = tf.train.Checkpoint(model=self.model)
-        self.best_manager = tf.train.CheckpointManager(
-            self.best_checkpoint, os.path.join(write_dir, "best"), max_to_keep=1
-        )
-        self.best = self._read_best()
-        self._train_step = self._make_train_step()
-        self._predict = tf.function(lambda x: self.model(x, training=False))
-
-    def _read_best(self) -> dict | None:
-        path = os.path.join(self.best_manager.directory, "best.json")
-        if not tf.io.gfile.exists(path):
-            return None
-        with tf.io.gfile.GFile(path) as f:
-            return json.load(f)
-
-    def restore(self) -> bool:
-        """Restores the stage's latest checkpoint (the chief's, on every worker), if any."""
-        latest = tf.train.latest_checkpoint(self.dir)
-        if latest is None:
-            return False
-        self.checkpoint.restore(latest).assert_existing_objects_matched()
-        return True
-
-    def restore_best(self) -> None:
-        """Loads the best weights kept by validation into the model."""
-        latest = self.best_manager.latest_checkpoint
-        if latest is None:
-            raise FileNotFoundError(f"No best checkpoint of stage {self.stage} in {self.best_manager.directory}")
-        self.best_checkpoint.restore(latest).expect_partial()
-
-    def _make_train_step(self):
-        config, strategy = self.trainer.config, self.trainer.strategy
-        t = config.training
-        global_batch, replicas = t.batch_size, strategy.num_replicas_in_sync
-        stage1 = self.stage == "deepmask"
-
-        def gradients(batch):
-            features = None if stage1 else self.frozen(batch["images"], training=False)
-            with tf.GradientTape() as tape:
-                if stage1:
-                    out = self.model(batch["images"], training=True)
-                    losses = joint_loss(out["masks"], out["scores"], batch, t.score_weight)
-                else:
-                    losses = joint_loss(self.trained(features, training=True), None, batch, 0.0)
-                loss = tf.reduce_sum(losses["loss"]) / global_batch
-                if self.weight_decay:
-                    # L2 weight decay, as the reference's optim.sgd weightDecay: wd * w joins the
-                    # gradient before momentum. Divided by the replicas, whose gradients are summed.
-                    l2 = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in self.variables])
-                    loss += 0.5 * self.weight_decay * l2 / replicas
-                scaled = self.optimizer.scale_loss(loss)
-            # Sums for the logs: mask loss, mask samples, score loss, score samples, objective.
-            sums = tf.stack(
-                [
-                    tf.reduce_sum(losses["mask"]),
-                    tf.reduce_sum(batch["mask_weight"]),
-                    tf.reduce_sum(losses["score"]),
-                    tf.reduce_sum(batch["score_weight"]),
-                    tf.reduce_sum(losses["loss"]) / global_batch,
-                ]
-            )
-            return sums, tape.gradient(scaled, self.variables)
-
-        gradients = tf.function(gradients, jit_compile=t.jit)
-
-        def replica_step(batch, stop):
-            sums, grads = gradients(batch)
-            self.optimizer.apply(grads, self.variables)
-            # tf.identity places the flag on this replica's device, which all_reduce needs.
-            stop = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(stop))
-            return sums, stop
-
-        @tf.function
-        def train_step(iterator, stop):
-            sums, stop = strategy.run(replica_step, args=(next(iterator), stop))
-            self.step.assign_add(1)
-            return (
-                strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None),
-                strategy.reduce(tf.distribute.ReduceOp.MEAN, stop, axis=None),
-            )
-
-        return train_step
-
-    def learning_rate(self) -> float:
-        lr = self.optimizer.learning_rate
-        return float(lr.numpy() if hasattr(lr, "numpy") else lr)
-
-    def _dataset(self):
-        trainer, seed = self.trainer, int(self.data_seed.numpy()) + 7919 * int(self.stream_start.numpy())
-        stage_number = STAGES.index(self.stage) + 1
-
-        def dataset_fn(input_context):
-            return trainer.make_dataset(
-                trainer.config, split="train", stage=stage_number, input_context=input_context, seed=seed, repeat=True
-            )
-
-        return iter(trainer.strategy.distribute_datasets_from_function(dataset_fn))
-
-    def validate(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """Per-patch IoU metrics on the validation patches (and score accuracy in stage 1).
-
-        Returns:
-            (metrics, images): metrics as floats; images: the logits used, for TensorBoard.
-        """
-        val = self.trainer.validation_data(self.stage)
-        out = self._predict_all(val["images"])
-        labels = val["masks"]
-        side = labels.shape[1]
-        if self.stage == "deepmask":
-            logits = resize_logits(out["masks"], side).numpy()
-            metrics = iou_summary(mask_iou(logits, labels))
-            scores = self._predict_all(val["score_images"])["scores"]
-            metrics["score_accuracy"] = float(np.mean((scores > 0) == (val["score_labels"] > 0)))
-        else:
-            logits = out["masks"]
-            metrics = iou_summary(mask_iou(logits, labels))
-            coarse = iou_summary(mask_iou(resize_logits(out["coarse_masks"], side).numpy(), labels))
-            metrics.update({f"coarse_{k}": v for k, v in coarse.items()})
-        return metrics, {
-            "images": val["images"][:IMAGES_TO_LOG],
-            "labels": labels[:IMAGES_TO_LOG],
-            "logits": logits[:IMAGES_TO_LOG],
-        }
-
-    def _predict_all(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        chunks = [self._predict(images[i : i + VALIDATION_CHUNK]) for i in range(0, len(images), VALIDATION_CHUNK)]
-        return {k: np.concatenate([c[k].numpy() for c in chunks]) for k in chunks[0]}
-
-    def _is_better(self, metrics: dict) -> bool:
-        """Best by the share of patches over IoU .7; ties (common early, when the share is 0) go
-        to mean IoU plus, in stage 1, score accuracy: a DeepMask whose score head has collapsed
-        to a constant ranks proposals at random, however good its masks."""
-        if self.best is None:
-            return True
-        key = lambda m: (m["iou_over_70"], m["mean_iou"] + m.get("score_accuracy", 0.0))  # noqa: E731
-        return key(metrics) > key(self.best["metrics"])
-
-    def _keep_if_best(self, metrics: dict, step: int) -> None:
-        if not self._is_better(metrics):
-            return
-        self.best_manager.save(checkpoint_number=step)
-        self.best = {"step": step, "metrics": metrics}
-        with tf.io.gfile.GFile(os.path.join(self.best_manager.directory, "best.json"), "w") as f:
-            json.dump(self.best, f, indent=2)
-
-    def run(self, stop: _StopSignals) -> dict:
-        """Trains to the stage's last step (resuming from a checkpoint), keeps the best weights,
-        loads them into the model and returns the stage's metrics."""
-        trainer, t = self.trainer, self.trainer.config.training
-        if self.restore():
-            self.stream_start.assign(self.step)
-            trainer.log(
-                f"{self.stage}: resumed from {self.manager.latest_checkpoint or self.dir} at step "
-                f"{int(self.step.numpy())}"
-            )
-        step = int(self.step.numpy())
-        writers = trainer.writers(self.stage)
-        patches = trainer.config.training.batch_size
-        last_validated = self.best["step"] if self.best else -1
-        bar = tqdm(
-            total=self.total_steps,
-            initial=step,
-            desc=self.stage,
-            unit="step",
-            disable=not (trainer.progress and trainer.is_chief),
-            dynamic_ncols=True,
-            mininterval=1.0,
-        )
-        loss_avg, tick, tick_step = None, time.perf_counter(), step
-        if step < self.total_steps:
-            iterator = self._dataset()
-        while step < self.total_steps:
-            sums, stopping = self._train_step(iterator, tf.constant(float(stop.signum is not None)))
-            step += 1
-            mask_sum, masks, score_sum, scores, loss = (float(x) for x in sums.numpy())
-            if not math.isfinite(loss) and not t.mixed_precision:
-                raise FloatingPointError(f"{self.stage}: the loss is {loss} at step {step}")
-            loss_avg = loss if loss_avg is None else 0.9 * loss_avg + 0.1 * loss
-            if float(stopping) > 0:
-                self.manager.save(checkpoint_number=step)
-                bar.close()
-                raise TrainingInterrupted(self.stage, step, stop.signum or signal.SIGTERM)
-            if step % t.log_every == 0 or step == self.total_steps:
-                now = time.perf_counter()
-                rate = (step - tick_step) / max(now - tick, 1e-9)
-                tick, tick_step = now, step
-                bar.set_postfix(loss=f"{loss_avg:.4f}", patches_s=f"{rate * patches:.1f}", refresh=False)
-                with writers["train"].as_default(step=step):
-                    tf.summary.scalar("loss", loss)
-                    if masks:
-                        tf.summary.scalar("mask_loss", mask_sum / masks)
-                    if scores:
-                        tf.summary.scalar("score_loss", score_sum / scores)
-                    tf.summary.scalar("learning_rate", self.learning_rate())
-                    tf.summary.scalar("patches_per_second", rate * patches)
-            bar.update(1)
-            if step % t.checkpoint_every == 0:
-                self.manager.save(checkpoint_number=step)
-            if step % t.validate_every == 0 and step != self.total_steps:
-                self._validate_and_log(step, writers["val"])
-                last_validated = step
-        bar.close()
-        if self.manager.latest_checkpoint is None or not self.manager.latest_checkpoint.endswith(f"-{step}"):
-            self.manager.save(checkpoint_number=step)
-        if last_validated != step:
-            self._validate_and_log(step, writers["val"])
-        self.restore_best()
-        return {"step": step, "train_loss": loss_avg, "best_step": self.best["step"], **self.best["metrics"]}
-
-    def _validate_and_log(self, step: int, writer) -> None:
-        metrics, shown = self.validate()
-        self._keep_if_best(metrics, step)
-        with writer.as_default(step=step):
-            for k, v in metrics.items():
-                tf.summary.scalar(k, v)
-            tf.summary.image(
-                "masks",
-                _mask_panels(shown, self.trainer.config.model.context, self.trainer.config.model.patch_size),
-                max_outputs=IMAGES_TO_LOG,
-            )
-        self.trainer.log(f"{self.stage} step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-
-
 def _mask_panels(shown: dict[str, np.ndarray], context: int, patch_size: int) -> np.ndarray:
     """(N, L, 3L, 3) images: the patch's central window, the label and the predicted probability."""
     side = shown["labels"].shape[1]
@@ -467,6 +89,18 @@ def _mask_panels(shown: dict[str, np.ndarray], context: int, patch_size: int) ->
     label = np.repeat((shown["labels"][..., None] > 0).astype(np.float32), 3, axis=-1)
     prob = np.repeat(1 / (1 + np.exp(-shown["logits"][..., None])), 3, axis=-1)
     return np.clip(np.concatenate([window, label, prob], axis=2), 0, 1)
+
+
+def _write_train_summaries(writer, step: int, sums: list[float], learning_rate: float, patches_s: float) -> None:
+    mask_sum, masks, score_sum, scores, loss = sums
+    with writer.as_default(step=step):
+        tf.summary.scalar("loss", loss)
+        if masks:
+            tf.summary.scalar("mask_loss", mask_sum / masks)
+        if scores:
+            tf.summary.scalar("score_loss", score_sum / scores)
+        tf.summary.scalar("learning_rate", learning_rate)
+        tf.summary.scalar("patches_per_second", patches_s)
 
 
 class Trainer:
@@ -480,6 +114,9 @@ class Trainer:
         make_validation_patches: `sharpmask_tf.data.make_validation_patches` or alike.
         progress: show a progress bar (on the chief).
         log: where one-line progress messages go (the chief's only).
+
+    Raises:
+        ValueError: if the global batch does not split evenly over the strategy's replicas.
     """
 
     def __init__(
@@ -492,11 +129,6 @@ class Trainer:
         progress: bool = True,
         log: Callable[[str], None] = print,
     ):
-        if make_dataset is None or make_validation_patches is None:
-            from sharpmask_tf import data
-
-            make_dataset = make_dataset or data.make_dataset
-            make_validation_patches = make_validation_patches or data.make_validation_patches
         replicas = strategy.num_replicas_in_sync
         if config.training.batch_size % replicas:
             raise ValueError(
@@ -506,9 +138,8 @@ class Trainer:
         self.config, self.model_dir, self.strategy = config, model_dir, strategy
         self.make_dataset, self.make_validation_patches = make_dataset, make_validation_patches
         self.progress = progress
-        self.is_chief, self.worker = _cluster_role(strategy)
+        self.is_chief, self.worker = cluster_role(strategy)
         self._log = log
-        self._validation: dict[str, dict] = {}
         self._writers: dict[str, dict] = {}
 
     def log(self, message: str) -> None:
@@ -526,56 +157,194 @@ class Trainer:
                 self._writers[stage] = {k: tf.summary.create_noop_writer() for k in ("train", "val")}
         return self._writers[stage]
 
-    def validation_data(self, stage: str) -> dict[str, np.ndarray]:
-        """The fixed validation set of a stage: mask patches and, in stage 1, score patches."""
-        if stage not in self._validation:
-            t, stage_number = self.config.training, STAGES.index(stage) + 1
-            val = dict(self.make_validation_patches(self.config, t.val_patches, stage_number, t.seed))
-            if stage == "deepmask":
-                score_config = self.config.override(["data.score_frequency=1.0"])
-                batch = min(t.val_patches, VALIDATION_CHUNK)
-                batches = list(
-                    self.make_dataset(
-                        score_config, split="val", stage=1, batch_size=batch, seed=t.seed, repeat=True
-                    ).take(math.ceil(t.val_patches / batch))
-                )
-                val["score_images"] = np.concatenate([b["images"].numpy() for b in batches])[: t.val_patches]
-                val["score_labels"] = np.concatenate([b["scores"].numpy() for b in batches])[: t.val_patches]
-            self._validation[stage] = val
-        return self._validation[stage]
+    def check(self, stage: str = "both") -> None:
+        """Checks, before any work, that `run(stage)` can start in the model directory.
+
+        Raises:
+            ValueError: for a bad stage, a refinement stage of a model without refinement, or a
+                model directory of another model configuration.
+            FileNotFoundError: for stage "sharpmask" in a model directory without stage 1's result.
+        """
+        if stage not in (*STAGES, "both"):
+            raise ValueError(f"stage must be one of {(*STAGES, 'both')}. Received: stage={stage!r}")
+        if stage != "deepmask" and not self.config.model.refinement:
+            raise ValueError(
+                f"Stage {stage!r} trains the refinement, but model.refinement=false: train stage 'deepmask' only."
+            )
+        check_model_dir(self.config, self.model_dir)
+        if stage == "sharpmask" and not self._has_checkpoints("sharpmask"):
+            self._deepmask_result()
+
+    def run(self, stage: str = "both") -> dict[str, Any]:
+        """`check(stage)`, then `train`'s work: see there."""
+        self.check(stage)
+        self.write_config()
+        metrics: dict[str, Any] = {}
+        with dtype_policy_scope("mixed_float16" if self.config.training.mixed_precision else "float32"):
+            deepmask = None
+            if stage in ("deepmask", "both"):
+                deepmask, metrics["deepmask"] = self.run_stage("deepmask")
+            if stage in ("sharpmask", "both"):
+                _, metrics["sharpmask"] = self.run_stage("sharpmask", init_from=deepmask)
+        return self.write_metrics(metrics)
 
     def write_config(self) -> None:
-        check_model_dir(self.config, self.model_dir)
+        """Writes config.json (on the chief), after `check`."""
         if self.is_chief:
             tf.io.gfile.makedirs(self.model_dir)
             with tf.io.gfile.GFile(os.path.join(self.model_dir, CONFIG_FILE), "w") as f:
                 f.write(self.config.to_json())
 
+    def build_task(self, stage: str, init_from: keras.Model | None = None) -> StageTask:
+        """The stage's task, built in the strategy's scope."""
+        with self.strategy.scope():
+            return StageTask(
+                self.config,
+                stage,
+                init_from,
+                self.strategy.num_replicas_in_sync,
+                self.make_dataset,
+                self.make_validation_patches,
+            )
+
+    def stage_checkpoints(self, task: StageTask) -> StageCheckpoints:
+        """The loop state and checkpoints of a task's stage in the model directory."""
+        directory = os.path.join(self.model_dir, task.stage)
+        write_directory = (
+            directory if self.is_chief else os.path.join(self.model_dir, "workers", str(self.worker), task.stage)
+        )
+        with self.strategy.scope():
+            return StageCheckpoints(
+                task.stage, task.model, task.optimizer, self.config.data.seed, directory, write_directory
+            )
+
+    def train_iterator(self, task: StageTask, seed: int) -> Any:
+        """The task's training stream, distributed over the replicas."""
+        return iter(self.strategy.distribute_datasets_from_function(lambda ctx: task.build_inputs(seed, ctx)))
+
+    def distributed_train_step(self, task: StageTask, step: tf.Variable) -> Callable:
+        """A tf.function (distributed iterator, stop flag) -> (log sums over replicas, stop flag's
+        mean): `task.train_step` on every replica, then `step` + 1. The flag, summed over the
+        replicas, stops every worker at the same step."""
+        strategy = self.strategy
+
+        def replica_step(batch, stop):
+            sums = task.train_step(batch)
+            # tf.identity places the flag on this replica's device, which all_reduce needs.
+            stop = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(stop))
+            return sums, stop
+
+        @tf.function
+        def train_step(iterator, stop):
+            sums, stop = strategy.run(replica_step, args=(next(iterator), stop))
+            step.assign_add(1)
+            return (
+                strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None),
+                strategy.reduce(tf.distribute.ReduceOp.MEAN, stop, axis=None),
+            )
+
+        return train_step
+
+    def fit_stage(self, task: StageTask, checkpoints: StageCheckpoints, stop: _StopSignals) -> dict:
+        """Trains a task to its last step (resuming from its checkpoints), keeps the best weights,
+        loads them into the model and returns the stage's metrics.
+
+        Raises:
+            FloatingPointError: for a loss that is not finite (without mixed precision).
+            TrainingInterrupted: once `stop` holds a signal and the current step is saved.
+        """
+        stage, t = task.stage, self.config.training
+        if checkpoints.resume():
+            where = checkpoints.latest or checkpoints.directory
+            self.log(f"{stage}: resumed from {where} at step {int(checkpoints.step.numpy())}")
+        step = int(checkpoints.step.numpy())
+        last_validated = checkpoints.best["step"] if checkpoints.best else -1
+        bar = tqdm(
+            total=task.num_steps,
+            initial=step,
+            desc=stage,
+            unit="step",
+            disable=not (self.progress and self.is_chief),
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+        loss_avg, tick, tick_step = None, time.perf_counter(), step
+        if step < task.num_steps:
+            iterator = self.train_iterator(task, checkpoints.stream_seed())
+            train_step = self.distributed_train_step(task, checkpoints.step)
+        while step < task.num_steps:
+            sums, stopping = train_step(iterator, tf.constant(float(stop.signum is not None)))
+            step += 1
+            sums = [float(x) for x in sums.numpy()]
+            if not math.isfinite(sums[-1]) and not t.mixed_precision:
+                raise FloatingPointError(f"{stage}: the loss is {sums[-1]} at step {step}")
+            loss_avg = sums[-1] if loss_avg is None else 0.9 * loss_avg + 0.1 * sums[-1]
+            if float(stopping) > 0:
+                checkpoints.save(step)
+                bar.close()
+                raise TrainingInterrupted(stage, step, stop.signum or signal.SIGTERM)
+            if step % t.log_every == 0 or step == task.num_steps:
+                now = time.perf_counter()
+                patches_s = (step - tick_step) / max(now - tick, 1e-9) * t.batch_size
+                tick, tick_step = now, step
+                bar.set_postfix(loss=f"{loss_avg:.4f}", patches_s=f"{patches_s:.1f}", refresh=False)
+                _write_train_summaries(self.writers(stage)["train"], step, sums, task.learning_rate(), patches_s)
+            bar.update(1)
+            if step % t.checkpoint_every == 0:
+                checkpoints.save(step)
+            if step % t.validate_every == 0 and step != task.num_steps:
+                self._validate_and_log(task, checkpoints, step)
+                last_validated = step
+        bar.close()
+        checkpoints.save(step)
+        if last_validated != step:
+            self._validate_and_log(task, checkpoints, step)
+        checkpoints.restore_best()
+        best = checkpoints.best
+        return {"step": step, "train_loss": loss_avg, "best_step": best["step"], **best["metrics"]}
+
+    def _validate_and_log(self, task: StageTask, checkpoints: StageCheckpoints, step: int) -> None:
+        metrics, shown = task.validation_step(IMAGES_TO_LOG)
+        checkpoints.keep_if_best(metrics, step)
+        with self.writers(task.stage)["val"].as_default(step=step):
+            for k, v in metrics.items():
+                tf.summary.scalar(k, v)
+            tf.summary.image(
+                "masks",
+                _mask_panels(shown, self.config.model.context, self.config.model.patch_size),
+                max_outputs=IMAGES_TO_LOG,
+            )
+        self.log(f"{task.stage} step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+
     def run_stage(self, stage: str, init_from: keras.Model | None = None) -> tuple[keras.Model, dict]:
         """Trains one stage (resuming if it has checkpoints), exports `<stage>.keras` with its best
         weights and returns (the model with those weights, the stage's metrics)."""
-        if (
-            stage == "sharpmask"
-            and init_from is None
-            and tf.train.latest_checkpoint(os.path.join(self.model_dir, stage)) is None
-        ):
+        if stage == "sharpmask" and init_from is None and not self._has_checkpoints(stage):
             init_from = self._finished_deepmask()
-        runner = _Stage(self, stage, init_from)
+        task = self.build_task(stage, init_from)
+        checkpoints = self.stage_checkpoints(task)
         with _StopSignals() as stop:
-            metrics = runner.run(stop)
+            metrics = self.fit_stage(task, checkpoints, stop)
         if self.is_chief:
-            runner.model.save(os.path.join(self.model_dir, f"{stage}.keras"))
-        return runner.model, metrics
+            task.model.save(os.path.join(self.model_dir, f"{stage}.keras"))
+        return task.model, metrics
 
-    def _finished_deepmask(self) -> keras.Model:
+    def _has_checkpoints(self, stage: str) -> bool:
+        return tf.train.latest_checkpoint(os.path.join(self.model_dir, stage)) is not None
+
+    def _deepmask_result(self) -> str:
+        """The latest best checkpoint of stage 1, which stage 2 starts from."""
         path = os.path.join(self.model_dir, "deepmask", "best")
         if not has_stage_result(self.model_dir, "deepmask"):
             raise FileNotFoundError(
                 f"Stage sharpmask starts from stage deepmask's result, and {path} holds none: "
                 f"train stage deepmask into this model directory first."
             )
+        return tf.train.latest_checkpoint(path)
+
+    def _finished_deepmask(self) -> keras.Model:
         model = stage_model(self.config, "deepmask")
-        tf.train.Checkpoint(model=model).restore(tf.train.latest_checkpoint(path)).expect_partial()
+        tf.train.Checkpoint(model=model).restore(self._deepmask_result()).expect_partial()
         return model
 
     def write_metrics(self, metrics: dict) -> dict:
@@ -594,16 +363,6 @@ class Trainer:
             with tf.io.gfile.GFile(path, "w") as f:
                 json.dump(merged, f, indent=2, sort_keys=True)
         return merged
-
-
-@contextlib.contextmanager
-def _dtype_policy(mixed_precision: bool):
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_float16" if mixed_precision else "float32")
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
 
 
 def train(
@@ -635,24 +394,11 @@ def train(
         same stage-2 validation patches.
 
     Raises:
-        ValueError: for a bad stage or a model directory of another model configuration.
+        ValueError: for a bad stage or strategy, a global batch the replicas do not split, or a
+            model directory of another model configuration.
+        FileNotFoundError: for stage "sharpmask" in a model directory without stage 1's result.
         TrainingInterrupted: after SIGTERM/SIGINT, once the current step is checkpointed.
     """
-    if stage not in (*STAGES, "both"):
-        raise ValueError(f"stage must be one of {(*STAGES, 'both')}. Received: stage={stage!r}")
-    if stage != "deepmask" and not config.model.refinement:
-        raise ValueError(
-            f"Stage {stage!r} trains the refinement, but model.refinement is false: train stage 'deepmask' only."
-        )
     if isinstance(strategy, str):
         strategy = resolve_strategy(strategy)
-    trainer = Trainer(config, model_dir, strategy, make_dataset, make_validation_patches, progress, log)
-    trainer.write_config()
-    metrics: dict[str, Any] = {}
-    with _dtype_policy(config.training.mixed_precision):
-        deepmask = None
-        if stage in ("deepmask", "both"):
-            deepmask, metrics["deepmask"] = trainer.run_stage("deepmask")
-        if stage in ("sharpmask", "both"):
-            _, metrics["sharpmask"] = trainer.run_stage("sharpmask", init_from=deepmask)
-    return trainer.write_metrics(metrics)
+    return Trainer(config, model_dir, strategy, make_dataset, make_validation_patches, progress, log).run(stage)

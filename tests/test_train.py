@@ -1,4 +1,4 @@
-"""The training library: distribution equivalence, stage-2 freezing, checkpoints, schedule."""
+"""The training loop: distribution equivalence, stage-2 freezing, checkpoints, resumption, signals."""
 
 import json
 import os
@@ -9,19 +9,10 @@ import pytest
 import tensorflow as tf
 import test_train_fakes as fakes
 
+from sharpmask_tf.checkpoints import check_model_dir, is_better
 from sharpmask_tf.config import get_config
-from sharpmask_tf.losses import joint_loss
-from sharpmask_tf.trainer import (
-    Trainer,
-    TrainingInterrupted,
-    _Stage,
-    _StopSignals,
-    check_model_dir,
-    learning_rate_schedule,
-    refinement_split,
-    stage_model,
-    train,
-)
+from sharpmask_tf.task import stage_model
+from sharpmask_tf.trainer import Trainer, TrainingInterrupted, _StopSignals, train
 
 TINY = [
     "training.batch_size=4",
@@ -87,32 +78,6 @@ def test_stage2_changes_no_trunk_or_head_weight(tmp_path):
     assert any(not np.array_equal(after[k], fresh[k]) for k in refinement)
 
 
-def test_only_refinement_weights_get_gradients():
-    config = _tiny()
-    model = stage_model(config, "sharpmask")
-    frozen, refinement = refinement_split(model)
-    trained = {v.path for v in refinement.trainable_variables}
-    assert trained == {v.path for v in model.trainable_variables if v.path.startswith("refine")}
-    assert trained.isdisjoint(v.path for v in frozen.weights)
-    batch = fakes._batch(config, "train", 2, 2, tf.constant([1, 2], tf.int64), 0.0)
-    features = frozen(batch["images"])
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(joint_loss(refinement(features), None, batch, 0.0)["loss"])
-    grads = tape.gradient(loss, model.trainable_variables)
-    for v, g in zip(model.trainable_variables, grads):
-        assert (g is not None) == (v.path in trained), v.path
-
-
-def test_learning_rate_schedule_scales_reference_steps_to_run_length():
-    config = get_config("small", ["training.stage1_steps=100", "training.lr_decay_at=[0.5,0.8]"])
-    lr = learning_rate_schedule(config, "deepmask")
-    t = config.training
-    assert float(lr(0)) == pytest.approx(t.learning_rate)
-    assert float(lr(51)) == pytest.approx(t.lr_decay_rates[0])
-    assert float(lr(81)) == pytest.approx(t.lr_decay_rates[1])
-    assert learning_rate_schedule(config, "sharpmask") == t.stage2_learning_rate
-
-
 def _event_scalars(log_dir, tag):
     values = []
     for name in sorted(os.listdir(log_dir)):
@@ -151,20 +116,21 @@ def test_crash_while_writing_leaves_latest_good_checkpoint(tmp_path):
     trainer = Trainer(
         _tiny("training.stage1_steps=5"), str(tmp_path), tf.distribute.get_strategy(), progress=False, **DATA
     )
-    stage = _Stage(trainer, "deepmask", None)
-    assert stage.restore() and int(stage.step.numpy()) == 3
-    assert int(stage.optimizer.iterations.numpy()) == 3
+    task = trainer.build_task("deepmask")
+    checkpoints = trainer.stage_checkpoints(task)
+    assert checkpoints.restore() and int(checkpoints.step.numpy()) == 3
+    assert int(task.optimizer.iterations.numpy()) == 3
 
 
 def test_stop_signal_checkpoints_current_step(tmp_path):
     trainer = Trainer(
         _tiny("training.stage1_steps=50"), str(tmp_path), tf.distribute.get_strategy(), progress=False, **DATA
     )
-    stage = _Stage(trainer, "deepmask", None)
+    task = trainer.build_task("deepmask")
     stop = _StopSignals()
     stop.signum = 15  # as if SIGTERM arrived during the first step
     with pytest.raises(TrainingInterrupted) as info:
-        stage.run(stop)
+        trainer.fit_stage(task, trainer.stage_checkpoints(task), stop)
     assert info.value.step == 1
     assert tf.train.latest_checkpoint(str(tmp_path / "deepmask")).endswith("ckpt-1")
 
@@ -230,13 +196,9 @@ def test_loss_decreases_on_synthetic_dataset(tmp_path):
 
 
 def test_best_model_breaks_ties_towards_a_working_score_head():
-    from types import SimpleNamespace
-
-    from sharpmask_tf.trainer import _Stage
-
-    holder = SimpleNamespace(best={"metrics": {"iou_over_70": 0.0, "mean_iou": 0.29, "score_accuracy": 0.53}})
-    assert _Stage._is_better(holder, {"iou_over_70": 0.0, "mean_iou": 0.26, "score_accuracy": 0.77})
-    assert not _Stage._is_better(holder, {"iou_over_70": 0.0, "mean_iou": 0.28, "score_accuracy": 0.53})
-    assert _Stage._is_better(holder, {"iou_over_70": 0.01, "mean_iou": 0.10, "score_accuracy": 0.50})
-    stage2 = SimpleNamespace(best={"metrics": {"iou_over_70": 0.0, "mean_iou": 0.30}})
-    assert _Stage._is_better(stage2, {"iou_over_70": 0.0, "mean_iou": 0.31})
+    best = {"iou_over_70": 0.0, "mean_iou": 0.29, "score_accuracy": 0.53}
+    assert is_better({"iou_over_70": 0.0, "mean_iou": 0.26, "score_accuracy": 0.77}, best)
+    assert not is_better({"iou_over_70": 0.0, "mean_iou": 0.28, "score_accuracy": 0.53}, best)
+    assert is_better({"iou_over_70": 0.01, "mean_iou": 0.10, "score_accuracy": 0.50}, best)
+    stage2 = {"iou_over_70": 0.0, "mean_iou": 0.30}
+    assert is_better({"iou_over_70": 0.0, "mean_iou": 0.31}, stage2)

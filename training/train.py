@@ -16,14 +16,12 @@ import argparse
 import os
 import sys
 
-# Runnable as a script from a checkout: make the repository importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from sharpmask_tf import trainer  # noqa: E402
 from sharpmask_tf.config import PRESETS, Config, get_config  # noqa: E402
-
-STAGE_CHOICES = ("deepmask", "sharpmask", "both")
-STRATEGY_CHOICES = ("auto", "default", "mirrored", "multiworker")
+from sharpmask_tf.data import ensure_dataset  # noqa: E402
+from sharpmask_tf.distribute import STRATEGIES, resolve_strategy  # noqa: E402
 
 
 def _dataset_arg(value: str) -> tuple[str, str]:
@@ -63,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", help="checkpoints, logs, config.json, .keras models (default: runs/<preset>)")
     p.add_argument(
         "--stage",
-        choices=STAGE_CHOICES,
+        choices=(*trainer.STAGES, "both"),
         help="stage(s) to train (default: both; deepmask when model.refinement is false)",
     )
     p.add_argument(
         "--strategy",
         default="auto",
-        choices=STRATEGY_CHOICES,
+        choices=STRATEGIES,
         help="auto: several TF_CONFIG workers -> multiworker, local GPUs -> mirrored, else default",
     )
     p.add_argument("--mixed-precision", action="store_true", help="mixed_float16 compute with loss scaling")
@@ -97,20 +95,13 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 def check_data(config: Config, parser: argparse.ArgumentParser) -> None:
     """Generates the synthetic dataset when the config points at its missing default location;
-    any other missing dataset is an argument error."""
-    from sharpmask_tf.data import ensure_dataset
-
+    any other missing dataset or image folder is an argument error."""
     d = config.data
     try:
         ensure_dataset(d)
     except FileNotFoundError as e:
         parser.error(f"{e}. Pass --train-data/--val-data ANNOTATIONS.json:IMAGE_DIR.")
-    for split, annotation_file, images in (
-        ("train", d.train_annotations, d.train_images),
-        ("val", d.val_annotations, d.val_images),
-    ):
-        if not os.path.isfile(annotation_file):
-            parser.error(f"the {split} annotation file does not exist. Received: {annotation_file!r}")
+    for split, images in (("train", d.train_images), ("val", d.val_images)):
         if not os.path.isdir(images):
             parser.error(f"the {split} image folder does not exist. Received: {images!r}")
 
@@ -120,25 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = resolve_config(args, parser)
     stage = args.stage or ("both" if config.model.refinement else "deepmask")
-    if stage != "deepmask" and not config.model.refinement:
-        parser.error(f"--stage {stage} trains the refinement, but preset {args.preset!r} has model.refinement=false")
     model_dir = args.model_dir or os.path.join("runs", args.preset)
-    check_data(config, parser)
-
-    from sharpmask_tf import trainer
-
+    strategy = resolve_strategy(args.strategy)
     try:
-        trainer.check_model_dir(config, model_dir)
-    except ValueError as e:
+        run = trainer.Trainer(config, model_dir, strategy, progress=not args.no_progress)
+        run.check(stage)
+    except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
-    if stage == "sharpmask" and not trainer.has_stage_result(model_dir, "deepmask"):
-        parser.error(f"--stage sharpmask starts from stage deepmask's result, and {model_dir} holds none")
-    strategy = trainer.resolve_strategy(args.strategy)
-    if config.training.batch_size % strategy.num_replicas_in_sync:
-        parser.error(
-            f"training.batch_size must be a multiple of the {strategy.num_replicas_in_sync} replicas. "
-            f"Received: training.batch_size={config.training.batch_size}"
-        )
+    check_data(config, parser)
 
     print(
         f"Training stage(s) {stage} of preset {args.preset!r} on {strategy.num_replicas_in_sync} replica(s) "
@@ -146,10 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     try:
-        metrics = trainer.train(config, model_dir, stage=stage, strategy=strategy, progress=not args.no_progress)
+        metrics = run.run(stage)
     except trainer.TrainingInterrupted as e:
         print(f"{e}; rerun the same command to resume.", file=sys.stderr, flush=True)
         return 128 + e.signum
+    print_summary(model_dir, metrics)
+    return 0
+
+
+def print_summary(model_dir: str, metrics: dict) -> None:
+    """What the run wrote and each stage's validation metrics."""
     print(
         f"Done. In {os.path.abspath(model_dir)}: config.json, checkpoints in deepmask/ and sharpmask/, "
         f"TensorBoard logs in logs/, "
@@ -168,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
             f"  on the same stage-2 patches: DeepMask mean IoU {metrics['deepmask_mean_iou']:.3f}, "
             f"SharpMask {metrics['sharpmask_mean_iou']:.3f}"
         )
-    return 0
 
 
 if __name__ == "__main__":

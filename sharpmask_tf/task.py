@@ -1,0 +1,221 @@
+"""One training stage as a single-replica task: its model, optimizer, inputs, losses, train step and
+validation step (the split of TF Model Garden's `base_task.Task` from its trainer).
+
+Stage 1 ("deepmask") trains DeepMask's trunk and head C on the joint mask + score loss with SGD,
+momentum and L2 weight decay under the reference's step schedule. Stage 2 ("sharpmask") builds
+SharpMask, copies stage 1's best weights in and trains only the refinement (horizontal nets S1..S4
+and the vertical path M1, R1..R4) with plain SGD; the trunk and head C run outside the gradient
+tape, so the backward pass never enters them.
+
+A task never touches checkpoints, summaries or signals: `sharpmask_tf.trainer` drives it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from sharpmask_tf.config import Config
+from sharpmask_tf.evaluation import output_ious
+from sharpmask_tf.losses import iou_summary, joint_loss, resize_logits
+from sharpmask_tf.sharpmask import build_model, copy_weights, refinement_split
+
+# The stages by name, in training order. `sharpmask_tf.data` numbers them 1 and 2: `StageTask`
+# converts, and nothing else does.
+STAGES = ("deepmask", "sharpmask")
+# Validation forward passes run in chunks of this many patches.
+VALIDATION_CHUNK = 64
+
+DatasetFn = Callable[..., tf.data.Dataset]
+ValidationFn = Callable[..., dict]
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}. Received: stage={stage!r}")
+
+
+def learning_rate_schedule(config: Config, stage: str) -> keras.optimizers.schedules.LearningRateSchedule | float:
+    """The learning rate of a stage: stage 1 steps down from `training.learning_rate` through
+    `lr_decay_rates` at the fractions `lr_decay_at` of `stage1_steps` (the reference's
+    1e-3 -> 5e-4 -> 1e-4 at 50% and 80%); stage 2 is constant."""
+    t = config.training
+    if stage == "sharpmask":
+        return t.stage2_learning_rate
+    boundaries = [max(1, round(f * t.stage1_steps)) for f in t.lr_decay_at]
+    for i in range(1, len(boundaries)):
+        boundaries[i] = max(boundaries[i], boundaries[i - 1] + 1)
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, [t.learning_rate, *t.lr_decay_rates])
+
+
+def stage_model(config: Config, stage: str) -> keras.Model:
+    """DeepMask for stage 1, SharpMask for stage 2, from the config's model section."""
+    return build_model(dataclasses.replace(config.model, refinement=stage == "sharpmask"))
+
+
+class StageTask:
+    """One stage's model, optimizer, inputs, replica train step and validation.
+
+    Build it inside the strategy's scope: its model and optimizer variables are created here.
+
+    Args:
+        config: the configuration.
+        stage: "deepmask" or "sharpmask".
+        init_from: a model whose weights are copied in by layer name (stage 1's result in stage 2).
+        num_replicas: the replicas that share each global batch.
+        make_dataset: `sharpmask_tf.data.make_dataset` or a function of the same signature.
+        make_validation_patches: `sharpmask_tf.data.make_validation_patches` or alike.
+
+    Attributes:
+        config: as given.
+        stage: as given.
+        model: the stage's model.
+        optimizer: its optimizer, built for `trainable_variables`.
+        trainable_variables: what the stage trains (the refinement only, in stage 2).
+        num_steps: the stage's length in steps.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        stage: str,
+        init_from: keras.Model | None = None,
+        num_replicas: int = 1,
+        make_dataset: DatasetFn | None = None,
+        make_validation_patches: ValidationFn | None = None,
+    ):
+        _check_stage(stage)
+        if make_dataset is None or make_validation_patches is None:
+            from sharpmask_tf import data
+
+            make_dataset = make_dataset or data.make_dataset
+            make_validation_patches = make_validation_patches or data.make_validation_patches
+        self.config, self.stage, self.num_replicas = config, stage, num_replicas
+        self._make_dataset, self._make_validation_patches = make_dataset, make_validation_patches
+        self._data_stage = STAGES.index(stage) + 1
+        t = config.training
+        self.num_steps = t.stage1_steps if stage == "deepmask" else t.stage2_steps
+        keras.utils.set_random_seed(t.seed)
+        self.model = stage_model(config, stage)
+        if init_from is not None:
+            copy_weights(init_from, self.model)
+        if stage == "deepmask":
+            self._frozen, self._trained = None, self.model
+            optimizer = keras.optimizers.SGD(learning_rate_schedule(config, stage), momentum=t.momentum)
+            self._weight_decay = t.weight_decay
+        else:
+            self._frozen, self._trained = refinement_split(self.model)
+            optimizer = keras.optimizers.SGD(t.stage2_learning_rate)
+            self._weight_decay = 0.0
+        if t.mixed_precision:
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        self.optimizer = optimizer
+        self.trainable_variables = self._trained.trainable_variables
+        self.optimizer.build(self.trainable_variables)
+        self._gradients = tf.function(self._loss_sums_and_gradients, jit_compile=t.jit)
+        self._predict = tf.function(lambda x: self.model(x, training=False))
+        self._validation: dict[str, np.ndarray] | None = None
+
+    def build_inputs(self, seed: int, input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+        """The stage's endless training stream (per input pipeline under `input_context`)."""
+        return self._make_dataset(
+            self.config, split="train", stage=self._data_stage, input_context=input_context, seed=seed, repeat=True
+        )
+
+    def _loss_sums_and_gradients(self, batch: dict[str, tf.Tensor]) -> tuple[tf.Tensor, list[tf.Tensor]]:
+        t = self.config.training
+        global_batch = t.batch_size
+        features = None if self._frozen is None else self._frozen(batch["images"], training=False)
+        with tf.GradientTape() as tape:
+            if features is None:
+                out = self.model(batch["images"], training=True)
+                losses = joint_loss(out["masks"], out["scores"], batch, t.score_weight)
+            else:
+                losses = joint_loss(self._trained(features, training=True), None, batch, 0.0)
+            loss = tf.reduce_sum(losses["loss"]) / global_batch
+            if self._weight_decay:
+                # L2 weight decay, as the reference's optim.sgd weightDecay: wd * w joins the
+                # gradient before momentum. Divided by the replicas, whose gradients are summed.
+                l2 = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in self.trainable_variables])
+                loss += 0.5 * self._weight_decay * l2 / self.num_replicas
+            scaled = self.optimizer.scale_loss(loss)
+        sums = tf.stack(
+            [
+                tf.reduce_sum(losses["mask"]),
+                tf.reduce_sum(batch["mask_weight"]),
+                tf.reduce_sum(losses["score"]),
+                tf.reduce_sum(batch["score_weight"]),
+                tf.reduce_sum(losses["loss"]) / global_batch,
+            ]
+        )
+        return sums, tape.gradient(scaled, self.trainable_variables)
+
+    def train_step(self, batch: dict[str, tf.Tensor]) -> tf.Tensor:
+        """One replica's step on its share of a global batch: forward, backward, optimizer update.
+
+        Returns:
+            (5,) sums for the logs, to be summed over replicas: mask loss, mask samples, score
+            loss, score samples and this replica's share of the objective.
+        """
+        sums, grads = self._gradients(batch)
+        self.optimizer.apply(grads, self.trainable_variables)
+        return sums
+
+    def learning_rate(self) -> float:
+        """The optimizer's current learning rate."""
+        lr = self.optimizer.learning_rate
+        return float(lr.numpy() if hasattr(lr, "numpy") else lr)
+
+    def validation_data(self) -> dict[str, np.ndarray]:
+        """The stage's fixed validation set: mask patches and, in stage 1, score patches."""
+        if self._validation is None:
+            t = self.config.training
+            val = dict(self._make_validation_patches(self.config, t.val_patches, self._data_stage, t.seed))
+            if self.stage == "deepmask":
+                score_config = self.config.override(["data.score_frequency=1.0"])
+                batch = min(t.val_patches, VALIDATION_CHUNK)
+                batches = list(
+                    self._make_dataset(
+                        score_config, split="val", stage=self._data_stage, batch_size=batch, seed=t.seed, repeat=True
+                    ).take(math.ceil(t.val_patches / batch))
+                )
+                val["score_images"] = np.concatenate([b["images"].numpy() for b in batches])[: t.val_patches]
+                val["score_labels"] = np.concatenate([b["scores"].numpy() for b in batches])[: t.val_patches]
+            self._validation = val
+        return self._validation
+
+    def validation_step(self, num_shown: int = 0) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Per-patch IoU metrics on the validation patches (and score accuracy in stage 1); in
+        stage 2 also the coarse masks' metrics as `coarse_*`.
+
+        Args:
+            num_shown: how many patches to return for display.
+
+        Returns:
+            (metrics, shown): metrics as floats; shown: the first `num_shown` "images", "labels"
+            and "logits" (at the labels' side).
+        """
+        val = self.validation_data()
+        out = self._predict_all(val["images"])
+        labels = val["masks"]
+        metrics = iou_summary(output_ious(out, labels))
+        if self.stage == "deepmask":
+            scores = self._predict_all(val["score_images"])["scores"]
+            metrics["score_accuracy"] = float(np.mean((scores > 0) == (val["score_labels"] > 0)))
+        else:
+            coarse = iou_summary(output_ious(out, labels, coarse=True))
+            metrics.update({f"coarse_{k}": v for k, v in coarse.items()})
+        return metrics, {
+            "images": val["images"][:num_shown],
+            "labels": labels[:num_shown],
+            "logits": resize_logits(out["masks"][:num_shown], labels.shape[1]).numpy(),
+        }
+
+    def _predict_all(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        chunks = [self._predict(images[i : i + VALIDATION_CHUNK]) for i in range(0, len(images), VALIDATION_CHUNK)]
+        return {k: np.concatenate([c[k].numpy() for c in chunks]) for k in chunks[0]}
