@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-PAD_MODES = ("zero", "symmetric")
+PAD_MODES = ("zero", "symmetric", "reflect")
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,7 +61,11 @@ class Pad2D:
     bottom: int
     left: int
     right: int
-    mode: str  # "zero" | "symmetric" (mirror repeating the edge: cba|abcd)
+    mode: str  # "zero" | "symmetric" (mirror repeating the edge: cba|abcd) | "reflect" (dcb|abcd)
+
+    def __post_init__(self) -> None:
+        if self.mode not in PAD_MODES:
+            raise ValueError(f"{self.path}: pad mode must be one of {PAD_MODES}. Received: mode={self.mode!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -236,7 +240,7 @@ def _pad(node: Pad2D, x: np.ndarray) -> np.ndarray:
         (max(0, node.top), max(0, node.bottom)),
         (max(0, node.left), max(0, node.right)),
     ]
-    return np.pad(x, widths, mode="constant" if node.mode == "zero" else "symmetric")
+    return np.pad(x, widths, mode="constant" if node.mode == "zero" else node.mode)
 
 
 def _interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
