@@ -99,6 +99,9 @@ def test_deepmask_t7_structure(tmp_path, deepmask_file):
     score = record.score_branch.layers
     assert [type(n).__name__ for n in score] == ["Identity", "Dense", "Threshold", "Identity", "Dense"]
     assert (score[2].threshold, score[2].value) == (0.0, 1e-6)
+    listing = ir.summary(record.trunk).splitlines()
+    assert listing[3] == "    Conv2D 3->8 7x7 stride 2x2 pad 0x0  [model.trunk.modules[1].modules[2]]"
+    assert listing[-1] == "  Dense 32->16  [model.trunk.modules[12]]"
     # the file stores this matrix transposed (strides (1, rows)); the record holds it as (out, in)
     want = deepmask_file["model"].fields["scoreBranch"].fields["modules"][1].fields["weight"].numpy()
     np.testing.assert_array_equal(score[1].weight, want)

@@ -375,3 +375,40 @@ def run_deepmask(record: DeepMaskRecord, patches: np.ndarray) -> dict[str, np.nd
             outputs[key] = outputs[key].reshape(batch, side, side)
     outputs["scores"] = outputs["scores"].reshape(batch, 1)
     return outputs
+
+
+def _describe(node: Node) -> str:
+    if isinstance(node, Conv2D):
+        out, inp, kh, kw = node.weight.shape
+        return (
+            f"{inp}->{out} {kh}x{kw} stride {node.stride[0]}x{node.stride[1]} pad {node.padding[0]}x{node.padding[1]}"
+        )
+    if isinstance(node, Dense):
+        return f"{node.weight.shape[1]}->{node.weight.shape[0]}"
+    if isinstance(node, Affine):
+        return f"{node.scale.size} channels"
+    if isinstance(node, BatchNorm):
+        return f"{node.mean.size} channels eps {node.eps:g}"
+    if isinstance(node, Pad2D):
+        return f"{node.mode} top {node.top} bottom {node.bottom} left {node.left} right {node.right}"
+    if isinstance(node, Threshold):
+        return f"x > {node.threshold:g} else {node.value:g}"
+    if isinstance(node, Reshape):
+        return f"to {node.shape}"
+    if isinstance(node, (UpsampleNearest, Scale)):
+        return f"x{node.factor}"
+    if isinstance(node, ResizeBilinear):
+        return f"to {node.height}x{node.width}"
+    if isinstance(node, MaxPool2D):
+        return f"{node.kernel[0]}x{node.kernel[1]} stride {node.stride[0]} pad {node.padding[0]} ceil {node.ceil_mode}"
+    if isinstance(node, Identity):
+        return node.source
+    return ""
+
+
+def summary(node: Node, depth: int = 0) -> str:
+    """One indented line per node (path, kind, shapes), to read a file's layout at a glance."""
+    lines = [f"{'  ' * depth}{type(node).__name__} {_describe(node)}".rstrip() + f"  [{node.path}]"]
+    for child in getattr(node, "layers", ()) + getattr(node, "branches", ()):
+        lines.append(summary(child, depth + 1))
+    return "\n".join(lines)
