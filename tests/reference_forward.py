@@ -76,6 +76,8 @@ def _batch_norm(m, x):
     shape = (1, -1, 1, 1)
     mean, var = _param(m, "running_mean").reshape(shape), _param(m, "running_var").reshape(shape)
     y = (x - mean) / np.sqrt(var + m.fields["eps"])
+    if m.fields.get("weight") is None:  # affine = false
+        return y
     return y * _param(m, "weight").reshape(shape) + _param(m, "bias").reshape(shape)
 
 
@@ -144,9 +146,12 @@ def _upsampling(m, x):
 def _max_pool(m, x):
     f = m.fields
     kh, kw, dh, dw, ph, pw = f["kH"], f["kW"], f["dH"], f["dW"], f["padH"], f["padW"]
-    assert not f["ceil_mode"]
-    oh = (x.shape[2] + 2 * ph - kh) // dh + 1
-    ow = (x.shape[3] + 2 * pw - kw) // dw + 1
+    rounding = math.ceil if f["ceil_mode"] else math.floor
+    oh = rounding((x.shape[2] + 2 * ph - kh) / dh) + 1
+    ow = rounding((x.shape[3] + 2 * pw - kw) / dw) + 1
+    if f["ceil_mode"]:  # the last window must start inside the image or its left/top padding
+        oh -= (oh - 1) * dh >= x.shape[2] + ph
+        ow -= (ow - 1) * dw >= x.shape[3] + pw
     out = np.empty(x.shape[:2] + (oh, ow))
     for i in range(oh):
         for j in range(ow):

@@ -219,3 +219,45 @@ def test_not_a_deepmask_model(tmp_path):
     save(tmp_path / "r.t7", torch_trees.resnet(np.random.default_rng(8), width=4))
     with pytest.raises(ValueError, match=r"expected \{model = nn.DeepMask \| nn.SharpMask.*Received: nn.Sequential"):
         read_deepmask_t7(tmp_path / "r.t7")
+
+
+def test_less_common_module_variants_match_the_reference_forward(tmp_path):
+    """Old-style dropout (scaled at inference), nn.ReLU, batch-norm without affine, ceil-mode
+    pooling, nn.SpatialConvolution with a bias and 2-D (MM-style) weights, identity."""
+    rng = np.random.default_rng(9)
+    bn = torch_trees.batch_norm(rng, 4)
+    for name in ("weight", "bias", "gradWeight", "gradBias"):
+        del bn.fields[name]
+    bn.fields["affine"] = False
+    pool = torch_trees.max_pool(3, 2, 1)
+    pool.fields["ceil_mode"] = True
+    conv = torch_trees.conv(rng, 3, 4, 3, stride=2, pad=1, typename="nn.SpatialConvolution")
+    conv.fields["weight"] = tensor(conv.fields["weight"].numpy().reshape(4, 27))
+    drop = torch_trees.dropout(0.3)
+    drop.fields["v2"] = False
+    tree = torch_trees.sequential(
+        conv,
+        bn,
+        torch_trees.relu("nn.ReLU"),
+        pool,
+        torch_trees.module("nn.Identity"),
+        torch_trees.view(4 * 3 * 3),
+        drop,
+    )
+    save(tmp_path / "m.t7", tree)
+    x = rng.normal(size=(BATCH, 3, 10, 10))
+
+    node = module_ir(read_torch7(tmp_path / "m.t7"))
+
+    assert [type(n).__name__ for n in node.layers] == [
+        "Conv2D", "BatchNorm", "ReLU", "MaxPool2D", "Identity", "Reshape", "Scale"
+    ]  # fmt: skip
+    np.testing.assert_allclose(ir.run(node, x), forward(tree, x, {}), rtol=1e-5, atol=1e-6)
+
+
+def test_deepmask_file_without_a_batch_size(tmp_path):
+    saved = torch_trees.deepmask(np.random.default_rng(10), batch=BATCH)
+    del saved["config"]["batch"]
+    save(tmp_path / "model.t7", saved)
+    with pytest.raises(ValueError, match="the saved config has no batch size"):
+        read_deepmask_t7(tmp_path / "model.t7")

@@ -137,9 +137,9 @@ def _sequence(table: Any, path: str, first: int = 1) -> list:
     return [table[i] for i in range(first, first + len(table))]
 
 
-def _child_nodes(obj: Any, path: str) -> tuple[ir.Node, ...]:
+def _child_nodes(obj: Any, path: str, batch: int | None) -> tuple[ir.Node, ...]:
     children = _sequence(_get(obj, "modules", path, {}), f"{path}.modules")
-    return tuple(module_ir(m, f"{path}.modules[{i}]") for i, m in enumerate(children, start=1))
+    return tuple(module_ir(m, f"{path}.modules[{i}]", batch) for i, m in enumerate(children, start=1))
 
 
 def _conv(obj: Any, path: str) -> ir.Conv2D:
@@ -189,11 +189,12 @@ def _padding(mode: str) -> Callable[[Any, str], ir.Pad2D]:
     return convert
 
 
-def _view(obj: Any, path: str) -> ir.Reshape:
+def _view(obj: Any, path: str, batch: int | None) -> ir.Reshape:
     size = [int(s) for s in np.asarray(_get(obj, "size", path)).reshape(-1)]
-    # DeepMask.lua and SharpMask.lua build every View with the training batch size leading
-    # (nn.View(config.batch, ...)); with setNumInputDims the size excludes the batch.
-    if _get(obj, "numInputDims", path, None) is None:
+    # nn.View's size leaves the batch out (Torch infers it), except that DeepMask.lua and
+    # SharpMask.lua build theirs with the training batch leading: nn.View(config.batch, ...).
+    leading_batch = _get(obj, "numInputDims", path, None) is None and batch is not None
+    if leading_batch and len(size) > 1 and size[0] == batch:
         size = size[1:]
     return ir.Reshape(path=path, shape=tuple(size))
 
@@ -253,9 +254,6 @@ def _identity(obj: Any, path: str) -> ir.Identity:
 
 
 _CONVERTERS: dict[str, Callable[[Any, str], ir.Node]] = {
-    "nn.Sequential": lambda obj, path: ir.Sequential(path=path, layers=_child_nodes(obj, path)),
-    "nn.ConcatTable": lambda obj, path: ir.ConcatTable(path=path, branches=_child_nodes(obj, path)),
-    "nn.ParallelTable": lambda obj, path: ir.ParallelTable(path=path, branches=_child_nodes(obj, path)),
     "nn.CAddTable": lambda obj, path: ir.AddTable(path=path),
     "nn.SpatialConvolution": _conv,
     "cudnn.SpatialConvolution": _conv,
@@ -266,7 +264,6 @@ _CONVERTERS: dict[str, Callable[[Any, str], ir.Node]] = {
     "cudnn.SpatialBatchNormalization": _batch_norm,
     "nn.SpatialSymmetricPadding": _padding("symmetric"),
     "nn.SpatialZeroPadding": _padding("zero"),
-    "nn.View": _view,
     "nn.Linear": _linear,
     "nn.Dropout": _dropout,
     "nn.Threshold": _threshold,
@@ -279,15 +276,18 @@ _CONVERTERS: dict[str, Callable[[Any, str], ir.Node]] = {
     "nn.Copy": _identity,
     "nn.Identity": _identity,
 }
-SUPPORTED_MODULES = tuple(sorted(_CONVERTERS))
+_CONTAINERS = {"nn.Sequential": ir.Sequential, "nn.ConcatTable": ir.ConcatTable, "nn.ParallelTable": ir.ParallelTable}
+SUPPORTED_MODULES = tuple(sorted([*_CONVERTERS, *_CONTAINERS, "nn.View"]))
 
 
-def module_ir(module: Any, path: str = "model") -> ir.Node:
+def module_ir(module: Any, path: str = "model", batch: int | None = None) -> ir.Node:
     """Records a Torch7 module tree (as `read_torch7` returns it) for its forward pass.
 
     Args:
         module: a torchfile `TorchObject` of one of `SUPPORTED_MODULES`.
         path: the name of this module in error messages and in the nodes' `path`.
+        batch: the batch size the tree's nn.Views were built with as their leading size
+            (DeepMask's config.batch); None when the Views leave the batch out.
 
     Raises:
         ValueError: for an unknown module (naming its path) or a module missing what its
@@ -296,6 +296,11 @@ def module_ir(module: Any, path: str = "model") -> ir.Node:
     if not isinstance(module, torchfile.TorchObject):
         raise ValueError(f"{path}: expected a Torch module. Received: {type(module).__name__}")
     kind = _type(module)
+    if kind in _CONTAINERS:
+        children = _child_nodes(module, path, batch)
+        return _CONTAINERS[kind](path, children)
+    if kind == "nn.View":
+        return _view(module, path, batch)
     if kind not in _CONVERTERS:
         raise ValueError(f"{path}: unknown module {kind}")
     return _CONVERTERS[kind](module, path)
@@ -307,8 +312,8 @@ def _plain(value: Any) -> Any:
     return _text(value)
 
 
-def _sequential(module: Any, path: str) -> ir.Sequential:
-    node = module_ir(module, path)
+def _sequential(module: Any, path: str, batch: int) -> ir.Sequential:
+    node = module_ir(module, path, batch)
     if not isinstance(node, ir.Sequential):
         raise ValueError(f"{path}: expected nn.Sequential. Received: {_type(module)}")
     return node
@@ -332,13 +337,16 @@ def read_deepmask_t7(path: str | os.PathLike) -> ir.DeepMaskRecord:
             f"{os.fspath(path)}: expected {{model = nn.DeepMask | nn.SharpMask, config = ...}}. Received: {kind}"
         )
     config = _plain(_get(root, "config", "file", {}))
-    trunk = _sequential(_get(model, "trunk", "model"), "model.trunk")
-    score_branch = module_ir(_get(model, "scoreBranch", "model"), "model.scoreBranch")
+    batch = config.get("batch") if isinstance(config, dict) else None
+    if not isinstance(batch, int):
+        raise ValueError(f"{os.fspath(path)}: the saved config has no batch size, which its nn.Views were built with.")
+    trunk = _sequential(_get(model, "trunk", "model"), "model.trunk", batch)
+    score_branch = module_ir(_get(model, "scoreBranch", "model"), "model.scoreBranch", batch)
     if kind == "nn.DeepMask":
-        mask_branch = module_ir(_get(model, "maskBranch", "model"), "model.maskBranch")
+        mask_branch = module_ir(_get(model, "maskBranch", "model"), "model.maskBranch", batch)
         return ir.DeepMaskRecord(trunk=trunk, mask_branch=mask_branch, score_branch=score_branch, config=config)
     refs = _sequence(_get(model, "refs", "model"), "model.refs", first=0)
-    refinements = tuple(module_ir(ref, f"model.refs[{i}]") for i, ref in enumerate(refs))
+    refinements = tuple(module_ir(ref, f"model.refs[{i}]", batch) for i, ref in enumerate(refs))
     skip_positions = [int(p) for p in _sequence(_get(model, "skpos", "model"), "model.skpos")]
     if len(skip_positions) != len(refinements) - 1 or not all(1 <= p <= len(trunk.layers) for p in skip_positions):
         raise ValueError(
@@ -347,7 +355,7 @@ def read_deepmask_t7(path: str | os.PathLike) -> ir.DeepMaskRecord:
         )
     return ir.DeepMaskRecord(
         trunk=trunk,
-        mask_branch=module_ir(_get(model, "maskBranchDM", "model"), "model.maskBranchDM"),
+        mask_branch=module_ir(_get(model, "maskBranchDM", "model"), "model.maskBranchDM", batch),
         score_branch=score_branch,
         refinements=refinements,
         skip_layers=tuple(p - 1 for p in skip_positions),
