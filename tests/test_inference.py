@@ -374,15 +374,22 @@ def test_cli_keeps_going_names_every_picture_apart_and_maps_the_ids(deepmask, tm
     assert all(r["bbox"] == [0.0, 0.0, 1.0, 1.0] for r in tiny)
 
 
-def test_an_empty_mask_proposal_on_a_1x1_image_is_left_out_of_the_results(deepmask):
+@pytest.mark.parametrize("mask_logit, kept", [(-10.0, 0), (10.0, 8)])
+def test_empty_mask_proposals_of_a_1x1_image_are_left_out_of_the_results(deepmask, mask_logit, kept):
     from sharpmask_tf.evaluation import coco_results
 
-    gen = ProposalGenerator(deepmask, InferenceConfig(top_n=8))
-    for value in (0, 255):
-        out = gen.propose(np.full((1, 1, 3), value, np.uint8))
-        results = coco_results(out, 1)
-        assert len(results) == int(out["masks"].sum()) and out["num_proposals"] == 8
-        assert all(r["bbox"] == [0.0, 0.0, 1.0, 1.0] for r in results)
+    # Constant mask logits: every mask is empty (-10) or covers the whole window (+10).
+    layer = deepmask.get_layer("mask_logits")
+    saved = layer.get_weights()
+    layer.set_weights([np.zeros_like(saved[0]), np.full_like(saved[1], mask_logit)])
+    try:
+        out = ProposalGenerator(deepmask, InferenceConfig(top_n=8)).propose(np.full((1, 1, 3), 200, np.uint8))
+    finally:
+        layer.set_weights(saved)
+    assert out["num_proposals"] == 8  # the generator still ranks 8 windows
+    results = coco_results(out, 1)
+    assert len(results) == kept
+    assert all(r["bbox"] == [0.0, 0.0, 1.0, 1.0] and r["segmentation"]["size"] == [1, 1] for r in results)
 
 
 def test_picture_names_are_distinct():

@@ -109,8 +109,9 @@ def _is_number(value: Any) -> bool:
 def segmentation_problem(segmentation: Any, height: int, width: int) -> str | None:
     """Returns why a segmentation cannot be decoded safely, or None if it can.
 
-    Polygon points may lie up to one image side outside the image (beyond that, pycocotools'
-    rasteriser runs out of memory); an RLE must have the image's size and counts summing to it.
+    Polygon points may lie up to one image side outside the image (far beyond, pycocotools'
+    rasteriser allocates by the perimeter and crashes); an RLE must have the image's size and
+    counts summing to it.
 
     Args:
         segmentation: a COCO `segmentation` field.
