@@ -7,15 +7,24 @@ at 100 come from `COCOeval.accumulate`; the curve over 1..1000 proposals counts 
 `COCOeval.evaluate` matches per prefix of each image's ranked proposals (which is what
 `accumulate` does for its recall, minus the precision bookkeeping that makes 1000 operating
 points impractically slow there); the tests check the two agree. AUC is the curve's mean.
+
+Ground truth goes through the training loader's validation (`sharpmask_tf.data.coco.CocoDataset`)
+before anything is evaluated or inferred: a record pycocotools would hang or crash on (an RLE
+whose counts overrun the image, a polygon of two points, an `iscrowd` of "no") is a counted skip,
+or a `DatasetError` with `on_bad_annotation="error"`. Evaluation is class-agnostic by
+construction: every ground-truth object and every proposal is given category 1, so neither the
+categories list nor the category ids change the result.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import io
 import json
+import logging
 import os
 import sys
 import time
@@ -25,18 +34,26 @@ from typing import Any
 
 import numpy as np
 
-from sharpmask_tf.config import Config, load_run_config
-from sharpmask_tf.data.coco import indexed_coco
+from sharpmask_tf.config import ON_BAD_ANNOTATION, Config, load_run_config
+from sharpmask_tf.data.coco import CocoDataset, DatasetError, indexed_coco, segmentation_problem, segmentation_to_rle
 from sharpmask_tf.losses import iou_summary, mask_iou, resize_logits
+
+logger = logging.getLogger(__name__)
 
 MAX_DETS = (1, 10, 100, 1000)
 CURVE_MAX = 1000
+# The single category of class-agnostic evaluation.
+AGNOSTIC_CATEGORY = {"id": 1, "name": "object"}
 IOU_TYPES = ("segm", "bbox")
 AREAS = ("all", "small", "medium", "large")
 
 
 def coco_results(proposals: dict[str, np.ndarray], image_id: int) -> list[dict[str, Any]]:
     """COCO results entries (class-agnostic, category_id 1) for one image's proposals.
+
+    A proposal whose binarised mask is empty (on a tiny image, or where no pixel of its window
+    reaches `mask_threshold`) covers nothing and has no box; it is left out, so the results hold
+    only masks of at least one pixel, in their ranked order.
 
     Args:
         proposals: the numpy dict of `ProposalGenerator.propose` (needs "masks").
@@ -48,12 +65,13 @@ def coco_results(proposals: dict[str, np.ndarray], image_id: int) -> list[dict[s
     """
     from pycocotools import mask as mask_utils
 
-    masks = proposals["masks"]
-    if len(masks) == 0:
+    masks = np.asarray(proposals["masks"])
+    keep = np.flatnonzero(masks.any(axis=(1, 2)))
+    if keep.size == 0:
         return []
-    rles = mask_utils.encode(np.asfortranarray(np.transpose(masks, (1, 2, 0)).astype(np.uint8)))
+    rles = mask_utils.encode(np.asfortranarray(np.transpose(masks[keep], (1, 2, 0)).astype(np.uint8)))
     results = []
-    for rle, box, score in zip(rles, proposals["boxes"], proposals["scores"]):
+    for rle, box, score in zip(rles, np.asarray(proposals["boxes"])[keep], np.asarray(proposals["scores"])[keep]):
         x0, y0, x1, y1 = (float(v) for v in box)
         results.append(
             {
@@ -67,30 +85,134 @@ def coco_results(proposals: dict[str, np.ndarray], image_id: int) -> list[dict[s
     return results
 
 
-def load_coco(annotations: str | os.PathLike | dict | Any):
-    """A pycocotools COCO object from a path, a parsed dict, or a COCO object (returned as is)."""
+def ground_truth(
+    annotations: str | os.PathLike | dict | Any,
+    images_dir: str | os.PathLike | None = None,
+    on_bad_annotation: str = "skip",
+) -> CocoDataset:
+    """Ground truth validated as the training loader validates it (`CocoDataset`).
+
+    Args:
+        annotations: a COCO annotations JSON path, its parsed dict, a pycocotools COCO object
+            (its dataset is validated) or a `CocoDataset` (returned as is).
+        images_dir: the split's image folder: each image's header is checked (exists, decodes,
+            within Pillow's decompression-bomb limit, the size the JSON claims). None checks the
+            records only (for evaluating a results file).
+        on_bad_annotation: "skip" drops and counts bad records (`CocoDataset.skipped`), "error"
+            raises at the first.
+
+    Raises:
+        DatasetError: for a file that is not a COCO instances file, or the first bad record
+            with `on_bad_annotation="error"`.
+    """
     from pycocotools.coco import COCO
 
-    if isinstance(annotations, COCO):
+    if isinstance(annotations, CocoDataset):
         return annotations
-    dataset = annotations if isinstance(annotations, dict) else json.loads(Path(annotations).read_text())
-    for key in ("images", "annotations"):
-        if key not in dataset:
-            raise ValueError(f"COCO annotations need an {key!r} list. Received keys: {sorted(dataset)}")
-    return indexed_coco({"categories": [{"id": 1, "name": "object"}], **dataset})
+    if isinstance(annotations, COCO):
+        annotations = annotations.dataset
+    return CocoDataset(
+        annotations,
+        images_dir if images_dir is not None else ".",
+        on_bad_annotation=on_bad_annotation,
+        check_image_files=images_dir is not None,
+    )
 
 
-def _results_for(results: list[dict], iou_type: str) -> list[dict]:
-    """Results restricted to the field `iou_type` evaluates: loadRes would otherwise take a
-    detection's area from its box when both a box and a mask are present."""
+def class_agnostic(dataset: CocoDataset, image_ids: Iterable[int] | None = None):
+    """A pycocotools COCO index of validated ground truth with every object in one category.
+
+    Annotations without an `area` get their mask's (what COCO's area is for segmentations).
+
+    Args:
+        dataset: validated ground truth.
+        image_ids: the images to keep (all if None).
+    """
+    keep = set(dataset.image_ids if image_ids is None else image_ids)
+    images = [image for image in dataset.coco.dataset["images"] if image["id"] in keep]
+    anns = [
+        {**a, "category_id": AGNOSTIC_CATEGORY["id"], "area": a.get("area", dataset.mask_area[a["id"]])}
+        for a in dataset.coco.dataset["annotations"]
+        if a["image_id"] in keep
+    ]
+    return indexed_coco({"images": images, "annotations": anns, "categories": [AGNOSTIC_CATEGORY]})
+
+
+def load_coco(annotations: str | os.PathLike | dict | Any, on_bad_annotation: str = "skip"):
+    """The class-agnostic pycocotools COCO index (`class_agnostic`) of validated ground truth
+    (`ground_truth` of a path, dict, COCO object or CocoDataset)."""
+    return class_agnostic(ground_truth(annotations, on_bad_annotation=on_bad_annotation))
+
+
+def _results_for(results: list[dict], iou_type: str, gt) -> list[dict]:
+    """Results on `gt`'s images, checked and restricted to the field `iou_type` evaluates
+    (loadRes would otherwise take a detection's area from its box when both are present), in
+    category 1, masks as compressed RLE.
+
+    Raises:
+        ValueError: naming the first result that lacks the field or that pycocotools could not
+            evaluate safely (an RLE not of its image's size, counts overrunning it, a box that is
+            not four numbers).
+    """
     key = "segmentation" if iou_type == "segm" else "bbox"
-    keep = ("image_id", "category_id", "score", key)
     out = []
     for r in results:
-        if key not in r:
-            raise ValueError(f"{iou_type} evaluation needs {key!r} in every result. Received keys: {sorted(r)}")
-        out.append({k: copy.deepcopy(r[k]) for k in keep if k in r})
+        if not isinstance(r, dict) or key not in r or "image_id" not in r or "score" not in r:
+            raise ValueError(
+                f"{iou_type} evaluation needs image_id, score and {key!r} in every result. Received: {r!r}"[:300]
+            )
+        image = gt.imgs.get(r["image_id"]) if isinstance(r["image_id"], int) else None
+        if image is None:
+            continue
+        value = r[key]
+        if iou_type == "segm":
+            h, w = image["height"], image["width"]
+            problem = "not an RLE dict" if not isinstance(value, dict) else segmentation_problem(value, h, w)
+            if problem is None:
+                value = segmentation_to_rle(value, h, w)
+        else:
+            ok = isinstance(value, (list, tuple)) and len(value) == 4
+            problem = None if ok and all(_finite(v) for v in value) else "bbox is not four finite numbers"
+        if problem is None and not _finite(r["score"]):
+            problem = "score is not a finite number"
+        if problem:
+            raise ValueError(f"Result on image {r['image_id']} cannot be evaluated: {problem}. Received: {r!r}"[:300])
+        out.append(
+            {
+                "image_id": r["image_id"],
+                "category_id": AGNOSTIC_CATEGORY["id"],
+                "score": r["score"],
+                key: copy.deepcopy(value),
+            }
+        )
     return out
+
+
+def _finite(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
+        and bool(np.isfinite(value))
+    )
+
+
+def proposal_count_warnings(proposals_per_image: int) -> list[str]:
+    """Warnings for evaluating fewer proposals per image than the largest reported count.
+
+    Args:
+        proposals_per_image: the most proposals any image had.
+
+    Returns:
+        [] when there were at least max(MAX_DETS); else one message saying which numbers repeat
+        the value at that count.
+    """
+    if proposals_per_image >= MAX_DETS[-1]:
+        return []
+    return [
+        f"Only {proposals_per_image} proposals per image were evaluated: AR@{MAX_DETS[-1]} and the recall curve "
+        f"past {proposals_per_image} are recall at {proposals_per_image} proposals (evaluate with "
+        f"top_n={MAX_DETS[-1]} for the reported counts)."
+    ]
 
 
 def average_recall(
@@ -102,38 +224,46 @@ def average_recall(
     """Class-agnostic COCO average recall of proposals.
 
     Args:
-        annotations: ground truth: a COCO annotations JSON path, its parsed dict, or a COCO object.
+        annotations: ground truth: a COCO annotations JSON path, its parsed dict, a COCO object
+            or a `CocoDataset`, validated by `ground_truth` (bad records are skipped).
         results: COCO results (a JSON path or a list of {"image_id", "segmentation" and/or
-            "bbox", "score"} dicts); category ids are ignored.
+            "bbox", "score"} dicts); category ids are ignored, results on images not evaluated
+            are dropped.
         iou_type: "segm" (masks) or "bbox" (boxes).
         image_ids: images to evaluate; all images of `annotations` if None. Images without
             ground-truth objects do not change recall.
 
     Returns:
         {"AR@1", "AR@10", "AR@100", "AR@1000", "AR_small@100", "AR_medium@100", "AR_large@100",
-        "AUC", "curve" (list of AR at 1..1000 proposals per image), "num_objects"}. With no
-        results every value is 0.0; with no ground-truth objects recall is undefined and every
-        value is NaN.
+        "AUC", "curve" (list of AR at 1..1000 proposals per image), "num_objects",
+        "max_proposals" (the most results of any image)}. With no results every value is 0.0;
+        with no ground-truth objects recall is undefined and every value is NaN.
 
     Raises:
-        ValueError: for an unknown iou_type or results lacking the evaluated field.
+        ValueError: for an unknown iou_type, or a result lacking the evaluated field or that
+            could not be evaluated safely.
+        DatasetError: if `annotations` is not a COCO instances file.
     """
     from pycocotools.cocoeval import COCOeval
 
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be one of {IOU_TYPES}. Received: iou_type={iou_type!r}")
-    gt = load_coco(annotations)
+    dataset = ground_truth(annotations)
+    ids = sorted(dataset.image_ids) if image_ids is None else sorted(int(i) for i in image_ids)
+    gt = class_agnostic(dataset, ids)
+    ids = sorted(gt.getImgIds())
     if not isinstance(results, list):
         results = json.loads(Path(results).read_text())
-    ids = sorted(gt.getImgIds()) if image_ids is None else sorted(int(i) for i in image_ids)
-    results = [r for r in _results_for(results, iou_type) if int(r["image_id"]) in set(ids)]
-    gt_ann_ids = gt.getAnnIds(imgIds=ids, iscrowd=False)
-    num_objects = len(gt_ann_ids)
+    results = _results_for(results, iou_type, gt)
+    counts = collections.Counter(r["image_id"] for r in results)
+    max_proposals = max(counts.values(), default=0)
+    num_objects = len(gt.getAnnIds(imgIds=ids, iscrowd=False))
+    extra = {"num_objects": num_objects, "max_proposals": max_proposals}
     if num_objects == 0:
         nan = float("nan")
-        return {**_table(lambda *_: nan), "AUC": nan, "curve": [nan] * CURVE_MAX, "num_objects": 0}
+        return {**_table(lambda *_: nan), "AUC": nan, "curve": [nan] * CURVE_MAX, **extra}
     if not results:
-        return {**_table(lambda *_: 0.0), "AUC": 0.0, "curve": [0.0] * CURVE_MAX, "num_objects": num_objects}
+        return {**_table(lambda *_: 0.0), "AUC": 0.0, "curve": [0.0] * CURVE_MAX, **extra}
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(results)
         evaluator = COCOeval(gt, dt, iou_type)
@@ -150,7 +280,7 @@ def average_recall(
         return float(r.mean()) if r.size else float("nan")
 
     curve = recall_curve(evaluator)
-    return {**_table(ar), "AUC": float(np.mean(curve)), "curve": curve.tolist(), "num_objects": num_objects}
+    return {**_table(ar), "AUC": float(np.mean(curve)), "curve": curve.tolist(), **extra}
 
 
 def _table(ar) -> dict[str, float]:
@@ -227,25 +357,35 @@ def evaluate_model(
     images_dir: str | os.PathLike,
     max_images: int | None = None,
     out_dir: str | os.PathLike | None = None,
+    on_bad_annotation: str = "skip",
 ) -> dict[str, Any]:
     """Runs a proposal generator over a COCO-format split and measures its average recall.
 
+    The ground truth is validated (`ground_truth`, image headers included) before any
+    inference. An image that passes the header check but then fails to decode is skipped and
+    counted as well (or raises with `on_bad_annotation="error"`); skipped images and their
+    objects are not evaluated.
+
     Args:
         generator: the `sharpmask_tf.inference.ProposalGenerator` to evaluate, as the caller
-            configured it (its `config.top_n` proposals per image; AR@1000 needs 1000); it must
-            paste full masks (`full_masks=True`).
+            configured it (its `config.top_n` proposals per image; AR@1000 needs 1000, and
+            fewer is reported in "warnings"); it must paste full masks (`full_masks=True`).
         annotations_json: the split's COCO annotations.
         images_dir: the folder holding the split's `file_name`s.
-        max_images: evaluate the first this many images by id (all if None).
+        max_images: evaluate the first this many valid images by id (all if None).
         out_dir: if given, writes results.json, metrics.json and recall.png there.
+        on_bad_annotation: "skip" (count bad records and images) or "error" (raise at the first).
 
     Returns:
-        {"segm": average_recall dict, "bbox": average_recall dict, "num_images",
-        "seconds_per_image", "top_n"}; the curves are left out of metrics.json.
+        {"segm": average_recall dict, "bbox": average_recall dict, "num_images" (evaluated),
+        "seconds_per_image", "top_n", "skipped" (bad records and images by reason), "warnings"
+        (fewer proposals than AR@1000 needs)}; the curves are left out of metrics.json.
 
     Raises:
-        ValueError: if the generator does not paste full masks.
-        FileNotFoundError: if an image of the split is missing.
+        ValueError: if the generator does not paste full masks, or for an unknown
+            on_bad_annotation.
+        DatasetError: for annotations that are not a COCO instances file, or the first bad
+            record or image with `on_bad_annotation="error"`.
     """
     from sharpmask_tf.images import load_image
 
@@ -254,26 +394,40 @@ def evaluate_model(
             "Mask average recall needs the masks at image size: build the ProposalGenerator with "
             "full_masks=True. Received: full_masks=False"
         )
-    gt = load_coco(annotations_json)
-    ids = sorted(gt.getImgIds())[:max_images]
-    results, seconds = [], 0.0
-    for image_id in ids:
-        info = gt.loadImgs(image_id)[0]
-        path = Path(images_dir) / info["file_name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"Image {image_id} of {annotations_json} is missing. Received: {str(path)!r}")
-        image = load_image(path)
+    if on_bad_annotation not in ON_BAD_ANNOTATION:
+        raise ValueError(
+            f"on_bad_annotation must be one of {ON_BAD_ANNOTATION}. Received: on_bad_annotation={on_bad_annotation!r}"
+        )
+    dataset = ground_truth(annotations_json, images_dir, on_bad_annotation)
+    skipped = collections.Counter(dataset.skipped)
+    results, evaluated, seconds = [], [], 0.0
+    for image_id in sorted(dataset.image_ids)[:max_images]:
+        path = dataset.image_path(image_id)
+        try:
+            image = load_image(path)
+        except ValueError as err:
+            if on_bad_annotation == "error":
+                raise DatasetError(f"Image {image_id} of {annotations_json} does not decode: {err}") from err
+            logger.warning("Skipping image %s of %s: %s", image_id, annotations_json, err)
+            skipped["image file undecodable"] += 1
+            continue
         start = time.perf_counter()
         proposals = generator.propose(image)
         seconds += time.perf_counter() - start
         results.extend(coco_results(proposals, image_id))
+        evaluated.append(image_id)
+    top_n = generator.config.top_n
     metrics = {
-        "segm": average_recall(gt, results, "segm", ids),
-        "bbox": average_recall(gt, results, "bbox", ids),
-        "num_images": len(ids),
-        "seconds_per_image": seconds / max(len(ids), 1),
-        "top_n": generator.config.top_n,
+        "segm": average_recall(dataset, results, "segm", evaluated),
+        "bbox": average_recall(dataset, results, "bbox", evaluated),
+        "num_images": len(evaluated),
+        "seconds_per_image": seconds / max(len(evaluated), 1),
+        "top_n": top_n,
+        "skipped": dict(skipped),
+        "warnings": proposal_count_warnings(top_n),
     }
+    for message in metrics["warnings"]:
+        logger.warning(message)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -359,7 +513,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     source.add_argument("--results", help="an existing COCO results JSON (from sharpmask_tf.inference)")
     parser.add_argument("--images", help="image folder of the split (with --model)")
     parser.add_argument("--max-images", type=int, help="evaluate the first N images by id")
-    parser.add_argument("--top-n", type=int, help="proposals per image (default: the model's config)")
+    parser.add_argument(
+        "--top-n",
+        type=int,
+        help=f"proposals per image (default {MAX_DETS[-1]}, the largest reported count, unless --set inference.top_n=...)",
+    )
+    parser.add_argument(
+        "--on-bad-annotation",
+        choices=ON_BAD_ANNOTATION,
+        default="skip",
+        help="bad ground-truth records and images: skip and count them (default), or stop at the first",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -369,28 +533,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="folder for results.json, metrics.json and recall.png")
     args = parser.parse_args(argv)
-    if args.model:
-        if not args.images:
-            parser.error("--model needs --images")
-        overrides = [*args.set, *([f"inference.top_n={args.top_n}"] if args.top_n is not None else [])]
-        try:
-            config = (load_run_config(args.model) or Config()).override(overrides)
-        except ValueError as err:
-            parser.error(str(err))
-        from sharpmask_tf.inference import ProposalGenerator
+    try:
+        if args.model:
+            if not args.images:
+                parser.error("--model needs --images")
+            top_n_set = any(item.partition("=")[0].strip() == "inference.top_n" for item in args.set)
+            top_n = args.top_n if args.top_n is not None or top_n_set else MAX_DETS[-1]
+            overrides = [*args.set, *([f"inference.top_n={top_n}"] if top_n is not None else [])]
+            try:
+                config = (load_run_config(args.model) or Config()).override(overrides)
+            except ValueError as err:
+                parser.error(str(err))
+            from sharpmask_tf.inference import ProposalGenerator
 
-        generator = ProposalGenerator.from_saved(args.model, config.inference)
-        metrics = evaluate_model(generator, args.annotations, args.images, args.max_images, args.out)
-    else:
-        if args.set:
-            parser.error("--set configures the proposals of --model; it has no effect on --results")
-        gt = load_coco(args.annotations)
-        ids = sorted(gt.getImgIds())[: args.max_images]
-        metrics = {t: average_recall(gt, args.results, t, ids) for t in IOU_TYPES}
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "metrics.json").write_text(json.dumps(_without_curves(metrics), indent=2))
-            plot_recall({t: metrics[t]["curve"] for t in IOU_TYPES}, Path(args.out) / "recall.png")
+            generator = ProposalGenerator.from_saved(args.model, config.inference)
+            metrics = evaluate_model(
+                generator, args.annotations, args.images, args.max_images, args.out, args.on_bad_annotation
+            )
+        else:
+            if args.set:
+                parser.error("--set configures the proposals of --model; it has no effect on --results")
+            dataset = ground_truth(args.annotations, on_bad_annotation=args.on_bad_annotation)
+            ids = sorted(dataset.image_ids)[: args.max_images]
+            metrics = {t: average_recall(dataset, args.results, t, ids) for t in IOU_TYPES}
+            metrics["skipped"] = dict(dataset.skipped)
+            metrics["warnings"] = proposal_count_warnings(metrics["segm"]["max_proposals"])
+            for message in metrics["warnings"]:
+                logger.warning(message)
+            if args.out:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / "metrics.json").write_text(json.dumps(_without_curves(metrics), indent=2))
+                plot_recall({t: metrics[t]["curve"] for t in IOU_TYPES}, Path(args.out) / "recall.png")
+    except DatasetError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(format_table(metrics))
     extra = {k: v for k, v in metrics.items() if k not in IOU_TYPES}
     if extra:

@@ -9,10 +9,14 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 # Area outside the picture, in [0, 1] RGB (SPEC.md section 2).
 GREY = 0.5
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# What Pillow raises for a file it cannot or will not decode; DecompressionBombError (an image
+# over twice Image.MAX_IMAGE_PIXELS) derives from none of the others.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def to_rgb(image):
@@ -65,27 +69,42 @@ def check_image(image: Any) -> np.ndarray:
     return image.astype(np.float32)
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A Pillow image with 8 bits per channel, 16-bit grayscale rescaled rather than clipped.
+
+    Pillow already reduces 16-bit RGB(A) and gray-alpha PNGs to their high bytes, but converts
+    16-bit grayscale ("I;16*", and "I" as 16-bit values) to "L" by clipping at 255, which makes a
+    normally exposed picture white. This keeps the high byte instead, as TensorFlow's
+    `decode_png` (the serving path) does. Other modes are returned unchanged.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        return Image.fromarray(values.astype(np.uint8), "L")
+    return image
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Reads an image file as an (H, W, C) uint8 array (C = 1, 3 or 4; palettes become RGB(A)).
+    """Reads an image file as an (H, W, C) uint8 array (C = 1, 3 or 4; palettes become RGB(A);
+    16-bit channels keep their high byte, `to_8bit`).
 
     Raises:
-        ValueError: if the file cannot be decoded as an image (names the file).
+        ValueError: if the file cannot be decoded as an image, or is over Pillow's
+            decompression-bomb limit (names the file).
     """
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.load()
+            im = to_8bit(im)
             if im.mode in ("L", "RGB", "RGBA"):
                 converted = im
             elif im.mode in ("LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 converted = im.convert("RGBA")
-            elif im.mode in ("I;16", "I", "F", "1"):
+            elif im.mode in ("F", "1"):
                 converted = im.convert("L")
             else:
                 converted = im.convert("RGB")
             array = np.asarray(converted, dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as err:
+    except DECODE_ERRORS as err:
         raise ValueError(f"Cannot read an image from {str(path)!r}: {err}") from err
     return array[..., None] if array.ndim == 2 else array
 

@@ -30,6 +30,7 @@ the numpy API.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -332,7 +333,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", required=True, help="a .keras file or a training run directory")
     parser.add_argument("inputs", nargs="+", help="image files or folders of images")
-    parser.add_argument("--out", required=True, help="results JSON path")
+    parser.add_argument(
+        "--out", required=True, help="results JSON path; the image map goes beside it (<stem>.images.json)"
+    )
     parser.add_argument("--annotations", help="COCO annotations JSON: image ids are matched by file name")
     parser.add_argument("--visualize", metavar="DIR", help="write a PNG per image with the top proposals")
     parser.add_argument("--draw", type=int, default=10, help="proposals drawn per picture (default 10)")
@@ -349,46 +352,76 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def image_map_path(results_path: str | os.PathLike) -> Path:
+    """Where the CLI writes the image map of a results JSON: `<stem>.images.json` beside it."""
+    path = Path(results_path)
+    return path.with_name(f"{path.stem}.images.json")
+
+
+def _ids_by_name(annotations: str) -> dict[str, int]:
+    """Image ids of a COCO annotations JSON by file name (the name only, not its folders).
+
+    Raises:
+        ValueError: naming the file when it is not JSON with an "images" list of {"id",
+            "file_name"} records, or when two records share a file name.
+    """
+    try:
+        images = json.loads(Path(annotations).read_text())["images"]
+        pairs = [(Path(im["file_name"]).name, int(im["id"])) for im in images]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{annotations} is not a COCO annotations file with an 'images' list: {err!r}") from err
+    ids = dict(pairs)
+    if len(ids) != len(pairs):
+        shared = sorted(name for name, n in collections.Counter(n for n, _ in pairs).items() if n > 1)
+        raise ValueError(
+            f"{annotations}: image file names must be unique to match images by name. Received: {shared[:5]}"
+        )
+    return ids
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: proposals for images or folders, written as COCO results JSON (and PNG pictures)."""
-    args = _parser().parse_args(argv)
+    """CLI: proposals for images or folders, written as COCO results JSON, an image map
+    (`image_map_path`: the id, file and size of every image, and its picture) and PNG pictures."""
+    parser = _parser()
+    args = parser.parse_args(argv)
     overrides = [*args.set] + ([f"inference.compute_dtype={args.compute_dtype}"] if args.compute_dtype else [])
-    config = None
-    if overrides:
+    try:
         run = load_run_config(args.model)
         config = Config(inference=run.inference if run else InferenceConfig()).override(overrides).inference
+        ids_by_name = _ids_by_name(args.annotations) if args.annotations else {}
+        files = list_images(args.inputs)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
     generator = ProposalGenerator.from_saved(args.model, config, coarse=args.coarse)
-    ids_by_name = {}
-    if args.annotations:
-        images = json.loads(Path(args.annotations).read_text())["images"]
-        ids_by_name = {Path(im["file_name"]).name: int(im["id"]) for im in images}
-    results, failed, start = [], [], time.perf_counter()
-    files = list_images(args.inputs)
-    next_id = 1
-    for path in files:
-        if ids_by_name:
-            if path.name not in ids_by_name:
-                print(f"skipping {path}: not in {args.annotations}", file=sys.stderr)
-                failed.append(str(path))
-                continue
-            image_id = ids_by_name[path.name]
-        else:
-            image_id, next_id = next_id, next_id + 1
+    from sharpmask_tf.visualize import picture_names, save_proposals
+
+    pictures = picture_names(files)
+    results, images, failed, start = [], [], [], time.perf_counter()
+    used: dict[int, Path] = {}
+    for index, path in enumerate(files):
+        image_id = ids_by_name.get(path.name) if ids_by_name else index + 1
+        if image_id is None or image_id in used:
+            why = f"not in {args.annotations}" if image_id is None else f"image id {image_id} is {used[image_id]}'s"
+            print(f"skipping {path}: {why}", file=sys.stderr)
+            failed.append(str(path))
+            continue
         try:
             image = load_image(path)
         except ValueError as err:
             print(f"skipping {path}: {err}", file=sys.stderr)
             failed.append(str(path))
             continue
+        used[image_id] = path
         proposals = generator.propose(image)
         results.extend(coco_results(proposals, image_id))
+        record = {"id": image_id, "file_name": str(path), "height": image.shape[0], "width": image.shape[1]}
         if args.visualize:
-            from sharpmask_tf.visualize import save_proposals
-
-            out_png = Path(args.visualize) / f"{path.stem}.png"
-            save_proposals(out_png, image, proposals, max_draw=args.draw)
+            save_proposals(Path(args.visualize) / pictures[index], image, proposals, max_draw=args.draw)
+            record["picture"] = pictures[index]
+        images.append(record)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results))
+    image_map_path(args.out).write_text(json.dumps({"images": images}, indent=1))
     done = len(files) - len(failed)
     seconds = time.perf_counter() - start
     print(f"{done} images, {len(results)} proposals -> {args.out} ({seconds:.1f} s); {len(failed)} skipped")

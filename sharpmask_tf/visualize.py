@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import colorsys
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +93,25 @@ def save_proposals(
     picture = draw_proposals(image, proposals["masks"], proposals.get("scores"), max_draw)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(picture).save(path)
+
+
+def picture_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Distinct PNG names for the pictures of `paths`, in order.
+
+    An image's picture is `<stem>.png` when no other input has its stem, else `<name>.png`
+    (`a.jpg.png` beside `a.png.png`); a name that is still taken (the same file name in two
+    folders) gets `-2`, `-3`, ... before `.png`, in input order.
+    """
+    paths = [Path(p) for p in paths]
+    stems = collections.Counter(p.stem for p in paths)
+    names: list[str] = []
+    taken: set[str] = set()
+    for path in paths:
+        base = path.stem if stems[path.stem] == 1 else path.name
+        name, k = f"{base}.png", 1
+        while name in taken:
+            k += 1
+            name = f"{base}-{k}.png"
+        taken.add(name)
+        names.append(name)
+    return names

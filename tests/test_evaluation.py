@@ -8,6 +8,7 @@ import tensorflow as tf
 from pycocotools import mask as mask_utils
 
 from sharpmask_tf.config import CONFIG_FILE, InferenceConfig, get_config
+from sharpmask_tf.data.coco import DatasetError
 from sharpmask_tf.evaluation import (
     MAX_DETS,
     average_recall,
@@ -259,5 +260,172 @@ def test_coco_results_round_trip_masks():
     proposals = {"masks": masks, "boxes": mask_boxes(masks).numpy(), "scores": np.array([0.9, 0.1])}
     results = coco_results(proposals, 4)
     np.testing.assert_array_equal(mask_utils.decode(results[0]["segmentation"]), masks[0])
-    assert results[0]["bbox"] == [2.0, 1.0, 3.0, 2.0] and results[1]["bbox"] == [0.0, 0.0, 0.0, 0.0]
+    # The second mask is empty: it covers nothing and has no box, so it is not a result.
+    assert results[0]["bbox"] == [2.0, 1.0, 3.0, 2.0] and len(results) == 1
     assert coco_results({"masks": masks[:0], "boxes": np.zeros((0, 4)), "scores": np.zeros(0)}, 1) == []
+
+
+def run_cli(*args, timeout=120):
+    """The evaluation CLI in its own process, so that a hang fails the test instead of CI."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    return subprocess.run(
+        [sys.executable, "-m", "sharpmask_tf.evaluation", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def overrunning_rle(h, w, on_pixels):
+    """A compressed RLE whose counts run three images past the end (pycocotools' IoU loops forever on it)."""
+    r = mask_utils.frPyObjects({"size": [h, w], "counts": [0, on_pixels, 3 * h * w]}, h, w)
+    return {"size": [h, w], "counts": r["counts"].decode("ascii")}
+
+
+def test_bad_ground_truth_is_skipped_before_pycocotools_hangs_on_it(tmp_path):
+    h, w = 40, 50
+    good = square(h, w, 5, 5, 15)
+    gt = dataset({1: [good]}, h, w)
+    # Overlaps the proposal's box, so pycocotools computes their IoU.
+    gt["annotations"].append({**gt["annotations"][0], "id": 2, "segmentation": overrunning_rle(h, w, 400)})
+    gt["annotations"].append({**gt["annotations"][0], "id": 3, "segmentation": [[5, 5, 20, 20]]})  # 2 points
+    gt["annotations"].append({**gt["annotations"][0], "id": 4, "iscrowd": "no"})
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "results.json").write_text(json.dumps(results_of({1: [good]})))
+    args = ["--annotations", tmp_path / "gt.json", "--results", tmp_path / "results.json", "--out", tmp_path / "out"]
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["segm"]["num_objects"] == 1 and metrics["segm"]["AR@100"] == pytest.approx(1.0)
+    assert metrics["skipped"] == {
+        "RLE counts do not sum to height*width": 1,
+        "polygon with fewer than 3 points or an odd number of coordinates": 1,
+        "iscrowd is not 0 or 1": 1,
+    }
+    strict = run_cli(*args, "--on-bad-annotation", "error")
+    assert strict.returncode == 2 and "RLE counts do not sum" in strict.stderr and "Traceback" not in strict.stderr
+
+
+def test_a_result_pycocotools_would_hang_on_is_refused(tmp_path):
+    h, w = 40, 50
+    good = square(h, w, 5, 5, 15)
+    (tmp_path / "gt.json").write_text(json.dumps(dataset({1: [good]}, h, w)))
+    bad = results_of({1: [good]})
+    bad[0]["segmentation"] = overrunning_rle(h, w, 400)
+    (tmp_path / "results.json").write_text(json.dumps(bad))
+    done = run_cli("--annotations", tmp_path / "gt.json", "--results", tmp_path / "results.json")
+    assert done.returncode != 0 and "cannot be evaluated" in done.stderr
+    with pytest.raises(ValueError, match="do not sum"):
+        average_recall(dataset({1: [good]}, h, w), bad, "segm")
+
+
+@pytest.mark.parametrize("categories", [None, [{"id": 1, "name": "c1"}], [{"id": 7, "name": "other"}]])
+def test_evaluation_is_class_agnostic_whatever_the_categories_list(objects, categories):
+    gt = dataset(objects)
+    for k, ann in enumerate(gt["annotations"]):
+        ann["category_id"] = 1 + k  # 1..4: most not in any list below
+    if categories is None:
+        del gt["categories"]
+    else:
+        gt["categories"] = categories
+    results = results_of(objects)
+    for k, r in enumerate(results):
+        r["category_id"] = 50 + k
+    ar = average_recall(gt, results, "segm")
+    assert ar["num_objects"] == 4 and ar["AR@100"] == pytest.approx(1.0)
+
+
+def corrupt_split(tmp_path):
+    """write_split's images with image 2's file truncated after its header and image 3's garbage,
+    and one good object each on images 1, 2 and 3, plus a 2-point polygon on image 1."""
+    h, w = 96, 128
+    objects = {1: [square(h, w, 10, 10, 40)], 2: [square(h, w, 5, 50, 30)], 3: [square(h, w, 60, 30, 30)]}
+    ann, images = write_split(tmp_path, objects, h, w)
+    data = (images / "2.png").read_bytes()
+    (images / "2.png").write_bytes(data[: len(data) // 2])
+    (images / "3.png").write_bytes(b"not a png")
+    raw = json.loads(ann.read_text())
+    raw["annotations"].append({**raw["annotations"][0], "id": 9, "segmentation": [[10, 10, 50, 50]]})
+    ann.write_text(json.dumps(raw))
+    return ann, images
+
+
+class CountingGenerator(ProposalGenerator):
+    """A ProposalGenerator that counts the images it was asked about."""
+
+    calls = 0
+
+    def propose(self, image):
+        type(self).calls += 1
+        return super().propose(image)
+
+
+def test_evaluate_model_survives_corrupt_images_and_records(tmp_path):
+    ann, images = corrupt_split(tmp_path)
+    tf.keras.utils.set_random_seed(0)
+    generator = CountingGenerator(
+        build_model(get_config("small", ["model.refinement=false"])), InferenceConfig(top_n=20)
+    )
+    metrics = evaluate_model(generator, ann, images, out_dir=tmp_path / "out")
+    assert metrics["num_images"] == 1 and CountingGenerator.calls == 1
+    assert metrics["skipped"] == {
+        "image file unreadable": 1,  # found by validation, before any inference
+        "polygon with fewer than 3 points or an odd number of coordinates": 1,
+        "image file undecodable": 1,  # its header passed: found when decoded
+    }
+    assert metrics["segm"]["num_objects"] == 1  # the objects of the skipped images are not evaluated
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["skipped"] == metrics["skipped"]
+    # In error mode the first bad record stops the evaluation before any image is run.
+    CountingGenerator.calls = 0
+    with pytest.raises(DatasetError, match="image file unreadable"):
+        evaluate_model(generator, ann, images, on_bad_annotation="error")
+    assert CountingGenerator.calls == 0
+
+
+def test_the_cli_evaluates_as_many_proposals_as_it_reports_and_says_when_fewer(tmp_path, caplog):
+    h, w = 96, 128
+    ann, images = write_split(tmp_path, {1: [square(h, w, 10, 10, 40)]}, h, w)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = get_config("small", ["model.refinement=false", "inference.max_side=64"])  # top_n 500
+    (run / CONFIG_FILE).write_text(config.to_json())
+    build_model(config).save(run / "deepmask.keras")
+    argv = ["--annotations", str(ann), "--model", str(run), "--images", str(images)]
+    assert main([*argv, "--out", str(tmp_path / "full")]) == 0
+    full = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert full["top_n"] == MAX_DETS[-1] and full["warnings"] == []
+    caplog.clear()
+    assert main([*argv, "--top-n", "30", "--out", str(tmp_path / "short")]) == 0
+    short = json.loads((tmp_path / "short" / "metrics.json").read_text())
+    assert short["top_n"] == 30 and "Only 30 proposals per image" in short["warnings"][0]
+    assert any("Only 30 proposals" in r.getMessage() for r in caplog.records)
+    # A results file with fewer proposals per image than AR@1000 needs says so too.
+    assert (
+        main(
+            [
+                "--annotations",
+                str(ann),
+                "--results",
+                str(tmp_path / "short" / "results.json"),
+                "--out",
+                str(tmp_path / "re"),
+            ]
+        )
+        == 0
+    )
+    assert "Only 30 proposals" in json.loads((tmp_path / "re" / "metrics.json").read_text())["warnings"][0]
+
+
+def test_a_malformed_config_json_is_named(tmp_path, capsys):
+    ann, images = write_split(tmp_path, {1: []})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CONFIG_FILE).write_text('{"model": {"trunk_depth": "deep"')
+    with pytest.raises(SystemExit):
+        main(["--annotations", str(ann), "--model", str(run), "--images", str(images)])
+    assert str(run / CONFIG_FILE) in capsys.readouterr().err

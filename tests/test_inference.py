@@ -2,10 +2,12 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from image_files import bomb_png
 
 from sharpmask_tf.config import InferenceConfig, get_config
 from sharpmask_tf.images import GREY, to_rgb
@@ -334,3 +336,77 @@ def test_cli_writes_coco_results_and_pictures(deepmask, tmp_path):
     args = ["--model", str(tmp_path), str(images / "a.png"), "--out", str(out16)]
     assert main([*args, "--compute-dtype", "bfloat16", "--set", "inference.top_n=3"]) == 0
     assert len(json.loads(out16.read_text())) == 3
+
+
+def test_cli_keeps_going_names_every_picture_apart_and_maps_the_ids(deepmask, tmp_path, capsys):
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from sharpmask_tf.inference import image_map_path
+
+    config = get_config("small", ["model.refinement=false", "inference.top_n=6"])
+    deepmask.save(tmp_path / "deepmask.keras")
+    (tmp_path / "config.json").write_text(config.to_json())
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(smooth_image(50, 70)).save(images / "a.png")
+    Image.fromarray(smooth_image(40, 30, seed=1)).save(images / "a.jpg")
+    Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(images / "tiny.png")
+    (images / "bomb.png").write_bytes(bomb_png())
+    out = tmp_path / "results.json"
+    argv = ["--model", str(tmp_path), str(images), "--out", str(out), "--visualize", str(tmp_path / "vis")]
+    assert main(argv) == 0
+    assert "bomb.png" in capsys.readouterr().err  # skipped with a warning, the rest kept
+    assert sorted(p.name for p in (tmp_path / "vis").iterdir()) == ["a.jpg.png", "a.png.png", "tiny.png"]
+    mapped = json.loads(image_map_path(out).read_text())["images"]
+    assert image_map_path(out).name == "results.images.json"
+    by_name = {Path(m["file_name"]).name: m for m in mapped}
+    assert sorted(by_name) == ["a.jpg", "a.png", "tiny.png"]
+    assert (by_name["a.jpg"]["height"], by_name["a.jpg"]["width"]) == (40, 30)
+    assert by_name["a.jpg"]["picture"] == "a.jpg.png" and by_name["tiny.png"]["picture"] == "tiny.png"
+    results = json.loads(out.read_text())
+    assert {r["image_id"] for r in results} <= {m["id"] for m in mapped}
+    for r in results:  # proposals whose mask is empty are not results
+        size = [by_name[n]["height"] for n in by_name if by_name[n]["id"] == r["image_id"]]
+        assert r["segmentation"]["size"][0] == size[0]
+        assert mask_utils.area(r["segmentation"]) > 0 and r["bbox"][2] > 0 and r["bbox"][3] > 0
+    tiny = [r for r in results if r["image_id"] == by_name["tiny.png"]["id"]]
+    assert all(r["bbox"] == [0.0, 0.0, 1.0, 1.0] for r in tiny)
+
+
+@pytest.mark.parametrize("mask_logit, kept", [(-10.0, 0), (10.0, 8)])
+def test_empty_mask_proposals_of_a_1x1_image_are_left_out_of_the_results(deepmask, mask_logit, kept):
+    from sharpmask_tf.evaluation import coco_results
+
+    # Constant mask logits: every mask is empty (-10) or covers the whole window (+10).
+    layer = deepmask.get_layer("mask_logits")
+    saved = layer.get_weights()
+    layer.set_weights([np.zeros_like(saved[0]), np.full_like(saved[1], mask_logit)])
+    try:
+        out = ProposalGenerator(deepmask, InferenceConfig(top_n=8)).propose(np.full((1, 1, 3), 200, np.uint8))
+    finally:
+        layer.set_weights(saved)
+    assert out["num_proposals"] == 8  # the generator still ranks 8 windows
+    results = coco_results(out, 1)
+    assert len(results) == kept
+    assert all(r["bbox"] == [0.0, 0.0, 1.0, 1.0] and r["segmentation"]["size"] == [1, 1] for r in results)
+
+
+def test_picture_names_are_distinct():
+    from sharpmask_tf.visualize import picture_names
+
+    names = picture_names(["x/a.jpg", "x/a.png", "y/a.jpg", "x/b.png", "x/a.jpg.png"])
+    assert names == ["a.jpg.png", "a.png.png", "a.jpg-2.png", "b.png", "a.jpg-3.png"]
+    assert len(set(names)) == len(names)
+
+
+def test_cli_names_a_malformed_config_json(deepmask, tmp_path, capsys):
+    deepmask.save(tmp_path / "deepmask.keras")
+    (tmp_path / "config.json").write_text('{"inference": {"top_n": ')
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.fromarray(smooth_image(40, 40)).save(image)
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), str(image), "--out", str(tmp_path / "r.json")])
+    assert str(tmp_path / "config.json") in capsys.readouterr().err

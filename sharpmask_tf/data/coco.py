@@ -2,9 +2,12 @@
 
 `CocoDataset` loads an instances JSON and an image folder, checks every image and annotation, and
 either raises a `DatasetError` naming the first problem (`on_bad_annotation="error"`) or drops the
-offending item, counting and logging it (`"skip"`). Validation is what keeps sampling from hanging
-or crashing later: pycocotools decodes a run-length encoding whose counts overrun the image by
-writing past its buffer, and treats a four-number polygon as a box.
+offending item, counting and logging it (`"skip"`). Validation is what keeps sampling and evaluation
+from hanging or crashing later: pycocotools decodes a run-length encoding whose counts overrun the
+image by writing past its buffer (and `COCOeval` spins on it), rasterises a polygon with far-off
+points into a buffer the size of its perimeter (a segmentation fault at 1e9), and treats a
+four-number polygon as a box. Every field is type-checked before it is used, so a record such as
+`iscrowd: "no"` is a counted bad record, not a crash.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from sharpmask_tf.config import ON_BAD_ANNOTATION
+from sharpmask_tf.images import DECODE_ERRORS, to_8bit
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +98,20 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict[str,
     return {"size": list(segmentation["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def segmentation_problem(segmentation: Any, height: int, width: int) -> str | None:
     """Returns why a segmentation cannot be decoded safely, or None if it can.
+
+    Polygon points may lie up to one image side outside the image (far beyond, pycocotools'
+    rasteriser allocates by the perimeter and crashes); an RLE must have the image's size and
+    counts summing to it.
 
     Args:
         segmentation: a COCO `segmentation` field.
@@ -108,17 +124,23 @@ def segmentation_problem(segmentation: Any, height: int, width: int) -> str | No
         for polygon in segmentation:
             if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
                 return "polygon with fewer than 3 points or an odd number of coordinates"
-            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in polygon):
+            if not all(_is_number(v) for v in polygon):
                 return "polygon with a non-finite or non-numeric coordinate"
+            xs, ys = polygon[0::2], polygon[1::2]
+            if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
+                return f"polygon point more than the image's size outside it (x {min(xs)}..{max(xs)}, y {min(ys)}..{max(ys)})"
         return None
     if not isinstance(segmentation, dict) or "counts" not in segmentation or "size" not in segmentation:
         return "segmentation is neither a polygon list nor an RLE dict"
-    if list(segmentation["size"]) != [height, width]:
+    size = segmentation["size"]
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int(v) for v in size):
+        return f"RLE size is not [height, width] ({size!r})"
+    if list(size) != [height, width]:
         return f"RLE size differs from the image size ({segmentation['size']} != {[height, width]})"
     counts = segmentation["counts"]
     if isinstance(counts, list):
         runs = counts
-        if not all(isinstance(r, int) and r >= 0 for r in runs):
+        if not all(_is_int(r) and r >= 0 for r in runs):
             return "uncompressed RLE with a negative or non-integer count"
     elif isinstance(counts, (str, bytes)):
         runs = _decode_rle_string(counts.decode() if isinstance(counts, bytes) else counts)
@@ -134,7 +156,7 @@ def segmentation_problem(segmentation: Any, height: int, width: int) -> str | No
 def _bbox_problem(bbox: Any, height: int, width: int) -> str | None:
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         return "bbox is not four numbers"
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox):
+    if not all(_is_number(v) for v in bbox):
         return "bbox has a non-finite or non-numeric value"
     x, y, w, h = bbox
     if w <= 0 or h <= 0:
@@ -149,13 +171,14 @@ class CocoDataset:
     """A validated COCO-format instances dataset: annotations JSON plus an image folder.
 
     Args:
-        annotation_file: path of the instances JSON.
-        image_dir: folder holding the images named by each image's `file_name`.
+        annotation_file: path of the instances JSON, or its parsed content as a dict.
+        image_dir: folder holding the images named by each image's `file_name`; a `file_name`
+            that is absolute or climbs out with `..` is a bad image record.
         image_ids: optional subset of image ids to keep; ids absent from the JSON raise.
         on_bad_annotation: `"error"` raises `DatasetError` at the first bad record; `"skip"` drops
             it, counts it in `skipped` and logs a summary.
-        check_image_files: open every image's header to check it exists, is a readable image and
-            has the size the JSON claims.
+        check_image_files: open every image's header to check it exists, is a readable image
+            within Pillow's decompression-bomb limit and has the size the JSON claims.
 
     Raises:
         DatasetError: for a JSON that is not a COCO instances file (always), or for the first bad
@@ -169,8 +192,8 @@ class CocoDataset:
 
     def __init__(
         self,
-        annotation_file: str,
-        image_dir: str,
+        annotation_file: str | os.PathLike | dict[str, Any],
+        image_dir: str | os.PathLike,
         image_ids: Iterable[int] | None = None,
         on_bad_annotation: str = "skip",
         check_image_files: bool = True,
@@ -179,15 +202,16 @@ class CocoDataset:
             raise ValueError(
                 f"on_bad_annotation must be one of {ON_BAD_ANNOTATION}. Received: on_bad_annotation={on_bad_annotation!r}"
             )
-        self.annotation_file = annotation_file
-        self.image_dir = image_dir
+        from_dict = isinstance(annotation_file, dict)
+        self.annotation_file = "<annotations dict>" if from_dict else os.fspath(annotation_file)
+        self.image_dir = os.fspath(image_dir)
         self.on_bad_annotation = on_bad_annotation
         self.skipped: collections.Counter = collections.Counter()
         self.mask_area: dict[Any, int] = {}
         self._lock = threading.Lock()
-        raw = self._read_json(annotation_file)
+        raw = self._checked_layout(dict(annotation_file) if from_dict else self._read_json(self.annotation_file))
         images = self._valid_images(raw["images"], image_ids, check_image_files)
-        declared = {record["id"] for record in raw["images"]}
+        declared = {record["id"] for record in raw["images"] if _is_int(record["id"])}
         annotations = self._valid_annotations(raw["annotations"], images, declared)
         dataset = {
             "info": raw.get("info", {}),
@@ -210,10 +234,24 @@ class CocoDataset:
                 raw = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetError(f"Annotation file is not valid JSON ({e}). Received: annotation_file={path!r}") from e
-        if not isinstance(raw, dict) or not isinstance(raw.get("images"), list):
+        if not isinstance(raw, dict):
+            raise DatasetError(f"Annotation file has no 'images' list. Received: annotation_file={path!r}")
+        return raw
+
+    def _checked_layout(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """The parsed file with its top-level lists checked (always raising)."""
+        path = self.annotation_file
+        if not isinstance(raw.get("images"), list):
             raise DatasetError(f"Annotation file has no 'images' list. Received: annotation_file={path!r}")
         if not isinstance(raw.get("annotations", []), list):
             raise DatasetError(f"Annotation file's 'annotations' is not a list. Received: annotation_file={path!r}")
+        categories = raw.get("categories", [])
+        if not isinstance(categories, list) or not all(
+            isinstance(c, dict) and _is_int(c.get("id")) for c in categories
+        ):
+            raise DatasetError(
+                f"Annotation file's 'categories' is not a list of records with integer ids. Received: annotation_file={path!r}"
+            )
         raw.setdefault("annotations", [])
         return raw
 
@@ -235,6 +273,9 @@ class CocoDataset:
                 raise DatasetError(
                     f"Image record lacks id, file_name, height or width. Received: image={record!r}"[:300]
                 )
+            if not _is_int(record["id"]):
+                self._bad("image id is not an integer", f"image id={record['id']!r}"[:200])
+                continue
             if record["id"] in by_id:
                 raise DatasetError(f"Duplicate image id. Received: id={record['id']!r}")
             by_id[record["id"]] = record
@@ -255,17 +296,26 @@ class CocoDataset:
 
     def _image_problem(self, record: dict[str, Any], check_file: bool) -> str | None:
         h, w = record["height"], record["width"]
-        if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+        if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
             return "image with a non-positive or non-integer size"
+        name = record["file_name"]
+        if not isinstance(name, str) or not name:
+            return "image file_name is not a non-empty string"
+        # Relative to image_dir and inside it: an absolute name or one with a ".." part would
+        # make the dataset read files elsewhere.
+        if os.path.isabs(name) or os.path.splitdrive(name)[0] or ".." in name.replace("\\", "/").split("/"):
+            return f"image file_name outside the image folder ({name!r})"
         if not check_file:
             return None
-        path = os.path.join(self.image_dir, record["file_name"])
+        path = os.path.join(self.image_dir, name)
         if not os.path.isfile(path):
             return "image file not found"
         try:
             with Image.open(path) as image:
                 size = image.size
-        except (OSError, ValueError) as e:
+        except Image.DecompressionBombError as e:
+            return f"image over Pillow's decompression-bomb limit ({e})"
+        except DECODE_ERRORS as e:
             return f"image file unreadable ({e})"
         if size != (w, h):
             return f"image file size differs from the JSON (file {size} != JSON {(w, h)})"
@@ -280,7 +330,10 @@ class CocoDataset:
             if not isinstance(record, dict) or "id" not in record or "image_id" not in record:
                 self._bad("annotation without id or image_id", repr(record)[:200])
                 continue
-            name = f"annotation id={record['id']!r} image_id={record['image_id']!r}"
+            name = f"annotation id={record['id']!r} image_id={record['image_id']!r}"[:200]
+            if not (_is_int(record["id"]) and _is_int(record["image_id"])):
+                self._bad("annotation id or image_id is not an integer", name)
+                continue
             if record["id"] in seen:
                 self._bad("duplicate annotation id", name)
                 continue
@@ -296,6 +349,12 @@ class CocoDataset:
             problem = None
             if "segmentation" not in record:
                 problem = "annotation without segmentation"
+            elif record.get("iscrowd", 0) not in (0, 1):
+                problem = f"iscrowd is not 0 or 1 ({record['iscrowd']!r})"
+            elif not _is_int(record.get("category_id")):
+                problem = f"category_id is not an integer ({record.get('category_id')!r})"
+            elif "area" in record and not (_is_number(record["area"]) and record["area"] >= 0):
+                problem = f"area is not a non-negative number ({record['area']!r})"
             else:
                 problem = segmentation_problem(record["segmentation"], h, w) or _bbox_problem(record.get("bbox"), h, w)
             if problem is None:
@@ -345,8 +404,8 @@ class CocoDataset:
         path = self.image_path(image_id)
         try:
             with Image.open(path) as image:
-                return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-        except (OSError, ValueError) as e:
+                return np.asarray(to_8bit(image).convert("RGB"), dtype=np.float32) / 255.0
+        except DECODE_ERRORS as e:
             raise DatasetError(f"Cannot decode image ({e}). Received: path={path!r}") from e
 
     def __len__(self) -> int:

@@ -29,7 +29,7 @@ from PIL import Image
 
 from sharpmask_tf.config import Config
 from sharpmask_tf.data.coco import CocoDataset, DatasetError
-from sharpmask_tf.images import GREY
+from sharpmask_tf.images import GREY, to_8bit
 
 logger = logging.getLogger(__name__)
 
@@ -233,8 +233,12 @@ class PatchSampler:
                 # the DCT's scaling low-passes the image before the bilinear resampling.
                 image.draft("RGB", (math.ceil(width * s), math.ceil(height * s)))
                 rx, ry = image.size[0] / width, image.size[1] / height
-                patch = image.convert("RGB").transform(
-                    (size, size), Image.AFFINE, (rx / s, 0, x0 * rx, 0, ry / s, y0 * ry), resample=Image.BILINEAR
+                patch = (
+                    to_8bit(image)
+                    .convert("RGB")
+                    .transform(
+                        (size, size), Image.AFFINE, (rx / s, 0, x0 * rx, 0, ry / s, y0 * ry), resample=Image.BILINEAR
+                    )
                 )
         except _DECODE_ERRORS as e:
             raise DatasetError(f"Cannot decode image ({e}). Received: path={path!r}") from e
