@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import keras
 
-from sharpmask_tf.backbone import TAP_STRIDES, resnet_trunk
-from sharpmask_tf.layers import CenterCrop2D, ImageNormalization
+from sharpmask_tf.backbone import TAP_STRIDES, input_normalization, resnet_trunk
+from sharpmask_tf.layers import CenterCrop2D
 
 # Layers of head C, by role. Inference rebuilds them as convolutions from these names.
 HEAD_REDUCE = "head_reduce"
@@ -26,6 +26,8 @@ def deepmask_graph(
     mask_size: int,
     score_hidden: int,
     dropout: float,
+    trunk_flavour: str = "keras",
+    frozen_batch_norm: bool = True,
 ):
     """Builds DeepMask's tensors; SharpMask extends the same graph.
 
@@ -36,8 +38,8 @@ def deepmask_graph(
     """
     input_size = patch_size + 2 * context
     inputs = keras.Input((input_size, input_size, 3), name="images")
-    trunk = resnet_trunk(trunk_blocks, trunk_width, padding, name="trunk")
-    taps = trunk(ImageNormalization(name="normalize")(inputs))
+    trunk = resnet_trunk(trunk_blocks, trunk_width, padding, trunk_flavour, frozen_batch_norm, name="trunk")
+    taps = trunk(input_normalization(trunk_flavour, name="normalize")(inputs))
     x = CenterCrop2D(context // TAP_STRIDES["conv4"], name="head_crop")(taps["conv4"])
     x = keras.layers.Conv2D(head_channels, 1, activation="relu", name=HEAD_REDUCE)(x)
     x = keras.layers.Flatten(name="head_flatten")(x)
@@ -66,12 +68,16 @@ def deepmask_model(
     mask_size: int = 56,
     score_hidden: int = 1024,
     dropout: float = 0.5,
+    trunk_flavour: str = "keras",
+    frozen_batch_norm: bool = True,
     name: str = "deepmask",
 ) -> keras.Model:
     """DeepMask with head C.
 
     Takes (B, S, S, 3) RGB patches in [0, 1], S = patch_size + 2*context (192 for the paper),
     and returns {"masks": (B, mask_size, mask_size), "scores": (B, 1)}, both logits.
+    `trunk_flavour` and `frozen_batch_norm` are `backbone.resnet_trunk`'s `flavour` and
+    `frozen_batch_norm`.
     """
     inputs, _, _, outputs = deepmask_graph(
         patch_size,
@@ -84,5 +90,7 @@ def deepmask_model(
         mask_size,
         score_hidden,
         dropout,
+        trunk_flavour,
+        frozen_batch_norm,
     )
     return keras.Model(inputs, outputs, name=name)

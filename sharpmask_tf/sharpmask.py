@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from sharpmask_tf.backbone import TAP_STRIDES, load_imagenet_weights
+from sharpmask_tf.backbone import TAP_STRIDES, load_trunk_weights
 from sharpmask_tf.config import TRUNK_STRIDE, Config, ModelConfig
 from sharpmask_tf.deepmask import deepmask_graph, deepmask_model
 from sharpmask_tf.layers import CenterCrop2D, MirrorPad2D, Upsample2D
@@ -120,6 +120,8 @@ def sharpmask_model(
     refine_skip_hidden: int = 64,
     refine_skip_hidden_last: int = 32,
     upsampling: str = "bilinear",
+    trunk_flavour: str = "keras",
+    frozen_batch_norm: bool = True,
     name: str = "sharpmask",
 ) -> keras.Model:
     """SharpMask: DeepMask's trunk and head C plus refinement modules R1..R4.
@@ -127,6 +129,8 @@ def sharpmask_model(
     Takes (B, S, S, 3) RGB patches in [0, 1], S = patch_size + 2*context, and returns logits
     {"masks": (B, patch_size, patch_size), "scores": (B, 1), "coarse_masks": (B, mask_size,
     mask_size)}; the coarse DeepMask masks stay available beside the refined ones.
+    `trunk_flavour` and `frozen_batch_norm` are `backbone.resnet_trunk`'s `flavour` and
+    `frozen_batch_norm`.
     """
     if refine_k % 16:
         raise ValueError(f"refine_k must be a multiple of 16. Received: refine_k={refine_k!r}")
@@ -142,6 +146,8 @@ def sharpmask_model(
         mask_size,
         score_hidden,
         dropout,
+        trunk_flavour,
+        frozen_batch_norm,
     )
     tap_channels = {t: int(taps[t].shape[-1]) for t in REFINE_TAPS}
     skips = skip_network(tap_channels, refine_channels, refine_skip_hidden, refine_skip_hidden_last, padding)(taps)
@@ -168,6 +174,8 @@ def model_kwargs(config: ModelConfig) -> dict:
         mask_size=config.mask_size,
         score_hidden=config.score_hidden,
         dropout=config.dropout,
+        trunk_flavour=config.trunk_flavour,
+        frozen_batch_norm=config.frozen_batch_norm,
     )
     if config.refinement:
         kwargs.update(
@@ -179,14 +187,21 @@ def model_kwargs(config: ModelConfig) -> dict:
     return kwargs
 
 
-def build_model(config: Config | ModelConfig) -> keras.Model:
-    """Builds SharpMask (model.refinement) or DeepMask from a config, loading trunk weights
-    from `model.trunk_weights` ("imagenet" or a ResNet50 weights file) when it is set."""
+def build_model(config: Config | ModelConfig, trunk_weights: bool = True) -> keras.Model:
+    """Builds SharpMask (model.refinement) or DeepMask from a config.
+
+    Args:
+        config: the configuration or its model section.
+        trunk_weights: load `model.trunk_weights` into the trunk when it is set (see
+            `backbone.load_trunk_weights`). False builds the same model without loading them, for
+            a model whose weights come from a checkpoint or from another model: nothing is
+            downloaded.
+    """
     model_config = config.model if isinstance(config, Config) else config
     build = sharpmask_model if model_config.refinement else deepmask_model
     model = build(**model_kwargs(model_config))
-    if model_config.trunk_weights:
-        load_imagenet_weights(model.get_layer("trunk"), model_config.trunk_weights)
+    if trunk_weights and model_config.trunk_weights is not None:
+        load_trunk_weights(model.get_layer("trunk"), model_config.trunk_weights, model_config.trunk_flavour)
     return model
 
 

@@ -110,9 +110,12 @@ def learning_rate_schedule(config: Config, stage: str) -> keras.optimizers.sched
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, [t.learning_rate, *t.lr_decay_rates])
 
 
-def stage_model(config: Config, stage: str) -> keras.Model:
-    """DeepMask for stage 1, SharpMask for stage 2, from the config's model section."""
-    return build_model(dataclasses.replace(config.model, refinement=stage == "sharpmask"))
+def stage_model(config: Config, stage: str, trunk_weights: bool = True) -> keras.Model:
+    """DeepMask for stage 1, SharpMask for stage 2, from the config's model section. Only stage 1
+    loads `model.trunk_weights`, and only with `trunk_weights` (False: its weights come from a
+    checkpoint); stage 2's come from stage 1 or from its own checkpoints."""
+    refinement = stage == "sharpmask"
+    return build_model(dataclasses.replace(config.model, refinement=refinement), trunk_weights and not refinement)
 
 
 def refinement_split(model: keras.Model) -> tuple[keras.Model, keras.Model]:
@@ -206,7 +209,7 @@ class _Stage:
         self.dir = os.path.join(trainer.model_dir, stage)
         keras.utils.set_random_seed(t.seed)
         with strategy.scope():
-            self.model = stage_model(config, stage)
+            self.model = stage_model(config, stage, trunk_weights=tf.train.latest_checkpoint(self.dir) is None)
             if init_from is not None:
                 copy_weights(init_from, self.model)
             if stage == "deepmask":
@@ -590,7 +593,7 @@ class Trainer:
                 f"Stage sharpmask starts from stage deepmask's result, and {path} holds none: "
                 f"train stage deepmask into this model directory first."
             )
-        model = stage_model(self.config, "deepmask")
+        model = stage_model(self.config, "deepmask", trunk_weights=False)
         tf.train.Checkpoint(model=model).restore(tf.train.latest_checkpoint(path)).expect_partial()
         return model
 

@@ -9,13 +9,13 @@ from sharpmask_tf.sharpmask import build_model
 
 
 def test_parameter_count_of_the_resnet50_preset():
-    model = build_model(get_config("deepmask_resnet50"))
+    model = build_model(get_config("deepmask_resnet50"), trunk_weights=False)
     assert model.count_params() == pytest.approx(17.3e6, rel=0.03)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_output_shapes(batch):
-    model = build_model(get_config("deepmask_resnet50"))
+    model = build_model(get_config("deepmask_resnet50"), trunk_weights=False)
     out = model(np.random.default_rng(0).random((batch, 192, 192, 3)).astype("float32"))
     assert set(out) == {"masks", "scores"}
     assert tuple(out["masks"].shape) == (batch, 56, 56)

@@ -14,14 +14,14 @@ def _refinement_params(model):
 
 
 def test_parameter_counts_of_the_resnet50_preset():
-    model = build_model(get_config("sharpmask_resnet50"))
+    model = build_model(get_config("sharpmask_resnet50"), trunk_weights=False)
     assert _refinement_params(model) == pytest.approx(2.75e6, rel=0.05)
     assert model.count_params() - _refinement_params(model) == pytest.approx(17.3e6, rel=0.03)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_output_shapes(batch):
-    model = build_model(get_config("sharpmask_resnet50"))
+    model = build_model(get_config("sharpmask_resnet50"), trunk_weights=False)
     out = model(np.random.default_rng(0).random((batch, 192, 192, 3)).astype("float32"))
     assert {k: tuple(v.shape) for k, v in out.items()} == {
         "masks": (batch, 160, 160),
@@ -31,7 +31,7 @@ def test_output_shapes(batch):
 
 
 def test_each_refinement_stage_doubles_the_size():
-    refine = build_model(get_config("sharpmask_resnet50")).get_layer("refine")
+    refine = build_model(get_config("sharpmask_resnet50"), trunk_weights=False).get_layer("refine")
     stages = [refine.get_layer("refine_m1_reshape")] + [refine.get_layer(f"refine{i}_up") for i in range(1, 5)]
     probe = keras.Model(refine.inputs, [s.output for s in stages])
     outs = probe([np.zeros((1, *t.shape[1:]), "float32") for t in refine.inputs])
@@ -39,7 +39,7 @@ def test_each_refinement_stage_doubles_the_size():
 
 
 def test_refinement_taps_are_the_papers():
-    refine = build_model(get_config("sharpmask_resnet50")).get_layer("refine")
+    refine = build_model(get_config("sharpmask_resnet50"), trunk_weights=False).get_layer("refine")
     assert [tuple(t.shape[1:]) for t in refine.inputs] == [(512,), (10, 10, 16), (20, 20, 8), (40, 40, 4), (80, 80, 2)]
 
 
