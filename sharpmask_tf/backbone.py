@@ -61,9 +61,14 @@ def trunk_flavour(flavour: str) -> TrunkFlavour:
     return FLAVOURS[flavour]
 
 
-def input_normalization(flavour: str, name: str = "normalize") -> ImageNormalization:
-    """The layer mapping RGB in [0, 1] to the input of a trunk of this flavour."""
-    return ImageNormalization(trunk_flavour(flavour).normalization, name=name)
+def input_normalization(flavour: str, pretrained: bool = True, name: str = "normalize") -> ImageNormalization:
+    """The layer mapping RGB in [0, 1] to the input of a trunk of this flavour.
+
+    Pretrained weights get the input they were trained on; a trunk trained from scratch gets
+    unit-scale ImageNet mean/std RGB whatever the flavour (caffe's 0..255 buys nothing without
+    its weights and costs float precision in BatchNorm's batch statistics).
+    """
+    return ImageNormalization(trunk_flavour(flavour).normalization if pretrained else "torch", name=name)
 
 
 class _Builder:

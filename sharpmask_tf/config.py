@@ -100,9 +100,10 @@ class ModelConfig:
         return self.patch_size + 2 * self.context
 
     @property
-    def frozen_batch_norm(self) -> bool:
-        """Whether the trunk's BatchNorm is frozen: with pretrained weights, as the paper; a trunk
-        trained from scratch normalises with batch statistics in stage 1 instead."""
+    def pretrained_trunk(self) -> bool:
+        """Whether the trunk starts from pretrained weights: then its BatchNorm is frozen, as the
+        paper's, and its input is what the weights were trained on; a trunk trained from scratch
+        normalises with batch statistics in stage 1 and takes ImageNet mean/std RGB."""
         return self.trunk_weights is not None
 
     @property

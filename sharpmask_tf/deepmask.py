@@ -27,7 +27,7 @@ def deepmask_graph(
     score_hidden: int,
     dropout: float,
     trunk_flavour: str = "keras",
-    frozen_batch_norm: bool = True,
+    pretrained_trunk: bool = True,
 ):
     """Builds DeepMask's tensors; SharpMask extends the same graph.
 
@@ -38,8 +38,10 @@ def deepmask_graph(
     """
     input_size = patch_size + 2 * context
     inputs = keras.Input((input_size, input_size, 3), name="images")
-    trunk = resnet_trunk(trunk_blocks, trunk_width, padding, trunk_flavour, frozen_batch_norm, name="trunk")
-    taps = trunk(input_normalization(trunk_flavour, name="normalize")(inputs))
+    trunk = resnet_trunk(
+        trunk_blocks, trunk_width, padding, trunk_flavour, frozen_batch_norm=pretrained_trunk, name="trunk"
+    )
+    taps = trunk(input_normalization(trunk_flavour, pretrained_trunk, name="normalize")(inputs))
     x = CenterCrop2D(context // TAP_STRIDES["conv4"], name="head_crop")(taps["conv4"])
     x = keras.layers.Conv2D(head_channels, 1, activation="relu", name=HEAD_REDUCE)(x)
     x = keras.layers.Flatten(name="head_flatten")(x)
@@ -69,15 +71,16 @@ def deepmask_model(
     score_hidden: int = 1024,
     dropout: float = 0.5,
     trunk_flavour: str = "keras",
-    frozen_batch_norm: bool = True,
+    pretrained_trunk: bool = True,
     name: str = "deepmask",
 ) -> keras.Model:
     """DeepMask with head C.
 
     Takes (B, S, S, 3) RGB patches in [0, 1], S = patch_size + 2*context (192 for the paper),
     and returns {"masks": (B, mask_size, mask_size), "scores": (B, 1)}, both logits.
-    `trunk_flavour` and `frozen_batch_norm` are `backbone.resnet_trunk`'s `flavour` and
-    `frozen_batch_norm`.
+    `trunk_flavour` is `backbone.resnet_trunk`'s `flavour`; `pretrained_trunk` (the trunk will get
+    pretrained weights) freezes its BatchNorm and picks the flavour's input transform
+    (`backbone.input_normalization`).
     """
     inputs, _, _, outputs = deepmask_graph(
         patch_size,
@@ -91,6 +94,6 @@ def deepmask_model(
         score_hidden,
         dropout,
         trunk_flavour,
-        frozen_batch_norm,
+        pretrained_trunk,
     )
     return keras.Model(inputs, outputs, name=name)

@@ -121,7 +121,7 @@ def sharpmask_model(
     refine_skip_hidden_last: int = 32,
     upsampling: str = "bilinear",
     trunk_flavour: str = "keras",
-    frozen_batch_norm: bool = True,
+    pretrained_trunk: bool = True,
     name: str = "sharpmask",
 ) -> keras.Model:
     """SharpMask: DeepMask's trunk and head C plus refinement modules R1..R4.
@@ -129,8 +129,7 @@ def sharpmask_model(
     Takes (B, S, S, 3) RGB patches in [0, 1], S = patch_size + 2*context, and returns logits
     {"masks": (B, patch_size, patch_size), "scores": (B, 1), "coarse_masks": (B, mask_size,
     mask_size)}; the coarse DeepMask masks stay available beside the refined ones.
-    `trunk_flavour` and `frozen_batch_norm` are `backbone.resnet_trunk`'s `flavour` and
-    `frozen_batch_norm`.
+    `trunk_flavour` and `pretrained_trunk` are as in `deepmask.deepmask_model`.
     """
     if refine_k % 16:
         raise ValueError(f"refine_k must be a multiple of 16. Received: refine_k={refine_k!r}")
@@ -147,7 +146,7 @@ def sharpmask_model(
         score_hidden,
         dropout,
         trunk_flavour,
-        frozen_batch_norm,
+        pretrained_trunk,
     )
     tap_channels = {t: int(taps[t].shape[-1]) for t in REFINE_TAPS}
     skips = skip_network(tap_channels, refine_channels, refine_skip_hidden, refine_skip_hidden_last, padding)(taps)
@@ -175,7 +174,7 @@ def model_kwargs(config: ModelConfig) -> dict:
         score_hidden=config.score_hidden,
         dropout=config.dropout,
         trunk_flavour=config.trunk_flavour,
-        frozen_batch_norm=config.frozen_batch_norm,
+        pretrained_trunk=config.pretrained_trunk,
     )
     if config.refinement:
         kwargs.update(

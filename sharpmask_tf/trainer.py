@@ -318,7 +318,16 @@ class _Stage:
             )
             return sums, tape.gradient(scaled, self.variables)
 
-        gradients = tf.function(gradients, jit_compile=t.jit)
+        # Not a nested tf.function without XLA: the synchronised BatchNorm of a trunk trained from
+        # scratch all-reduces inside the forward pass, which MirroredStrategy refuses there.
+        if t.jit:
+            if stage1 and not config.model.pretrained_trunk and replicas > 1:
+                raise ValueError(
+                    "training.jit compiles the forward pass, where the synchronised BatchNorm of a trunk "
+                    f"trained from scratch cannot all-reduce across the {replicas} replicas. Set "
+                    "training.jit=false or model.trunk_weights. Received: training.jit=true, model.trunk_weights=None"
+                )
+            gradients = tf.function(gradients, jit_compile=True)
 
         def replica_step(batch, stop):
             sums, grads = gradients(batch)

@@ -43,17 +43,17 @@ def test_overrides_are_typed():
 def test_resnet50_presets_start_from_imagenet_and_freeze_batch_norm():
     for preset in ("sharpmask_resnet50", "deepmask_resnet50"):
         model = get_config(preset).model
-        assert (model.trunk_flavour, model.trunk_weights, model.frozen_batch_norm) == ("keras", "imagenet", True)
+        assert (model.trunk_flavour, model.trunk_weights, model.pretrained_trunk) == ("keras", "imagenet", True)
     small = get_config("small").model
-    assert small.trunk_weights is None and not small.frozen_batch_norm
-    assert get_config("sharpmask_resnet50", ["model.trunk_weights=null"]).model.frozen_batch_norm is False
+    assert small.trunk_weights is None and not small.pretrained_trunk
+    assert get_config("sharpmask_resnet50", ["model.trunk_weights=null"]).model.pretrained_trunk is False
 
 
 def test_imagenet_download_needs_the_keras_flavour():
     with pytest.raises(ValueError, match="torchvision ResNet-50 .pth.*Received: trunk_weights='imagenet'"):
         get_config("sharpmask_resnet50", ["model.trunk_flavour=torch"])
     torch = get_config("sharpmask_resnet50", ["model.trunk_flavour=torch", "model.trunk_weights=/w/resnet50.pth"])
-    assert torch.model.frozen_batch_norm
+    assert torch.model.pretrained_trunk
 
 
 def test_default_pyramid_is_the_papers():

@@ -179,6 +179,15 @@ def test_flavours_differ_in_layout_and_input():
         resnet_trunk(flavour="t7")
 
 
+def test_only_pretrained_weights_get_their_own_input_transform():
+    from_scratch = build_model(get_config("small"))
+    pretrained = build_model(get_config("small", ["model.trunk_weights=imagenet"]), trunk_weights=False)
+    assert from_scratch.get_layer("normalize").mode == "torch"
+    assert pretrained.get_layer("normalize").mode == "caffe"
+    assert isinstance(_trunk_bn(pretrained), FrozenBatchNormalization)
+    assert type(_trunk_bn(from_scratch)) is keras.layers.BatchNormalization
+
+
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
     """No internet and an empty Keras cache; records the URLs Keras tried."""
@@ -234,7 +243,7 @@ def test_stage_two_and_resumption_do_not_load_trunk_weights_again(tmp_path, monk
 
 def test_a_trunk_from_scratch_learns_batch_statistics_in_stage_one_only(tmp_path):
     config = get_config("small", TINY)
-    assert config.model.trunk_weights is None and not config.model.frozen_batch_norm
+    assert config.model.trunk_weights is None and not config.model.pretrained_trunk
     train(config, str(tmp_path), progress=False, **DATA)
     deepmask = keras.saving.load_model(tmp_path / "deepmask.keras")
     sharp = keras.saving.load_model(tmp_path / "sharpmask.keras")
@@ -284,3 +293,14 @@ def test_torch_flavour_survives_a_keras_round_trip(tmp_path):
         np.testing.assert_allclose(np.asarray(clone(x)[k]), np.asarray(v), rtol=1e-5, atol=1e-5)
     assert clone.get_layer("normalize").mode == "torch"
     assert not clone.get_layer("trunk").get_layer("conv1_conv").use_bias
+
+
+def test_xla_steps_refuse_synchronised_batch_norm_over_replicas(tmp_path):
+    from sharpmask_tf.trainer import Trainer, _Stage
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    config = get_config("small", [*TINY, "training.jit=true"])
+    trainer = Trainer(config, str(tmp_path), strategy, progress=False, **DATA)
+    with pytest.raises(ValueError, match="training.jit=true, model.trunk_weights=None"):
+        _Stage(trainer, "deepmask", None)
+    _Stage(trainer, "sharpmask", None)  # stage 2 runs the trunk on its moving statistics: no all-reduce
