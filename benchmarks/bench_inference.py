@@ -107,7 +107,7 @@ def run_one(preset: str, variant: str, runs: int, top_n: int) -> dict:
     options, overrides = VARIANTS[variant]
     config = get_config(preset, [f"inference.top_n={top_n}", *overrides])
     tf.keras.utils.set_random_seed(0)
-    model = build_model(config)
+    model = build_model(config, trunk_weights=False)  # timing only: no ImageNet download
     generator = ProposalGenerator(model, config.inference, **options)
     image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
     start = time.perf_counter()

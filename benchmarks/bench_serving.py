@@ -152,7 +152,7 @@ def bench_presets(
             config = get_config(preset, list(overrides))
             keras.utils.set_random_seed(0)
             t0 = time.perf_counter()
-            version_dir = export_model(build_model(config), config, base, model_name=preset)
+            version_dir = export_model(build_model(config, trunk_weights=False), config, base, model_name=preset)
             label = " ".join([preset, *overrides])
             common = {"preset": label, "top_n": config.export.top_n, "export_s": round(time.perf_counter() - t0, 1)}
             keras.backend.clear_session()

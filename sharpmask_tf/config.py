@@ -18,6 +18,9 @@ from typing import Any
 PADDING_MODES = ("reflect", "symmetric", "zero")
 UPSAMPLING_MODES = ("bilinear", "nearest")
 ON_BAD_ANNOTATION = ("error", "skip")
+# Trunk flavours (sharpmask_tf.backbone.FLAVOURS): each fixes the ResNet-50 layout, the input
+# transform and the weights format of one family of pretrained weights.
+TRUNK_FLAVOURS = ("keras", "torch")
 
 # The trunk's four feature taps and their strides, finest first (conv1 .. conv4 of ResNet).
 TAP_STRIDES = {"conv1": 2, "conv2": 4, "conv3": 8, "conv4": 16}
@@ -52,7 +55,10 @@ class ModelConfig:
     trunk_blocks: tuple[int, int, int] = (3, 4, 6)  # residual blocks in conv2_x, conv3_x, conv4_x
     trunk_width: int = 64  # conv1 filters; every stage scales from it as in ResNet-50
     padding: str = "reflect"  # padding of every 3x3/7x7 trunk conv: reflect | symmetric | zero
-    trunk_weights: str | None = None  # None, "imagenet", or a Keras ResNet50 weights file
+    trunk_flavour: str = "keras"  # keras: Keras ResNet50's layout | torch: torchvision's ResNet-50's
+    # None (from scratch); keras flavour: "imagenet" or a Keras ResNet50 weights file (.h5);
+    # torch flavour: a torchvision ResNet-50 state-dict file (.pth)
+    trunk_weights: str | None = None
     head_channels: int = 128  # the "F128" 1x1 reduction of conv4 features
     object_dim: int = 512  # the object vector
     mask_size: int = 56  # oSz: coarse mask logits side
@@ -76,6 +82,18 @@ class ModelConfig:
             _fail(s, "trunk_width", self.trunk_width, "must be positive")
         if self.padding not in PADDING_MODES:
             _fail(s, "padding", self.padding, f"must be one of {PADDING_MODES}")
+        if self.trunk_flavour not in TRUNK_FLAVOURS:
+            _fail(s, "trunk_flavour", self.trunk_flavour, f"must be one of {TRUNK_FLAVOURS}")
+        if self.trunk_weights == "imagenet" and self.trunk_flavour != "keras":
+            _fail(
+                s,
+                "trunk_weights",
+                self.trunk_weights,
+                f"downloads Keras' ResNet50 weights, which need model.trunk_flavour='keras' (it is "
+                f"{self.trunk_flavour!r}; give the path of a torchvision ResNet-50 .pth file instead)",
+            )
+        if self.trunk_weights == "":
+            _fail(s, "trunk_weights", self.trunk_weights, "must be null, 'imagenet' or a weights file's path")
         for name in ("head_channels", "object_dim", "mask_size", "score_hidden"):
             if getattr(self, name) < 1:
                 _fail(s, name, getattr(self, name), "must be positive")
@@ -93,6 +111,13 @@ class ModelConfig:
     def input_size(self) -> int:
         """Side of the context-padded patch the network sees (192 for the paper)."""
         return self.patch_size + 2 * self.context
+
+    @property
+    def pretrained_trunk(self) -> bool:
+        """Whether the trunk starts from pretrained weights: then its BatchNorm is frozen, as the
+        paper's, and its input is what the weights were trained on; a trunk trained from scratch
+        normalises with batch statistics in stage 1 and takes ImageNet mean/std RGB."""
+        return self.trunk_weights is not None
 
     @property
     def feature_size(self) -> int:
@@ -412,8 +437,9 @@ def _small() -> Config:
 
 
 PRESETS = {
-    "sharpmask_resnet50": lambda: Config(model=ModelConfig(refinement=True)),
-    "deepmask_resnet50": lambda: Config(model=ModelConfig(refinement=False)),
+    # ImageNet-pretrained trunks, as the paper's.
+    "sharpmask_resnet50": lambda: Config(model=ModelConfig(refinement=True, trunk_weights="imagenet")),
+    "deepmask_resnet50": lambda: Config(model=ModelConfig(refinement=False, trunk_weights="imagenet")),
     "small": _small,
 }
 

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import keras
 
-from sharpmask_tf.backbone import resnet_trunk
+from sharpmask_tf.backbone import input_normalization, resnet_trunk
 from sharpmask_tf.config import TRUNK_STRIDE
-from sharpmask_tf.layers import CenterCrop2D, ImageNormalization
+from sharpmask_tf.layers import CenterCrop2D
 
 # Layers of head C, by role. Inference rebuilds them as convolutions from these names.
 HEAD_REDUCE = "head_reduce"
@@ -30,6 +30,8 @@ def deepmask_graph(
     mask_size: int,
     score_hidden: int,
     dropout: float,
+    trunk_flavour: str = "keras",
+    pretrained_trunk: bool = True,
 ):
     """Builds DeepMask's tensors; SharpMask extends the same graph.
 
@@ -40,8 +42,10 @@ def deepmask_graph(
     """
     input_size = patch_size + 2 * context
     inputs = keras.Input((input_size, input_size, 3), name="images")
-    trunk = resnet_trunk(trunk_blocks, trunk_width, padding, name="trunk")
-    taps = trunk(ImageNormalization(name="normalize")(inputs))
+    trunk = resnet_trunk(
+        trunk_blocks, trunk_width, padding, trunk_flavour, frozen_batch_norm=pretrained_trunk, name="trunk"
+    )
+    taps = trunk(input_normalization(trunk_flavour, pretrained_trunk, name="normalize")(inputs))
     x = CenterCrop2D(context // TRUNK_STRIDE, name="head_crop")(taps["conv4"])
     x = keras.layers.Conv2D(head_channels, 1, activation="relu", name=HEAD_REDUCE)(x)
     x = keras.layers.Flatten(name="head_flatten")(x)
@@ -90,6 +94,11 @@ class DeepMask(keras.Model):
         mask_size: side of the coarse mask logits (oSz).
         score_hidden: hidden units of the score branch.
         dropout: dropout rate of the score branch.
+        trunk_flavour: `backbone.resnet_trunk`'s `flavour` ("keras" or "torch"): the block layout
+            and the input transform its pretrained weights expect.
+        pretrained_trunk: whether the trunk gets pretrained weights: True freezes its BatchNorm
+            and picks the flavour's input transform; False trains BatchNorm with batch statistics
+            on mean/std RGB input (`backbone.input_normalization`).
         name: the model's name.
         dtype: the dtype policy its layers are built with (None: the global policy); the masks and
             scores are float32 under any policy.
@@ -107,6 +116,8 @@ class DeepMask(keras.Model):
         "mask_size",
         "score_hidden",
         "dropout",
+        "trunk_flavour",
+        "pretrained_trunk",
     )
 
     def __init__(
@@ -121,6 +132,8 @@ class DeepMask(keras.Model):
         mask_size: int = 56,
         score_hidden: int = 1024,
         dropout: float = 0.5,
+        trunk_flavour: str = "keras",
+        pretrained_trunk: bool = True,
         name: str = "deepmask",
         dtype: str | None = None,
         **kwargs,
@@ -137,6 +150,8 @@ class DeepMask(keras.Model):
                 mask_size,
                 score_hidden,
                 dropout,
+                trunk_flavour,
+                pretrained_trunk,
             )
             super().__init__(inputs, outputs, name=name, **kwargs)
         self._store_arguments(
@@ -150,6 +165,8 @@ class DeepMask(keras.Model):
             mask_size=mask_size,
             score_hidden=score_hidden,
             dropout=dropout,
+            trunk_flavour=trunk_flavour,
+            pretrained_trunk=bool(pretrained_trunk),
         )
 
     def _store_arguments(self, **arguments) -> None:

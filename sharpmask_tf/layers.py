@@ -10,6 +10,11 @@ from sharpmask_tf.config import PADDING_MODES, UPSAMPLING_MODES
 # ImageNet statistics; the models take RGB in [0, 1] and normalise inside the graph.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The per-channel mean `keras.applications.resnet.preprocess_input` subtracts from BGR in 0..255.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+# The input transforms pretrained trunks expect (the names of keras.applications' preprocessing
+# modes): `torch` is RGB (x - mean) / std, `caffe` is BGR 255 * x - mean.
+NORMALIZATION_MODES = ("torch", "caffe")
 
 _TF_PAD_MODES = {"reflect": "REFLECT", "symmetric": "SYMMETRIC", "zero": "CONSTANT"}
 
@@ -130,12 +135,28 @@ class Upsample2D(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="sharpmask_tf")
 class ImageNormalization(keras.layers.Layer):
-    """Maps RGB in [0, 1] to ImageNet-normalised values."""
+    """Maps RGB in [0, 1] to the input a pretrained trunk was trained on.
+
+    `mode="torch"` gives ImageNet-normalised RGB, (x - IMAGENET_MEAN) / IMAGENET_STD (torchvision's
+    and fb.resnet.torch's input); `mode="caffe"` gives BGR in 0..255 less CAFFE_MEAN_BGR, what
+    `keras.applications.resnet.preprocess_input` makes of 255 * x (Keras' ResNet50 weights' input).
+    """
+
+    def __init__(self, mode: str = "torch", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in NORMALIZATION_MODES:
+            raise ValueError(f"mode must be one of {NORMALIZATION_MODES}. Received: mode={mode!r}")
+        self.mode = mode
 
     def call(self, x):
+        if self.mode == "caffe":
+            return 255.0 * x[..., ::-1] - tf.constant(CAFFE_MEAN_BGR, dtype=x.dtype)
         mean = tf.constant(IMAGENET_MEAN, dtype=x.dtype)
         std = tf.constant(IMAGENET_STD, dtype=x.dtype)
         return (x - mean) / std
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
 
 
 @keras.saving.register_keras_serializable(package="sharpmask_tf")

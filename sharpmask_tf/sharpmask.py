@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from sharpmask_tf.backbone import load_imagenet_weights
+from sharpmask_tf.backbone import load_trunk_weights
 from sharpmask_tf.config import TAP_STRIDES, TRUNK_STRIDE, Config, ModelConfig, refine_channels
 from sharpmask_tf.deepmask import DeepMask, deepmask_graph, dtype_policy_scope
 from sharpmask_tf.layers import CenterCrop2D, MirrorPad2D, Upsample2D
@@ -113,7 +113,8 @@ class SharpMask(DeepMask):
 
     Args:
         patch_size, context, trunk_blocks, trunk_width, padding, head_channels, object_dim,
-            mask_size, score_hidden, dropout: as for `sharpmask_tf.deepmask.DeepMask`.
+            mask_size, score_hidden, dropout, trunk_flavour, pretrained_trunk: as for
+            `sharpmask_tf.deepmask.DeepMask`.
         refine_k: mask channels entering R1 (k), halved by every module; a multiple of 16.
         refine_skip_hidden: width of the horizontal nets' first convolution (R1..R3).
         refine_skip_hidden_last: width of that convolution at the finest stage (R4).
@@ -144,6 +145,8 @@ class SharpMask(DeepMask):
         refine_skip_hidden: int = 64,
         refine_skip_hidden_last: int = 32,
         upsampling: str = "bilinear",
+        trunk_flavour: str = "keras",
+        pretrained_trunk: bool = True,
         name: str = "sharpmask",
         dtype: str | None = None,
         **kwargs,
@@ -161,6 +164,8 @@ class SharpMask(DeepMask):
                 mask_size,
                 score_hidden,
                 dropout,
+                trunk_flavour,
+                pretrained_trunk,
             )
             tap_channels = {t: int(taps[t].shape[-1]) for t in REFINE_TAPS}
             skip = skip_network(tap_channels, channels, refine_skip_hidden, refine_skip_hidden_last, padding, SKIP_NET)
@@ -188,6 +193,8 @@ class SharpMask(DeepMask):
             mask_size=mask_size,
             score_hidden=score_hidden,
             dropout=dropout,
+            trunk_flavour=trunk_flavour,
+            pretrained_trunk=bool(pretrained_trunk),
             refine_k=refine_k,
             refine_skip_hidden=refine_skip_hidden,
             refine_skip_hidden_last=refine_skip_hidden_last,
@@ -220,14 +227,21 @@ def refinement_split(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     return frozen, refinement
 
 
-def build_model(config: Config | ModelConfig) -> DeepMask:
-    """Builds SharpMask (model.refinement) or DeepMask from a config, loading trunk weights
-    from `model.trunk_weights` ("imagenet" or a ResNet50 weights file) when it is set."""
+def build_model(config: Config | ModelConfig, trunk_weights: bool = True) -> DeepMask:
+    """Builds SharpMask (model.refinement) or DeepMask from a config.
+
+    Args:
+        config: the configuration or its model section.
+        trunk_weights: load `model.trunk_weights` into the trunk when it is set (see
+            `backbone.load_trunk_weights`). False builds the same model without loading them, for
+            a model whose weights come from a checkpoint or from another model: nothing is
+            downloaded.
+    """
     model_config = config.model if isinstance(config, Config) else config
     build = SharpMask if model_config.refinement else DeepMask
     model = build(**{key: getattr(model_config, key) for key in build.ARGUMENTS})
-    if model_config.trunk_weights:
-        load_imagenet_weights(model.get_layer("trunk"), model_config.trunk_weights)
+    if trunk_weights and model_config.trunk_weights is not None:
+        load_trunk_weights(model.get_layer("trunk"), model_config.trunk_weights, model_config.trunk_flavour)
     return model
 
 

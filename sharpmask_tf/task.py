@@ -53,9 +53,12 @@ def learning_rate_schedule(config: Config, stage: str) -> keras.optimizers.sched
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, [t.learning_rate, *t.lr_decay_rates])
 
 
-def stage_model(config: Config, stage: str) -> keras.Model:
-    """DeepMask for stage 1, SharpMask for stage 2, from the config's model section."""
-    return build_model(dataclasses.replace(config.model, refinement=stage == "sharpmask"))
+def stage_model(config: Config, stage: str, trunk_weights: bool = True) -> keras.Model:
+    """DeepMask for stage 1, SharpMask for stage 2, from the config's model section. Only stage 1
+    loads `model.trunk_weights`, and only with `trunk_weights` (False: its weights come from a
+    checkpoint); stage 2's come from stage 1 or from its own checkpoints."""
+    refinement = stage == "sharpmask"
+    return build_model(dataclasses.replace(config.model, refinement=refinement), trunk_weights and not refinement)
 
 
 class StageTask:
@@ -70,6 +73,8 @@ class StageTask:
         num_replicas: the replicas that share each global batch.
         make_dataset: `sharpmask_tf.data.make_dataset` or a function of the same signature.
         make_validation_patches: `sharpmask_tf.data.make_validation_patches` or alike.
+        trunk_weights: load `model.trunk_weights` in stage 1 (False when a checkpoint will
+            provide every weight: nothing is downloaded).
 
     Attributes:
         config: as given.
@@ -88,6 +93,7 @@ class StageTask:
         num_replicas: int = 1,
         make_dataset: DatasetFn | None = None,
         make_validation_patches: ValidationFn | None = None,
+        trunk_weights: bool = True,
     ):
         _check_stage(stage)
         if make_dataset is None or make_validation_patches is None:
@@ -101,7 +107,7 @@ class StageTask:
         t = config.training
         self.num_steps = t.stage1_steps if stage == "deepmask" else t.stage2_steps
         keras.utils.set_random_seed(t.seed)
-        self.model = stage_model(config, stage)
+        self.model = stage_model(config, stage, trunk_weights)
         if init_from is not None:
             copy_weights(init_from, self.model)
         if stage == "deepmask":
@@ -117,7 +123,17 @@ class StageTask:
         self.optimizer = optimizer
         self.trainable_variables = self._trained.trainable_variables
         self.optimizer.build(self.trainable_variables)
-        self._gradients = tf.function(self._loss_sums_and_gradients, jit_compile=t.jit)
+        self._gradients = self._loss_sums_and_gradients
+        # Not a nested tf.function without XLA: the synchronised BatchNorm of a trunk trained from
+        # scratch all-reduces inside the forward pass, which MirroredStrategy refuses there.
+        if t.jit:
+            if stage == "deepmask" and not config.model.pretrained_trunk and num_replicas > 1:
+                raise ValueError(
+                    "training.jit compiles the forward pass, where the synchronised BatchNorm of a trunk "
+                    f"trained from scratch cannot all-reduce across the {num_replicas} replicas. Set "
+                    "training.jit=false or model.trunk_weights. Received: training.jit=true, model.trunk_weights=None"
+                )
+            self._gradients = tf.function(self._loss_sums_and_gradients, jit_compile=True)
         self._predict = tf.function(lambda x: self.model(x, training=False))
         self._validation: dict[str, np.ndarray] | None = None
 

@@ -205,6 +205,7 @@ class Trainer:
                 self.strategy.num_replicas_in_sync,
                 self.make_dataset,
                 self.make_validation_patches,
+                trunk_weights=not self._has_checkpoints(stage),
             )
 
     def stage_checkpoints(self, task: StageTask) -> StageCheckpoints:
@@ -343,7 +344,7 @@ class Trainer:
         return tf.train.latest_checkpoint(path)
 
     def _finished_deepmask(self) -> keras.Model:
-        model = stage_model(self.config, "deepmask")
+        model = stage_model(self.config, "deepmask", trunk_weights=False)
         tf.train.Checkpoint(model=model).restore(self._deepmask_result()).expect_partial()
         return model
 

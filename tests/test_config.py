@@ -40,6 +40,22 @@ def test_overrides_are_typed():
     assert get_config("small").model.refine_k == 16  # presets are not mutated
 
 
+def test_resnet50_presets_start_from_imagenet_and_freeze_batch_norm():
+    for preset in ("sharpmask_resnet50", "deepmask_resnet50"):
+        model = get_config(preset).model
+        assert (model.trunk_flavour, model.trunk_weights, model.pretrained_trunk) == ("keras", "imagenet", True)
+    small = get_config("small").model
+    assert small.trunk_weights is None and not small.pretrained_trunk
+    assert get_config("sharpmask_resnet50", ["model.trunk_weights=null"]).model.pretrained_trunk is False
+
+
+def test_imagenet_download_needs_the_keras_flavour():
+    with pytest.raises(ValueError, match="torchvision ResNet-50 .pth.*Received: trunk_weights='imagenet'"):
+        get_config("sharpmask_resnet50", ["model.trunk_flavour=torch"])
+    torch = get_config("sharpmask_resnet50", ["model.trunk_flavour=torch", "model.trunk_weights=/w/resnet50.pth"])
+    assert torch.model.pretrained_trunk
+
+
 def test_default_pyramid_is_the_papers():
     scales = get_config("sharpmask_resnet50").inference.scales
     assert len(scales) == 7
@@ -60,6 +76,8 @@ def test_default_pyramid_is_the_papers():
         ("inference.mask_threshold=1", "mask_threshold", "1"),
         ("inference.compute_dtype=int8", "compute_dtype", "'int8'"),
         ('model.patch_size="big"', "patch_size", "'big'"),
+        ("model.trunk_flavour=caffe", "trunk_flavour", "'caffe'"),
+        ('model.trunk_weights=""', "trunk_weights", "''"),
     ],
 )
 def test_bad_values_name_field_and_value(override, field, value):

@@ -72,6 +72,14 @@ def test_normalization():
     np.testing.assert_allclose(np.asarray(ImageNormalization()(x))[0, 0, 0], want, rtol=1e-6)
 
 
+def test_caffe_normalization_is_keras_resnet_preprocessing():
+    x = np.random.default_rng(4).random((2, 3, 5, 3)).astype("float32")
+    want = keras.applications.resnet.preprocess_input(255.0 * x)
+    np.testing.assert_allclose(np.asarray(ImageNormalization("caffe")(x)), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="mode='tf'"):
+        ImageNormalization("tf")
+
+
 @pytest.mark.parametrize(
     "layer",
     [
@@ -79,6 +87,7 @@ def test_normalization():
         CenterCrop2D(3),
         Upsample2D(4, "nearest"),
         ImageNormalization(),
+        ImageNormalization("caffe"),
         FrozenBatchNormalization(epsilon=1e-3),
     ],
 )

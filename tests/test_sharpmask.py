@@ -21,7 +21,7 @@ PAPER_GEOMETRY = ["model.patch_size=160", "model.mask_size=56", "model.refine_k=
 
 @pytest.fixture(scope="module")
 def resnet50_sharpmask():
-    return build_model(get_config("sharpmask_resnet50"))
+    return build_model(get_config("sharpmask_resnet50"), trunk_weights=False)
 
 
 def _refinement_params(model):
