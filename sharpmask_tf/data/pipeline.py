@@ -1,4 +1,4 @@
-"""The tf.data input pipeline over `PatchSampler`, and the fixed validation patches."""
+"""The tf.data input pipeline: `PatchSampler` windows cut by `render`; the fixed validation patches."""
 
 from __future__ import annotations
 
@@ -46,13 +46,23 @@ _TRAIN_STREAM, _VALIDATION_STREAM = 0, 1
 
 
 @functools.lru_cache(maxsize=8)
-def _load(annotation_file: str, image_dir: str, on_bad_annotation: str, modified: float) -> CocoDataset:
-    del modified  # part of the cache key only: a rewritten file is loaded again
+def _load(annotation_file: str, image_dir: str, on_bad_annotation: str, version: tuple) -> CocoDataset:
+    del version  # part of the cache key only: a rewritten file or changed folder is loaded again
     return CocoDataset(annotation_file, image_dir, on_bad_annotation=on_bad_annotation)
 
 
+def _version(path: str) -> tuple[int, int]:
+    """What changes when a file is rewritten or a folder's entries change: (mtime ns, size)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (stat.st_mtime_ns, stat.st_size)
+
+
 def load_split(config: Config, split: str) -> CocoDataset:
-    """The validated `CocoDataset` of a split, loaded once per process and files.
+    """The validated `CocoDataset` of a split, loaded once per process and files: loaded again
+    when the annotation file is rewritten or the image folder gains, loses or renames a file.
 
     Raises:
         ValueError: for a split other than "train" or "val".
@@ -64,8 +74,7 @@ def load_split(config: Config, split: str) -> CocoDataset:
     annotations, images = (
         (d.train_annotations, d.train_images) if split == "train" else (d.val_annotations, d.val_images)
     )
-    modified = os.path.getmtime(annotations) if os.path.isfile(annotations) else -1.0
-    return _load(annotations, images, d.on_bad_annotation, modified)
+    return _load(annotations, images, d.on_bad_annotation, (_version(annotations), _version(images)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -74,6 +83,29 @@ def _planner(dataset: CocoDataset, data: DataConfig, model: ModelConfig, inferen
     takes seconds, and the planner remembers which images it has checked."""
     config = Config(model=model, data=data, inference=inference)
     return PatchPlanner(PatchSampler.from_config(dataset, config, stage))
+
+
+def _draw(planner: PatchPlanner, rng: np.random.Generator, kind: str, batch: int, k: int) -> dict[str, np.ndarray]:
+    """One batch's windows as a rendering plan plus their scores and weights, (G, K, ...) arrays."""
+    windows = planner.sampler.draw_windows(rng, kind, batch, k, planner.usable)
+    plan = planner.plan(windows, k, with_labels=kind == "mask")
+    scores = np.array([1.0 if w.annotation_id is not None else -1.0 for w in windows], np.float32)
+    plan["scores"] = scores.reshape(batch // k, k, 1)
+    plan["mask_weight"] = np.full((batch // k, k), kind == "mask", np.float32)
+    plan["score_weight"] = np.full((batch // k, k), kind == "score", np.float32)
+    return plan
+
+
+def _render(groups: tf.data.Dataset, planner: PatchPlanner, parallel: int) -> tf.data.Dataset:
+    """Planned groups to patches: each group's image decoded once, `parallel` groups at a time."""
+    paths = tf.constant(planner.paths)
+    size, label = planner.sampler.input_size, planner.sampler.label_size
+
+    def to_patches(group: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        patches = render_group(group, paths, size, label)
+        return {**patches, **{key: group[key] for key in ("scores", "mask_weight", "score_weight")}}
+
+    return groups.map(to_patches, num_parallel_calls=parallel, deterministic=True).unbatch()
 
 
 def make_dataset(
@@ -124,8 +156,6 @@ def make_dataset(
         ValueError: for a bad split, stage, batch size or patches_per_image.
         DatasetError: for a missing or malformed dataset.
     """
-    if stage not in (1, 2):
-        raise ValueError(f"stage must be 1 or 2. Received: stage={stage!r}")
     planner = _planner(load_split(config, split), config.data, config.model, config.inference, stage)
     sampler = planner.sampler
     global_batch = config.training.batch_size if batch_size is None else batch_size
@@ -142,37 +172,21 @@ def make_dataset(
         )
     seed = config.data.seed if seed is None else seed
     score_frequency = config.data.score_frequency if stage == 1 else 0.0
-    groups, k = batch // patches_per_image, patches_per_image
-    size, label = sampler.input_size, sampler.label_size
+    k = patches_per_image
 
     def draw(index: np.ndarray) -> list[np.ndarray]:
         rng = np.random.default_rng([seed, _TRAIN_STREAM, pipeline, stage, int(index)])
         kind = "score" if rng.random() < score_frequency else "mask"
-        windows = sampler.draw_windows(rng, kind, batch, k, planner.usable)
-        plan = planner.plan(windows, k, with_labels=kind == "mask")
-        scores = np.array([1.0 if w.annotation_id is not None else -1.0 for w in windows], np.float32)
-        plan["scores"] = scores.reshape(groups, k, 1)
-        plan["mask_weight"] = np.full((groups, k), kind == "mask", np.float32)
-        plan["score_weight"] = np.full((groups, k), kind == "score", np.float32)
+        plan = _draw(planner, rng, kind, batch, k)
         return [plan[key] for key in _PLAN_SHAPES]
 
-    shapes = {key: (groups, *shape(k, label)) for key, shape in _PLAN_SHAPES.items()}
+    label = sampler.label_size
+    shapes = {key: (batch // k, *shape(k, label)) for key, shape in _PLAN_SHAPES.items()}
     types = [_PLAN_TYPES.get(key, tf.float32) for key in _PLAN_SHAPES]
 
     def to_plan(index: tf.Tensor) -> dict[str, tf.Tensor]:
         tensors = tf.numpy_function(draw, [index], types, stateful=False)
         return {key: tf.ensure_shape(t, shapes[key]) for key, t in zip(_PLAN_SHAPES, tensors)}
-
-    paths = tf.constant(planner.paths)
-
-    def to_patches(group: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        patches = render_group(group, paths, size, label)
-        return {
-            **patches,
-            "scores": group["scores"],
-            "mask_weight": group["mask_weight"],
-            "score_weight": group["score_weight"],
-        }
 
     parallel = tf.data.AUTOTUNE if config.data.num_parallel_calls == -1 else config.data.num_parallel_calls
     if repeat:
@@ -181,11 +195,9 @@ def make_dataset(
     else:
         count = max(1, len(sampler.positives) // (batch * pipelines))
         indices = tf.data.Dataset.range(count)
+    groups = indices.map(to_plan, num_parallel_calls=parallel, deterministic=True).unbatch()
     dataset = (
-        indices.map(to_plan, num_parallel_calls=parallel, deterministic=True)
-        .unbatch()
-        .map(to_patches, num_parallel_calls=parallel, deterministic=True)
-        .unbatch()
+        _render(groups, planner, parallel)
         .batch(batch, drop_remainder=True)
         .apply(tf.data.experimental.assert_cardinality(count))
     )
@@ -193,7 +205,8 @@ def make_dataset(
 
 
 def make_validation_patches(config: Config, num_patches: int, stage: int, seed: int) -> dict[str, np.ndarray]:
-    """A fixed set of jittered mask samples from the val split, for per-patch IoU.
+    """A fixed set of jittered mask samples from the val split, for per-patch IoU, cut as
+    `make_dataset` cuts them.
 
     Args:
         config: the configuration.
@@ -211,7 +224,7 @@ def make_validation_patches(config: Config, num_patches: int, stage: int, seed: 
     """
     if num_patches < 1:
         raise ValueError(f"num_patches must be positive. Received: num_patches={num_patches!r}")
-    sampler = PatchSampler.from_config(load_split(config, "val"), config, stage)
-    rng = np.random.default_rng([seed, _VALIDATION_STREAM, stage])
-    arrays, _ = sampler.sample_batch(rng, "mask", num_patches)
-    return arrays
+    planner = _planner(load_split(config, "val"), config.data, config.model, config.inference, stage)
+    plan = _draw(planner, np.random.default_rng([seed, _VALIDATION_STREAM, stage]), "mask", num_patches, 1)
+    patches = _render(tf.data.Dataset.from_tensor_slices(plan), planner, tf.data.AUTOTUNE).batch(num_patches)
+    return {key: value.numpy() for key, value in patches.get_single_element().items()}
