@@ -22,7 +22,7 @@ _PLAN_SHAPES = {
     "decoder": lambda k, label: (),
     "crop": lambda k, label: (4,),
     "height": lambda k, label: (),
-    "transform": lambda k, label: (k, 8),
+    "boxes": lambda k, label: (k, 4),
     "inside": lambda k, label: (k, 4),
     "label_rows": lambda k, label: (k, label),
     "label_cols": lambda k, label: (k, label),

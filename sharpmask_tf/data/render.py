@@ -1,11 +1,11 @@
 """The training patches cut by TensorFlow ops, which run on every core outside the GIL.
 
 `PatchPlanner.plan` turns the sampler's windows into a few NumPy numbers per patch: which file, the
-JPEG reduction and the crop to decode, the affine map from patch pixels to decoded pixels, the
+JPEG reduction and the crop to decode, the bilinear sample box in decoded pixels, the
 patch rows and columns inside the image, the label's sample grid and the object's compressed RLE.
 `render_group` then decodes one image once, only as far down and at as small a size as its windows
 need (`tf.io.decode_and_crop_jpeg` with a DCT reduction), and cuts every window of the group from
-it. The patches are `PatchSampler.crop_image` and `crop_label` computed another way: the same
+it with one `tf.image.crop_and_resize`. The patches are `PatchSampler.crop_image` and `crop_label` computed another way: the same
 reduction (Pillow's `draft` rule), bilinear samples at the same points, grey outside the same
 pixels, labels nearest-sampled at the same points of the same pycocotools RLE.
 """
@@ -71,24 +71,23 @@ class PatchPlanner:
         self.sampler = sampler
         dataset = sampler.dataset
         self.paths = [dataset.image_path(image_id) for image_id in sampler.image_ids]
-        self._formats: dict[int, bool] = {}
+        self._probed: dict[int, tuple[bool, str | None]] = {}
         self._lock = threading.Lock()
 
     def usable(self, image_index: int) -> bool:
-        """Whether an image can be decoded, by `image_problem`, once per image; an undecodable one
-        goes to `PatchSampler.undecodable` (which raises in error mode)."""
+        """Whether an image can be decoded, by `image_problem` (probed once per image); each draw
+        of an undecodable one goes to `PatchSampler.undecodable`, which raises in error mode."""
         with self._lock:
-            known = image_index in self._formats
-        if known:
-            return True
-        is_jpeg, problem = image_problem(self.paths[image_index])
-        if problem is not None:
+            probed = self._probed.get(image_index)
+        if probed is None:
+            probed = image_problem(self.paths[image_index])
+            with self._lock:
+                self._probed[image_index] = probed
+        if probed[1] is not None:
             self.sampler.undecodable(
-                DatasetError(f"Cannot decode image ({problem}). Received: path={self.paths[image_index]!r}")
+                DatasetError(f"Cannot decode image ({probed[1]}). Received: path={self.paths[image_index]!r}")
             )
             return False
-        with self._lock:
-            self._formats[image_index] = is_jpeg
         return True
 
     def plan(self, windows: list[Window], patches_per_image: int, with_labels: bool) -> dict[str, np.ndarray]:
@@ -100,7 +99,8 @@ class PatchPlanner:
             `image` (G,) int32 index into `paths`; `decoder` (G,) int32 position in
             JPEG_REDUCTIONS, or len(JPEG_REDUCTIONS) for a file that is not a JPEG; `crop` (G, 4)
             int32 (y, x, height, width) in decoded pixels; `height` (G,) int64 image height;
-            `transform` (G, K, 8) float32 projective maps from patch pixels to crop pixels;
+            `boxes` (G, K, 4) float32 `tf.image.crop_and_resize` boxes (y1, x1, y2, x2) of the
+            bilinear samples inside the image, in the crop padded by one pixel a side;
             `inside` (G, K, 4) int32 patch rows and columns [r0, r1) x [c0, c1) inside the image;
             `label_rows` and `label_cols` (G, K, L) int64 image rows and columns of the label's
             samples, -1 outside the image (or every one, for a patch without a mask label);
@@ -110,13 +110,13 @@ class PatchPlanner:
         size, label = s.input_size, s.label_size
         groups = [windows[i : i + patches_per_image] for i in range(0, len(windows), patches_per_image)]
         plan: dict[str, list[Any]] = {
-            k: [] for k in ("image", "decoder", "crop", "height", "transform", "inside", "rows", "cols", "rle")
+            k: [] for k in ("image", "decoder", "crop", "height", "boxes", "inside", "rows", "cols", "rle")
         }
         for group in groups:
             index = s.image_index[group[0].image_id]
             info = s.dataset.image_info(group[0].image_id)
             width, height = info["width"], info["height"]
-            is_jpeg = self._formats.get(index, False)
+            is_jpeg = self._probed.get(index, (False, None))[0]
             reduction = min(jpeg_reduction(width, height, w.scale) for w in group) if is_jpeg else 1
             decoded_w, decoded_h = -(-width // reduction), -(-height // reduction)
             rx, ry = decoded_w / width, decoded_h / height
@@ -131,7 +131,7 @@ class PatchPlanner:
             plan["decoder"].append(JPEG_REDUCTIONS.index(reduction) if is_jpeg else _NOT_JPEG)
             plan["crop"].append((y_lo, x_lo, y_hi - y_lo, x_hi - x_lo))
             plan["height"].append(height)
-            transforms, inside, rows, cols, rles = [], [], [], [], []
+            boxes, inside, rows, cols, rles = [], [], [], [], []
             for w, a, b, ea, eb in zip(group, u0 - x_lo, v0 - y_lo, du, dv):
                 xs, ys = s._sample_grid(w, size, 1.0, 0.0)
                 c0, c1 = _inside(xs, width)
@@ -139,7 +139,17 @@ class PatchPlanner:
                 if w.flip:
                     a, ea = a + ea * (size - 1), -ea
                     c0, c1 = size - c1, size - c0
-                transforms.append((ea, 0.0, a, 0.0, eb, b, 0.0, 0.0))
+                # crop_and_resize's corner-aligned box of the first and last samples inside the
+                # image, in the crop padded by one pixel a side.
+                width_1, height_1 = x_hi - x_lo + 1, y_hi - y_lo + 1
+                boxes.append(
+                    (
+                        (b + 1 + eb * r0) / height_1,
+                        (a + 1 + ea * c0) / width_1,
+                        (b + 1 + eb * max(r1 - 1, r0)) / height_1,
+                        (a + 1 + ea * max(c1 - 1, c0)) / width_1,
+                    )
+                )
                 inside.append((r0, r1, c0, c1))
                 if with_labels and w.annotation_id is not None:
                     lx, ly = s._sample_grid(w, label, s.patch_size / label, s.context)
@@ -153,7 +163,7 @@ class PatchPlanner:
                     rows.append(np.full(label, -1, np.int64))
                     cols.append(np.full(label, -1, np.int64))
                     rles.append(b"")
-            plan["transform"].append(transforms)
+            plan["boxes"].append(boxes)
             plan["inside"].append(inside)
             plan["rows"].append(rows)
             plan["cols"].append(cols)
@@ -163,7 +173,7 @@ class PatchPlanner:
             "decoder": np.array(plan["decoder"], np.int32),
             "crop": np.array(plan["crop"], np.int32),
             "height": np.array(plan["height"], np.int64),
-            "transform": np.array(plan["transform"], np.float32),
+            "boxes": np.array(plan["boxes"], np.float32),
             "inside": np.array(plan["inside"], np.int32),
             "label_rows": np.array(plan["rows"], np.int64),
             "label_cols": np.array(plan["cols"], np.int64),
@@ -244,26 +254,31 @@ def render_group(
         return image[crop[0] : crop[0] + crop[2], crop[1] : crop[1] + crop[3]]
 
     decoded = tf.switch_case(group["decoder"], [jpeg(r) for r in JPEG_REDUCTIONS] + [other])
-    decoded = tf.cast(decoded, tf.uint8)[None]
-    images, masks = [], []
-    for k in range(group["transform"].shape[0]):
-        patch = tf.raw_ops.ImageProjectiveTransformV3(
-            images=decoded,
-            transforms=group["transform"][k : k + 1],
-            output_shape=tf.constant([input_size, input_size]),
-            fill_value=0.0,
-            interpolation="BILINEAR",
-            fill_mode="NEAREST",
-        )[0]
+    # One replicated pixel on every side: samples within half a pixel of the image's edge (inside
+    # it) read the edge pixel, as Pillow's do.
+    decoded = tf.cast(decoded, tf.uint8)
+    decoded = tf.concat([decoded[:1], decoded, decoded[-1:]], 0)
+    decoded = tf.concat([decoded[:, :1], decoded, decoded[:, -1:]], 1)[None]
+    images = []
+    for k in range(group["boxes"].shape[0]):
         r0, r1, c0, c1 = tf.unstack(group["inside"][k])
-        steps = tf.range(input_size)
-        inside = ((steps >= r0) & (steps < r1))[:, None, None] & ((steps >= c0) & (steps < c1))[None, :, None]
-        images.append(tf.where(inside, tf.cast(patch, tf.float32) / 255.0, GREY))
-        rows, cols = group["label_rows"][k], group["label_cols"][k]
-        pixels = cols[None, :] * group["height"] + rows[:, None]
-        bounds = rle_bounds(group["rle"][k])
-        ends = tf.searchsorted(bounds[None], tf.reshape(pixels, (1, -1)), side="right", out_type=tf.int64)
-        in_mask = tf.reshape(ends % 2 == 1, (label_size, label_size))
-        valid = (rows >= 0)[:, None] & (cols >= 0)[None, :]
-        masks.append(tf.where(valid & in_mask, 1.0, -1.0))
-    return {"images": tf.stack(images), "masks": tf.stack(masks)}
+        inside = tf.image.crop_and_resize(
+            decoded, group["boxes"][k : k + 1], [0], tf.maximum([r1 - r0, c1 - c0], 1), method="bilinear"
+        )[0, : r1 - r0, : c1 - c0]
+        padding = [[r0, input_size - r1], [c0, input_size - c1], [0, 0]]
+        images.append(tf.pad(inside * (1 / 255), padding, constant_values=GREY))
+    images = tf.ensure_shape(tf.stack(images), (len(images), input_size, input_size, 3))
+    rows, cols = group["label_rows"], group["label_cols"]
+
+    def labels() -> tf.Tensor:
+        pixels = cols[:, None, :] * group["height"] + rows[:, :, None]
+        masks = []
+        for k in range(rows.shape[0]):
+            bounds = rle_bounds(group["rle"][k])
+            ends = tf.searchsorted(bounds[None], tf.reshape(pixels[k], (1, -1)), side="right", out_type=tf.int64)
+            masks.append(tf.reshape(ends % 2 == 1, (label_size, label_size)))
+        valid = (rows >= 0)[:, :, None] & (cols >= 0)[:, None, :]
+        return tf.where(valid & tf.stack(masks), 1.0, -1.0)
+
+    masks = tf.cond(tf.reduce_any(rows >= 0), labels, lambda: tf.fill([rows.shape[0], label_size, label_size], -1.0))
+    return {"images": images, "masks": masks}
