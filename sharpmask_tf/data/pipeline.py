@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from sharpmask_tf.config import Config, DataConfig, InferenceConfig, ModelConfig
 from sharpmask_tf.data.coco import CocoDataset
+from sharpmask_tf.data.packed import PackedSplit, load_packed
 from sharpmask_tf.data.render import PatchPlanner, render_group
 from sharpmask_tf.data.sampler import PatchSampler
 
@@ -68,17 +69,38 @@ def load_split(config: Config, split: str) -> CocoDataset:
         ValueError: for a split other than "train" or "val".
         DatasetError: for a missing or malformed dataset.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}. Received: split={split!r}")
-    d = config.data
-    annotations, images = (
-        (d.train_annotations, d.train_images) if split == "train" else (d.val_annotations, d.val_images)
-    )
-    return _load(annotations, images, d.on_bad_annotation, (_version(annotations), _version(images)))
+    annotations, images = _split_files(config, split)
+    return _load(annotations, images, config.data.on_bad_annotation, (_version(annotations), _version(images)))
 
 
 @functools.lru_cache(maxsize=8)
-def _planner(dataset: CocoDataset, data: DataConfig, model: ModelConfig, inference: InferenceConfig, stage: int):
+def _load_packed(annotation_file: str, image_dir: str, on_bad_annotation: str, version: tuple) -> PackedSplit:
+    del version  # part of the cache key only, as in _load
+    return load_packed(annotation_file, image_dir, on_bad_annotation)
+
+
+def _split_files(config: Config, split: str) -> tuple[str, str]:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}. Received: split={split!r}")
+    d = config.data
+    return (d.train_annotations, d.train_images) if split == "train" else (d.val_annotations, d.val_images)
+
+
+def load_packed_split(config: Config, split: str) -> PackedSplit:
+    """The `PackedSplit` of a split, once per process and files (see `load_split`), from the disk
+    cache of `packed.load_packed` when that is current.
+
+    Raises:
+        ValueError: for a split other than "train" or "val".
+        DatasetError: for a missing or malformed dataset.
+    """
+    annotations, images = _split_files(config, split)
+    version = (_version(annotations), _version(images))
+    return _load_packed(annotations, images, config.data.on_bad_annotation, version)
+
+
+@functools.lru_cache(maxsize=8)
+def _planner(dataset: PackedSplit, data: DataConfig, model: ModelConfig, inference: InferenceConfig, stage: int):
     """One sampler and planner per dataset and sampling config: indexing a COCO-sized split
     takes seconds, and the planner remembers which images it has checked."""
     config = Config(model=model, data=data, inference=inference)
@@ -156,7 +178,7 @@ def make_dataset(
         ValueError: for a bad split, stage, batch size or patches_per_image.
         DatasetError: for a missing or malformed dataset.
     """
-    planner = _planner(load_split(config, split), config.data, config.model, config.inference, stage)
+    planner = _planner(load_packed_split(config, split), config.data, config.model, config.inference, stage)
     sampler = planner.sampler
     global_batch = config.training.batch_size if batch_size is None else batch_size
     if global_batch < 1:
@@ -224,7 +246,7 @@ def make_validation_patches(config: Config, num_patches: int, stage: int, seed: 
     """
     if num_patches < 1:
         raise ValueError(f"num_patches must be positive. Received: num_patches={num_patches!r}")
-    planner = _planner(load_split(config, "val"), config.data, config.model, config.inference, stage)
+    planner = _planner(load_packed_split(config, "val"), config.data, config.model, config.inference, stage)
     plan = _draw(planner, np.random.default_rng([seed, _VALIDATION_STREAM, stage]), "mask", num_patches, 1)
     patches = _render(tf.data.Dataset.from_tensor_slices(plan), planner, tf.data.AUTOTUNE).batch(num_patches)
     return {key: value.numpy() for key, value in patches.get_single_element().items()}

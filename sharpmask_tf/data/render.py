@@ -69,8 +69,7 @@ class PatchPlanner:
 
     def __init__(self, sampler: PatchSampler) -> None:
         self.sampler = sampler
-        dataset = sampler.dataset
-        self.paths = [dataset.image_path(image_id) for image_id in sampler.image_ids]
+        self.paths = [sampler.dataset.image_path(index) for index in range(len(sampler.image_ids))]
         self._probed: dict[int, tuple[bool, str | None]] = {}
         self._lock = threading.Lock()
 
@@ -113,9 +112,8 @@ class PatchPlanner:
             k: [] for k in ("image", "decoder", "crop", "height", "boxes", "inside", "rows", "cols", "rle")
         }
         for group in groups:
-            index = s.image_index[group[0].image_id]
-            info = s.dataset.image_info(group[0].image_id)
-            width, height = info["width"], info["height"]
+            index = s.dataset.image_index(group[0].image_id)
+            width, height = s.dataset.sizes[index].tolist()
             is_jpeg = self._probed.get(index, (False, None))[0]
             reduction = min(jpeg_reduction(width, height, w.scale) for w in group) if is_jpeg else 1
             decoded_w, decoded_h = -(-width // reduction), -(-height // reduction)
@@ -158,7 +156,7 @@ class PatchPlanner:
                     iy[(iy < 0) | (iy >= height)] = -1
                     rows.append(iy)
                     cols.append(ix[::-1] if w.flip else ix)
-                    rles.append(s.dataset.annotation_rle(s.dataset.coco.anns[w.annotation_id])["counts"])
+                    rles.append(s.dataset.annotation_rle(s.dataset.annotation_row(w.annotation_id))["counts"])
                 else:
                     rows.append(np.full(label, -1, np.int64))
                     cols.append(np.full(label, -1, np.int64))

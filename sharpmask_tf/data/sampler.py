@@ -30,6 +30,7 @@ from PIL import Image
 
 from sharpmask_tf.config import Config
 from sharpmask_tf.data.coco import CocoDataset, DatasetError
+from sharpmask_tf.data.packed import PackedSplit
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class PatchSampler:
     state gives the same patches in any thread.
 
     Args:
-        dataset: the validated dataset.
+        dataset: the validated dataset, packed here unless it is already (kept as `dataset`).
         patch_size: side of the window the label covers, in patch pixels.
         context: extra patch pixels on every side of the window.
         label_size: side of the label.
@@ -89,7 +90,7 @@ class PatchSampler:
 
     def __init__(
         self,
-        dataset: CocoDataset,
+        dataset: CocoDataset | PackedSplit,
         *,
         patch_size: int,
         context: int,
@@ -105,7 +106,6 @@ class PatchSampler:
         min_side: float,
         on_bad_annotation: str = "skip",
     ) -> None:
-        self.dataset = dataset
         self.patch_size = patch_size
         self.context = context
         self.input_size = patch_size + 2 * context
@@ -121,30 +121,23 @@ class PatchSampler:
         self.skipped: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
 
-        self.image_ids = dataset.image_ids
-        self.image_index = {image_id: index for index, image_id in enumerate(self.image_ids)}
+        packed = dataset if isinstance(dataset, PackedSplit) else PackedSplit.from_dataset(dataset)
+        self.dataset = packed
+        self.image_ids = packed.image_ids.tolist()
         if not self.image_ids:
             raise DatasetError(f"No usable images. Received: annotation_file={dataset.annotation_file!r}")
-        self._sizes = np.array(
-            [(dataset.image_info(i)["width"], dataset.image_info(i)["height"]) for i in self.image_ids], np.float64
-        )
-        # Every object, for the negatives' check: centre x, centre y, longest side.
-        self._objects = []
-        self.positives: list[tuple[int, dict[str, Any]]] = []
-        for index, image_id in enumerate(self.image_ids):
-            anns = dataset.annotations(image_id)
-            boxes = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
-            self._objects.append(
-                np.stack([boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2, boxes[:, 2:].max(1)], 1)
-            )
-            for a in anns:
-                if not a["iscrowd"] and dataset.mask_area[a["id"]] >= min_area and min(a["bbox"][2:]) >= min_side:
-                    self.positives.append((index, a))
-        # Positives are listed image by image: those of image i are positives[starts[i]:starts[i + 1]].
-        self._positive_starts = np.searchsorted(
-            [index for index, _ in self.positives], np.arange(len(self.image_ids) + 1)
-        )
-        if not self.positives:
+        self._sizes = packed.sizes.astype(np.float64)
+        boxes = packed.boxes
+        # Every object, for the negatives' check: centre x, centre y, longest side; views per image.
+        objects = np.stack([boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2, boxes[:, 2:].max(1)], 1)
+        starts = packed.image_starts
+        self._objects = [objects[start:stop] for start, stop in zip(starts[:-1], starts[1:])]
+        # Rows of the sampleable annotations, image by image: those of image i are
+        # positives[positive_starts[i]:positive_starts[i + 1]].
+        sampleable = ~packed.crowd & (packed.areas >= min_area) & (boxes[:, 2:].min(1) >= min_side)
+        self.positives = np.flatnonzero(sampleable)
+        self._positive_starts = np.searchsorted(packed.ann_images[self.positives], np.arange(len(self.image_ids) + 1))
+        if not self.positives.size:
             raise DatasetError(
                 "No object to sample: every annotation is a crowd region, or smaller than "
                 f"min_area={min_area} px^2 or min_side={min_side} px. "
@@ -152,7 +145,7 @@ class PatchSampler:
             )
 
     @classmethod
-    def from_config(cls, dataset: CocoDataset, config: Config, stage: int) -> PatchSampler:
+    def from_config(cls, dataset: CocoDataset | PackedSplit, config: Config, stage: int) -> PatchSampler:
         """The sampler for a config and training stage (label side `data.label_size` in stage 1,
         `model.patch_size` in stage 2).
 
@@ -192,15 +185,16 @@ class PatchSampler:
 
     def _positive_window(self, rng: np.random.Generator, image_index: int | None = None) -> Window:
         if image_index is None:
-            index, ann = self.positives[rng.integers(len(self.positives))]
+            row = self.positives[rng.integers(len(self.positives))]
         else:
             start, stop = self._positive_starts[image_index], self._positive_starts[image_index + 1]
-            index, ann = self.positives[start + rng.integers(stop - start)]
-        x, y, w, h = ann["bbox"]
+            row = self.positives[start + rng.integers(stop - start)]
+        index, annotation_id = self.dataset.ann_images[row], int(self.dataset.ann_ids[row])
+        x, y, w, h = self.dataset.boxes[row].tolist()
         scale = self.canonical_scale(max(w, h)) * 2.0 ** rng.uniform(-self.scale_jitter, self.scale_jitter)
         dx, dy = rng.uniform(-self.shift_jitter, self.shift_jitter, size=2)
         flip = bool(rng.random() < self.flip_probability)
-        return Window(self.image_ids[index], x + w / 2 + dx / scale, y + h / 2 + dy / scale, scale, flip, ann["id"])
+        return Window(self.image_ids[index], x + w / 2 + dx / scale, y + h / 2 + dy / scale, scale, flip, annotation_id)
 
     def _negative_window(self, rng: np.random.Generator, image_index: int | None = None) -> Window:
         lo, hi = self.negative_log2_scales
@@ -275,7 +269,7 @@ class PatchSampler:
             positive = kind == "mask" or bool(rng.random() < 0.5)
             for _ in range(MAX_ATTEMPTS):
                 first = self.draw_window(rng, positive)
-                index = self.image_index[first.image_id]
+                index = self.dataset.image_index(first.image_id)
                 if usable is None or usable(index):
                     break
             else:
@@ -297,9 +291,9 @@ class PatchSampler:
         Raises:
             DatasetError: if the image cannot be decoded.
         """
-        path = self.dataset.image_path(window.image_id)
-        info = self.dataset.image_info(window.image_id)
-        width, height = info["width"], info["height"]
+        index = self.dataset.image_index(window.image_id)
+        path = self.dataset.image_path(index)
+        width, height = self.dataset.sizes[index].tolist()
         s = window.scale
         size = self.input_size
         x0 = window.center_x - size / 2 / s
@@ -324,8 +318,7 @@ class PatchSampler:
         """The positive's mask over the window's central patch_size region, nearest-sampled to
         (label_size, label_size) float32 in {+1, -1}, not flipped."""
         label_size = label_size or self.label_size
-        ann = self.dataset.coco.anns[window.annotation_id]
-        mask = self.dataset.annotation_mask(ann)
+        mask = self.dataset.annotation_mask(self.dataset.annotation_row(window.annotation_id))
         height, width = mask.shape
         xs, ys = self._sample_grid(window, label_size, self.patch_size / label_size, self.context)
         ix, iy = np.floor(xs).astype(np.int64), np.floor(ys).astype(np.int64)
