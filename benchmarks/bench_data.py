@@ -9,8 +9,9 @@ each is a synthetic photograph (a 1/f^1.2 amplitude spectrum with sensor grain, 
 mean JPEG size), and polygons are star-shaped with 8..40 vertices and longest sides log-uniform
 over 6..640 px. Objects are not painted into the images: only decoding and cutting cost matter here.
 
-Prints the split's load time and memory (the `CocoDataset` validation, then the sampler's index,
-then a second `make_dataset` over the same files), the float32 matmul rate as a reference for
+Prints the split's load time and memory, each in a fresh process (validating and caching the
+split, then from the cache on 1, 2, ... cores, then a second `make_dataset` over the same files),
+the float32 matmul rate as a reference for
 this machine's speed, and a Markdown table of patches per second at the ResNet-50 geometry (192 px
 patches, batch 32) in stage 1 and 2, the process confined to 1, 2, ... cores (every thread's CPU
 affinity and tf.data's thread pool): today's pipeline (`PatchSampler.sample_batch` in
@@ -22,6 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -30,7 +34,7 @@ from PIL import Image
 
 from benchmarks.common import matmul_gflops
 from sharpmask_tf.config import get_config
-from sharpmask_tf.data import PatchSampler, load_split, make_dataset
+from sharpmask_tf.data import PatchSampler, load_packed_split, make_dataset
 from sharpmask_tf.data.pipeline import BATCH_KEYS
 
 COCO_TRAIN_IMAGES = 118_287
@@ -171,6 +175,38 @@ def pipeline_rate(dataset: tf.data.Dataset, batch_size: int, seconds: float) -> 
     return patches / (time.perf_counter() - start)
 
 
+def load_report(config, cores: int) -> str:
+    """In this (fresh) process, confined to `cores`: the time and memory `make_dataset` takes to
+    load the split (from the cache when current, else validating and caching it) and index it,
+    and what a second `make_dataset` over the same files adds."""
+    confine_to_cores(cores)
+    before, _ = memory_mb()
+    start = time.perf_counter()
+    packed = load_packed_split(config, "train")
+    loaded = time.perf_counter() - start
+    make_dataset(config, stage=1)
+    first = time.perf_counter() - start
+    after, peak = memory_mb()
+    start = time.perf_counter()
+    make_dataset(config, stage=1)
+    second = time.perf_counter() - start
+    return (
+        f"{len(packed)} images, {len(packed.ann_ids)} annotations: split loaded in {loaded:.1f} s, "
+        f"first make_dataset {first:.1f} s, resident memory +{after - before:.0f} MB (peak of the process "
+        f"{peak:.0f} MB); second make_dataset {second:.2f} s"
+    )
+
+
+def run_child(args: list[str], env: dict[str, str], timeout: float) -> str:
+    """The last line a child benchmark process prints."""
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_data", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if result.returncode:
+        raise RuntimeError(f"Child benchmark failed. Received: stderr={result.stderr[-2000:]!r}")
+    return result.stdout.strip().splitlines()[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/coco_scale", help="where the COCO-scale split is (generated if absent)")
@@ -178,47 +214,43 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="time budget per measurement")
     parser.add_argument("--cores", type=int, nargs="*", default=None, help="core counts (default 1, 2, all)")
     parser.add_argument("--patches-per-image", type=int, nargs="*", default=[1, 4], help="make_dataset variants")
+    parser.add_argument("--load-only", type=int, default=0, help="(internal) print load_report on this many cores")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, section.field=value")
     args = parser.parse_args()
 
-    start = time.perf_counter()
     annotations, images = generate_coco_scale(args.out, args.photos)
-    print(f"split: {annotations} ({time.perf_counter() - start:.0f} s to generate or find)")
     overrides = [f"data.train_annotations={annotations}", f"data.train_images={images}", *args.set]
     config = get_config("sharpmask_resnet50", overrides)
-    batch = config.training.batch_size
-    before, _ = memory_mb()
-    start = time.perf_counter()
-    dataset = load_split(config, "train")
-    loaded = time.perf_counter() - start
-    after, peak = memory_mb()
-    print(
-        f"CocoDataset: {len(dataset)} images, {len(dataset.coco.anns)} annotations loaded and validated in "
-        f"{loaded:.1f} s; resident memory +{after - before:.0f} MB (peak {peak:.0f} MB)"
-    )
-    for label in ("first", "second"):
-        start = time.perf_counter()
-        make_dataset(config, stage=1)
-        now, peak = memory_mb()
+    if args.load_only:
+        print(load_report(config, args.load_only))
+        return
+    print(f"split: {annotations}")
+    cores = args.cores or sorted({1, 2, len(CORES)})
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "SHARPMASK_TF_CACHE": cache, "PYTHONPATH": os.getcwd()}
+        child = ["--out", args.out, "--photos", str(args.photos), "--set", *overrides]
         print(
-            f"make_dataset, {label} call: {time.perf_counter() - start:.1f} s; resident memory "
-            f"{now - before:+.0f} MB over the process before loading (peak {peak:.0f} MB)"
+            f"validated and cached, {max(cores)} cores: {run_child([*child, '--load-only', str(max(cores))], env, 3600)}"
         )
-    print(f"CPU cores: {len(CORES)}; float32 matmul: {matmul_gflops():.0f} GFLOP/s (all cores)")
-
-    cores = args.cores or sorted({1, 2, len(CORES)} & set(range(1, len(CORES) + 1)))
-    rows = []
-    for n in cores:
-        options = confine_to_cores(n)
-        for stage in (1, 2):
-            sampler = PatchSampler.from_config(dataset, config, stage)
-            frequency = config.data.score_frequency if stage == 1 else 0.0
-            today = pipeline_rate(numpy_pipeline(sampler, batch, frequency).with_options(options), batch, args.seconds)
-            for k in args.patches_per_image:
-                piped = make_dataset(config, stage=stage, patches_per_image=k).with_options(options)
-                rows.append((n, stage, k, today, pipeline_rate(piped, batch, args.seconds)))
-                print(rows[-1], flush=True)
-    confine_to_cores(len(CORES))
+        for n in cores:
+            print(f"from the cache, {n} cores: {run_child([*child, '--load-only', str(n)], env, 3600)}", flush=True)
+        os.environ["SHARPMASK_TF_CACHE"] = cache
+        packed = load_packed_split(config, "train")
+        print(f"CPU cores: {len(CORES)}; float32 matmul: {matmul_gflops():.0f} GFLOP/s (all cores)", flush=True)
+        batch = config.training.batch_size
+        rows = []
+        for n in cores:
+            options = confine_to_cores(n)
+            for stage in (1, 2):
+                sampler = PatchSampler.from_config(packed, config, stage)
+                frequency = config.data.score_frequency if stage == 1 else 0.0
+                today = numpy_pipeline(sampler, batch, frequency).with_options(options)
+                today = pipeline_rate(today, batch, args.seconds)
+                for k in args.patches_per_image:
+                    piped = make_dataset(config, stage=stage, patches_per_image=k).with_options(options)
+                    rows.append((n, stage, k, today, pipeline_rate(piped, batch, args.seconds)))
+                    print(rows[-1], flush=True)
+        confine_to_cores(len(CORES))
     print(
         "| cores | stage | today's pipeline (patches/s) | patches per image | make_dataset (patches/s) | per core | x today |"
     )
