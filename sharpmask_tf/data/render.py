@@ -12,9 +12,7 @@ pixels, labels nearest-sampled at the same points of the same pycocotools RLE.
 
 from __future__ import annotations
 
-import math
 import threading
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -35,11 +33,11 @@ _NOT_JPEG = len(JPEG_REDUCTIONS)  # the decode branch for other formats
 _CROP_MARGIN = 16
 
 
-def jpeg_reduction(width: int, height: int, scale: float) -> int:
+def jpeg_reduction(width: np.ndarray, height: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """The reduction Pillow's `draft` picks to give a (width, height) image at least
-    ceil(size * scale) pixels per axis: the largest of 8, 4, 2, 1 that does."""
-    factor = min(width // math.ceil(width * scale), height // math.ceil(height * scale))
-    return next((r for r in JPEG_REDUCTIONS if factor >= r), 1)
+    ceil(size * scale) pixels per axis: the largest of 8, 4, 2, 1 that does; elementwise."""
+    factor = np.minimum(width // np.ceil(width * scale), height // np.ceil(height * scale))
+    return np.select([factor >= r for r in JPEG_REDUCTIONS[:-1]], JPEG_REDUCTIONS[:-1], 1)
 
 
 def image_problem(path: str) -> tuple[bool, str | None]:
@@ -105,93 +103,87 @@ class PatchPlanner:
             samples, -1 outside the image (or every one, for a patch without a mask label);
             `rle` (G, K) bytes compressed RLE counts of the positive's mask ("" without a label).
         """
-        s = self.sampler
-        size, label = s.input_size, s.label_size
-        groups = [windows[i : i + patches_per_image] for i in range(0, len(windows), patches_per_image)]
-        plan: dict[str, list[Any]] = {
-            k: [] for k in ("image", "decoder", "crop", "height", "boxes", "inside", "rows", "cols", "rle")
-        }
-        for group in groups:
-            index = s.dataset.image_index(group[0].image_id)
-            width, height = s.dataset.sizes[index].tolist()
-            is_jpeg = self._probed.get(index, (False, None))[0]
-            reduction = min(jpeg_reduction(width, height, w.scale) for w in group) if is_jpeg else 1
-            decoded_w, decoded_h = -(-width // reduction), -(-height // reduction)
-            rx, ry = decoded_w / width, decoded_h / height
-            # Bilinear sample positions of every patch, in decoded pixel indices (centres at k).
-            u0 = np.array([((w.center_x - size / 2 / w.scale) + 0.5 / w.scale) * rx - 0.5 for w in group])
-            v0 = np.array([((w.center_y - size / 2 / w.scale) + 0.5 / w.scale) * ry - 0.5 for w in group])
-            du = np.array([rx / w.scale for w in group])
-            dv = np.array([ry / w.scale for w in group])
-            x_lo, x_hi = _span(u0, u0 + du * (size - 1), decoded_w)
-            y_lo, y_hi = _span(v0, v0 + dv * (size - 1), decoded_h)
-            plan["image"].append(index)
-            plan["decoder"].append(JPEG_REDUCTIONS.index(reduction) if is_jpeg else _NOT_JPEG)
-            plan["crop"].append((y_lo, x_lo, y_hi - y_lo, x_hi - x_lo))
-            plan["height"].append(height)
-            boxes, inside, rows, cols, rles = [], [], [], [], []
-            for w, a, b, ea, eb in zip(group, u0 - x_lo, v0 - y_lo, du, dv):
-                xs, ys = s._sample_grid(w, size, 1.0, 0.0)
-                c0, c1 = _inside(xs, width)
-                r0, r1 = _inside(ys, height)
-                if w.flip:
-                    a, ea = a + ea * (size - 1), -ea
-                    c0, c1 = size - c1, size - c0
-                # crop_and_resize's corner-aligned box of the first and last samples inside the
-                # image, in the crop padded by one pixel a side.
-                width_1, height_1 = x_hi - x_lo + 1, y_hi - y_lo + 1
-                boxes.append(
-                    (
-                        (b + 1 + eb * r0) / height_1,
-                        (a + 1 + ea * c0) / width_1,
-                        (b + 1 + eb * max(r1 - 1, r0)) / height_1,
-                        (a + 1 + ea * max(c1 - 1, c0)) / width_1,
-                    )
-                )
-                inside.append((r0, r1, c0, c1))
-                if with_labels and w.annotation_id is not None:
-                    lx, ly = s._sample_grid(w, label, s.patch_size / label, s.context)
-                    ix, iy = np.floor(lx).astype(np.int64), np.floor(ly).astype(np.int64)
-                    ix[(ix < 0) | (ix >= width)] = -1
-                    iy[(iy < 0) | (iy >= height)] = -1
-                    rows.append(iy)
-                    cols.append(ix[::-1] if w.flip else ix)
-                    rles.append(s.dataset.annotation_rle(s.dataset.annotation_row(w.annotation_id))["counts"])
-                else:
-                    rows.append(np.full(label, -1, np.int64))
-                    cols.append(np.full(label, -1, np.int64))
-                    rles.append(b"")
-            plan["boxes"].append(boxes)
-            plan["inside"].append(inside)
-            plan["rows"].append(rows)
-            plan["cols"].append(cols)
-            plan["rle"].append(rles)
+        s, split, k = self.sampler, self.sampler.dataset, patches_per_image
+        size, label, groups = s.input_size, s.label_size, len(windows) // patches_per_image
+        cx = np.array([w.center_x for w in windows])
+        cy = np.array([w.center_y for w in windows])
+        scale = np.array([w.scale for w in windows])
+        flip = np.array([w.flip for w in windows])
+        index = np.array([split.image_index(w.image_id) for w in windows[::k]], np.int64)
+        is_jpeg = np.array([self._probed.get(int(i), (False, None))[0] for i in index])
+        width, height = split.sizes[index].T
+        w_each, h_each = np.repeat(width, k), np.repeat(height, k)
+        # Pillow's draft rule per window (jpeg_reduction); a group decodes at its finest.
+        each = jpeg_reduction(w_each, h_each, scale)
+        reduction = np.where(is_jpeg, each.reshape(groups, k).min(1), 1)
+        decoded_w, decoded_h = -(-width // reduction), -(-height // reduction)
+        rx, ry = np.repeat(decoded_w / width, k), np.repeat(decoded_h / height, k)
+        # Bilinear sample positions of every patch, in decoded pixel indices (centres at k).
+        u0 = ((cx - size / 2 / scale) + 0.5 / scale) * rx - 0.5
+        v0 = ((cy - size / 2 / scale) + 0.5 / scale) * ry - 0.5
+        du, dv = rx / scale, ry / scale
+        x_lo, x_hi = _span(u0, u0 + du * (size - 1), decoded_w, k)
+        y_lo, y_hi = _span(v0, v0 + dv * (size - 1), decoded_h, k)
+        c0, c1 = _inside(s.sample_grids(cx, scale, size, 1.0, 0.0), w_each)
+        r0, r1 = _inside(s.sample_grids(cy, scale, size, 1.0, 0.0), h_each)
+        a, b = u0 - np.repeat(x_lo, k), v0 - np.repeat(y_lo, k)
+        a, du = np.where(flip, a + du * (size - 1), a), np.where(flip, -du, du)
+        c0, c1 = np.where(flip, size - c1, c0), np.where(flip, size - c0, c1)
+        # crop_and_resize's corner-aligned boxes of the first and last samples inside the image,
+        # in the crop padded by one pixel a side.
+        w1, h1 = np.repeat(x_hi - x_lo + 1, k), np.repeat(y_hi - y_lo + 1, k)
+        boxes = np.stack(
+            [
+                (b + 1 + dv * r0) / h1,
+                (a + 1 + du * c0) / w1,
+                (b + 1 + dv * np.maximum(r1 - 1, r0)) / h1,
+                (a + 1 + du * np.maximum(c1 - 1, c0)) / w1,
+            ],
+            1,
+        )
+        labelled = np.array([with_labels and w.annotation_id is not None for w in windows])
+        rows = np.floor(s.sample_grids(cy, scale, label, s.patch_size / label, s.context)).astype(np.int64)
+        cols = np.floor(s.sample_grids(cx, scale, label, s.patch_size / label, s.context)).astype(np.int64)
+        rows[(rows < 0) | (rows >= h_each[:, None]) | ~labelled[:, None]] = -1
+        cols[(cols < 0) | (cols >= w_each[:, None]) | ~labelled[:, None]] = -1
+        cols = np.where(flip[:, None], cols[:, ::-1], cols)
+        rles = np.array(
+            [
+                split.annotation_rle(split.annotation_row(w.annotation_id))["counts"] if has else b""
+                for w, has in zip(windows, labelled)
+            ],
+            object,
+        )
         return {
-            "image": np.array(plan["image"], np.int32),
-            "decoder": np.array(plan["decoder"], np.int32),
-            "crop": np.array(plan["crop"], np.int32),
-            "height": np.array(plan["height"], np.int64),
-            "boxes": np.array(plan["boxes"], np.float32),
-            "inside": np.array(plan["inside"], np.int32),
-            "label_rows": np.array(plan["rows"], np.int64),
-            "label_cols": np.array(plan["cols"], np.int64),
-            "rle": np.array(plan["rle"], object),
+            "image": index.astype(np.int32),
+            "decoder": np.where(is_jpeg, [JPEG_REDUCTIONS.index(r) for r in reduction], _NOT_JPEG).astype(np.int32),
+            "crop": np.stack([y_lo, x_lo, y_hi - y_lo, x_hi - x_lo], 1).astype(np.int32),
+            "height": height.astype(np.int64),
+            "boxes": boxes.astype(np.float32).reshape(groups, k, 4),
+            "inside": np.stack([r0, r1, c0, c1], 1).astype(np.int32).reshape(groups, k, 4),
+            "label_rows": rows.reshape(groups, k, label),
+            "label_cols": cols.reshape(groups, k, label),
+            "rle": rles.reshape(groups, k),
         }
 
 
-def _span(lo: np.ndarray, hi: np.ndarray, extent: int) -> tuple[int, int]:
-    """The pixel range [a, b) that bilinear samples between positions lo and hi read, with a
-    margin, clipped to [0, extent) and never empty (a patch wholly outside reads one pixel, then
-    turns grey)."""
-    a = min(max(int(math.floor(lo.min())) - _CROP_MARGIN, 0), extent - 1)
-    b = min(max(int(math.floor(hi.max())) + 2 + _CROP_MARGIN, a + 1), extent)
-    return a, b
+def _span(lo: np.ndarray, hi: np.ndarray, extent: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per group of k windows, the pixel range [a, b) that bilinear samples between positions lo
+    and hi read, with a margin, clipped to [0, extent) and never empty (a patch wholly outside
+    reads one pixel, then turns grey)."""
+    a = np.clip(np.floor(lo.reshape(-1, k).min(1)).astype(np.int64) - _CROP_MARGIN, 0, extent - 1)
+    b = np.floor(hi.reshape(-1, k).max(1)).astype(np.int64) + 2 + _CROP_MARGIN
+    return a, np.minimum(np.maximum(b, a + 1), extent)
 
 
-def _inside(coordinates: np.ndarray, extent: int) -> tuple[int, int]:
-    """The index range [a, b) of increasing continuous coordinates that lie in [0, extent)."""
-    inside = np.flatnonzero((coordinates >= 0) & (coordinates < extent))
-    return (int(inside[0]), int(inside[-1]) + 1) if inside.size else (0, 0)
+def _inside(coordinates: np.ndarray, extent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of increasing continuous coordinates, the index range [a, b) that lies in
+    [0, extent); (0, 0) for none."""
+    inside = (coordinates >= 0) & (coordinates < extent[:, None])
+    any_inside = inside.any(1)
+    first = np.where(any_inside, inside.argmax(1), 0)
+    stop = np.where(any_inside, coordinates.shape[1] - inside[:, ::-1].argmax(1), 0)
+    return first, stop
 
 
 def rle_bounds(counts: tf.Tensor) -> tf.Tensor:

@@ -278,11 +278,18 @@ class PatchSampler:
             windows.extend(self.draw_window(rng, positive, index) for _ in range(patches_per_image - 1))
         return windows
 
+    def sample_grids(
+        self, centers: np.ndarray, scales: np.ndarray, size: int, step: float, offset: float
+    ) -> np.ndarray:
+        """Continuous image coordinates, along one axis, of the centres of `size` samples placed
+        `offset` patch pixels from the input patch's edge with `step` patch pixels between them,
+        for windows of these centres and scales: (n, size) for (n,) centres and scales."""
+        start = (offset + (np.arange(size) + 0.5) * step - self.input_size / 2) / np.asarray(scales)[..., None]
+        return np.asarray(centers)[..., None] + start
+
     def _sample_grid(self, window: Window, size: int, step: float, offset: float) -> tuple[np.ndarray, np.ndarray]:
-        """Continuous image coordinates (x, y) of the centres of a size x size grid placed `offset`
-        patch pixels from the input patch's corner with `step` patch pixels between samples."""
-        start = (offset + (np.arange(size) + 0.5) * step - self.input_size / 2) / window.scale
-        return window.center_x + start, window.center_y + start
+        """The (x, y) coordinates of `sample_grids` for one window."""
+        return tuple(self.sample_grids(c, window.scale, size, step, offset) for c in (window.center_x, window.center_y))
 
     def crop_image(self, window: Window) -> np.ndarray:
         """The window's input patch, (input_size, input_size, 3) float32 RGB in [0, 1], grey (0.5)
