@@ -214,6 +214,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="time budget per measurement")
     parser.add_argument("--cores", type=int, nargs="*", default=None, help="core counts (default 1, 2, all)")
     parser.add_argument("--patches-per-image", type=int, nargs="*", default=[1, 4], help="make_dataset variants")
+    parser.add_argument("--cache", help="split cache folder to keep and reuse (default: a fresh one, validating again)")
     parser.add_argument("--load-only", type=int, default=0, help="(internal) print load_report on this many cores")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, section.field=value")
     args = parser.parse_args()
@@ -226,12 +227,14 @@ def main() -> None:
         return
     print(f"split: {annotations}")
     cores = args.cores or sorted({1, 2, len(CORES)})
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as fresh:
+        cache = args.cache or fresh
+        os.makedirs(cache, exist_ok=True)
         env = {**os.environ, "SHARPMASK_TF_CACHE": cache, "PYTHONPATH": os.getcwd()}
         child = ["--out", args.out, "--photos", str(args.photos), "--set", *overrides]
-        print(
-            f"validated and cached, {max(cores)} cores: {run_child([*child, '--load-only', str(max(cores))], env, 3600)}"
-        )
+        first = "first load, cache kept from before" if os.listdir(cache) else "validated and cached"
+        report = run_child([*child, "--load-only", str(max(cores))], env, 3600)
+        print(f"{first}, {max(cores)} cores: {report}")
         for n in cores:
             print(f"from the cache, {n} cores: {run_child([*child, '--load-only', str(n)], env, 3600)}", flush=True)
         os.environ["SHARPMASK_TF_CACHE"] = cache

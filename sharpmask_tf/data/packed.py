@@ -133,7 +133,7 @@ class PackedSplit:
         """Reads a file written by `save`."""
         with np.load(path) as f:
             arrays = {name: f[name] for name in _ARRAYS}
-            skipped = collections.Counter({reason: int(n) for reason, n in f["skipped"]})
+            skipped = collections.Counter({str(reason): int(n) for reason, n in f["skipped"]})
         return cls(annotation_file, image_dir, skipped, **arrays)
 
     def files_digest(self) -> str:
