@@ -1,5 +1,9 @@
 """The paper's training-patch sampler (SPEC.md section 3), in NumPy and Pillow.
 
+`PatchSampler.draw_windows` draws a batch's windows without reading an image (the training pipeline
+cuts them with TensorFlow ops, `render.py`); `crop_image`, `crop_label` and `sample_batch` cut them
+with Pillow and NumPy, the reference those ops are tested against.
+
 A sample is a window: a centre in image pixels and a scale (patch pixels per image pixel). The
 network sees `input_size = patch_size + 2 * context` pixels around that centre; the label covers
 the central `patch_size` window. Geometry uses continuous pixel coordinates: pixel k spans [k, k+1).
@@ -183,18 +187,36 @@ class PatchSampler:
         octaves = np.abs(np.log2(scale / self.canonical_scale(objects[:, 2])))
         return not np.any((offset < self.negative_shift) & (octaves < self.negative_scale))
 
+    def _positive_rows(self, rng: np.random.Generator, image_indices: np.ndarray | None, n: int) -> np.ndarray:
+        """n sampleable annotation rows, uniformly over all, or one within each given image."""
+        if image_indices is None:
+            return self.positives[rng.integers(len(self.positives), size=n)]
+        start, stop = self._positive_starts[image_indices], self._positive_starts[np.asarray(image_indices) + 1]
+        return self.positives[start + rng.integers(stop - start)]
+
+    def _positive_windows(self, rng: np.random.Generator, rows: np.ndarray) -> list[Window]:
+        """Jittered positive windows of these annotation rows, one each."""
+        x, y, w, h = self.dataset.boxes[rows].T
+        n = len(rows)
+        scale = self.canonical_scale(np.maximum(w, h)) * 2.0 ** rng.uniform(-self.scale_jitter, self.scale_jitter, n)
+        dx, dy = rng.uniform(-self.shift_jitter, self.shift_jitter, size=(2, n))
+        flip = rng.random(n) < self.flip_probability
+        images = self.dataset.ann_images[rows]
+        return [
+            Window(self.image_ids[i], cx, cy, sc, f, a)
+            for i, cx, cy, sc, f, a in zip(
+                images.tolist(),
+                (x + w / 2 + dx / scale).tolist(),
+                (y + h / 2 + dy / scale).tolist(),
+                scale.tolist(),
+                flip.tolist(),
+                self.dataset.ann_ids[rows].tolist(),
+            )
+        ]
+
     def _positive_window(self, rng: np.random.Generator, image_index: int | None = None) -> Window:
-        if image_index is None:
-            row = self.positives[rng.integers(len(self.positives))]
-        else:
-            start, stop = self._positive_starts[image_index], self._positive_starts[image_index + 1]
-            row = self.positives[start + rng.integers(stop - start)]
-        index, annotation_id = self.dataset.ann_images[row], int(self.dataset.ann_ids[row])
-        x, y, w, h = self.dataset.boxes[row].tolist()
-        scale = self.canonical_scale(max(w, h)) * 2.0 ** rng.uniform(-self.scale_jitter, self.scale_jitter)
-        dx, dy = rng.uniform(-self.shift_jitter, self.shift_jitter, size=2)
-        flip = bool(rng.random() < self.flip_probability)
-        return Window(self.image_ids[index], x + w / 2 + dx / scale, y + h / 2 + dy / scale, scale, flip, annotation_id)
+        images = None if image_index is None else np.array([image_index])
+        return self._positive_windows(rng, self._positive_rows(rng, images, 1))[0]
 
     def _negative_window(self, rng: np.random.Generator, image_index: int | None = None) -> Window:
         lo, hi = self.negative_log2_scales
@@ -264,18 +286,28 @@ class PatchSampler:
                 "batch_size must be a positive multiple of patches_per_image. "
                 f"Received: batch_size={batch_size!r}, patches_per_image={patches_per_image!r}"
             )
-        windows: list[Window] = []
-        for _ in range(batch_size // patches_per_image):
-            positive = kind == "mask" or bool(rng.random() < 0.5)
+        groups = batch_size // patches_per_image
+        signs = np.ones(groups, bool) if kind == "mask" else rng.random(groups) < 0.5
+        # Positive groups' first windows drawn together, negatives' one by one (by rejection).
+        drawn = iter(self._positive_windows(rng, self._positive_rows(rng, None, int(signs.sum()))))
+        firsts = [next(drawn) if positive else self._negative_window(rng) for positive in signs.tolist()]
+        for g, positive in enumerate(signs.tolist()):
             for _ in range(MAX_ATTEMPTS):
-                first = self.draw_window(rng, positive)
-                index = self.dataset.image_index(first.image_id)
-                if usable is None or usable(index):
+                if usable is None or usable(self.dataset.image_index(firsts[g].image_id)):
                     break
+                firsts[g] = self.draw_window(rng, positive)
             else:
                 raise self._undecodable_run()
+        if patches_per_image == 1:
+            return firsts
+        images = np.array([self.dataset.image_index(w.image_id) for w in firsts])
+        rest = patches_per_image - 1
+        positive_images = np.repeat(images[signs], rest)
+        drawn = iter(self._positive_windows(rng, self._positive_rows(rng, positive_images, len(positive_images))))
+        windows: list[Window] = []
+        for first, positive, index in zip(firsts, signs.tolist(), images.tolist()):
             windows.append(first)
-            windows.extend(self.draw_window(rng, positive, index) for _ in range(patches_per_image - 1))
+            windows.extend(next(drawn) if positive else self._negative_window(rng, index) for _ in range(rest))
         return windows
 
     def sample_grids(
