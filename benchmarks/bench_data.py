@@ -12,10 +12,12 @@ over 6..640 px. Objects are not painted into the images: only decoding and cutti
 Prints the split's load time and memory, each in a fresh process (validating and caching the
 split, then from the cache on 1, 2, ... cores, then a second `make_dataset` over the same files),
 the float32 matmul rate as a reference for
-this machine's speed, and a Markdown table of patches per second at the ResNet-50 geometry (192 px
-patches, batch 32) in stage 1 and 2, the process confined to 1, 2, ... cores (every thread's CPU
-affinity and tf.data's thread pool): today's pipeline (`PatchSampler.sample_batch` in
-`tf.numpy_function`, as `make_dataset` was) beside `make_dataset`, measured in turn.
+this machine's speed, and a Markdown table of patches per second (wall clock, and per CPU-second
+of the process, which other processes' load on a shared machine changes less) at the ResNet-50
+geometry (192 px patches, batch 32) in stage 1 and 2, the process confined to 1, 2, ... cores
+(every thread's CPU affinity and tf.data's thread pool): today's pipeline
+(`PatchSampler.sample_batch` in `tf.numpy_function`, as `make_dataset` was; it reads labels from
+the same packed RLEs) beside `make_dataset`, measured in turn.
 """
 
 from __future__ import annotations
@@ -163,16 +165,18 @@ def numpy_pipeline(sampler: PatchSampler, batch_size: int, score_frequency: floa
     return tf.data.Dataset.counter().map(to_batch, tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
-def pipeline_rate(dataset: tf.data.Dataset, batch_size: int, seconds: float) -> float:
-    """Patches per second read from a tf.data dataset, after four warm-up batches."""
+def pipeline_rate(dataset: tf.data.Dataset, batch_size: int, seconds: float) -> tuple[float, float]:
+    """Patches per second read from a tf.data dataset after four warm-up batches, and patches per
+    CPU-second of this process (every thread): the rate per core that contention with other
+    processes does not change as much."""
     iterator = iter(dataset)
     for _ in range(4):
         next(iterator)
-    patches, start = 0, time.perf_counter()
+    patches, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         next(iterator)
         patches += batch_size
-    return patches / (time.perf_counter() - start)
+    return patches / (time.perf_counter() - start), patches / (time.process_time() - cpu)
 
 
 def load_report(config, cores: int) -> str:
@@ -255,11 +259,15 @@ def main() -> None:
                     print(rows[-1], flush=True)
         confine_to_cores(len(CORES))
     print(
-        "| cores | stage | today's pipeline (patches/s) | patches per image | make_dataset (patches/s) | per core | x today |"
+        "| cores | stage | today's pipeline: patches/s, per CPU-s | patches per image "
+        "| make_dataset: patches/s, per CPU-s | x today (per CPU-s) |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for n, stage, k, today, piped in rows:
-        print(f"| {n} | {stage} | {today:.0f} | {k} | {piped:.0f} | {piped / n:.0f} | {piped / today:.1f} |")
+    print("|---|---|---|---|---|---|")
+    for n, stage, k, (today, today_cpu), (piped, piped_cpu) in rows:
+        print(
+            f"| {n} | {stage} | {today:.0f}, {today_cpu:.0f} | {k} | {piped:.0f}, {piped_cpu:.0f} "
+            f"| {piped_cpu / today_cpu:.1f} |"
+        )
 
 
 if __name__ == "__main__":
