@@ -73,7 +73,7 @@ def load_split(config: Config, split: str) -> CocoDataset:
     return _load(annotations, images, config.data.on_bad_annotation, (_version(annotations), _version(images)))
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)  # a COCO-train-sized split holds ~0.4 GB
 def _load_packed(annotation_file: str, image_dir: str, on_bad_annotation: str, version: tuple) -> PackedSplit:
     del version  # part of the cache key only, as in _load
     return load_packed(annotation_file, image_dir, on_bad_annotation)

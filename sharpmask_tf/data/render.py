@@ -1,13 +1,14 @@
 """The training patches cut by TensorFlow ops, which run on every core outside the GIL.
 
-`PatchPlanner.plan` turns the sampler's windows into a few NumPy numbers per patch: which file, the
-JPEG reduction and the crop to decode, the bilinear sample box in decoded pixels, the
-patch rows and columns inside the image, the label's sample grid and the object's compressed RLE.
+`PatchPlanner.plan` turns a batch's windows into a few NumPy numbers per patch: which file, the
+JPEG reduction and the crop to decode, the bilinear sample box in decoded pixels, the patch rows
+and columns inside the image, the label's sample grid and the object's compressed RLE.
 `render_group` then decodes one image once, only as far down and at as small a size as its windows
-need (`tf.io.decode_and_crop_jpeg` with a DCT reduction), and cuts every window of the group from
-it with one `tf.image.crop_and_resize`. The patches are `PatchSampler.crop_image` and `crop_label` computed another way: the same
-reduction (Pillow's `draft` rule), bilinear samples at the same points, grey outside the same
-pixels, labels nearest-sampled at the same points of the same pycocotools RLE.
+need (`tf.io.decode_and_crop_jpeg` with a DCT reduction), and cuts each window of the group from it
+with a `tf.image.crop_and_resize` over its samples inside the image, padded grey. The patches are
+`PatchSampler.crop_image` and `crop_label` computed another way: the same reduction (Pillow's
+`draft` rule), bilinear samples at the same points, grey outside the same pixels, labels
+nearest-sampled at the same points of the same pycocotools RLE.
 """
 
 from __future__ import annotations
