@@ -196,3 +196,33 @@ def crowded_dataset(root, num_images=6, seed=0):
     path = os.path.join(root, "instances.json")
     write_json(path, images, anns)
     return path, image_dir
+
+
+def photograph_dataset(root, num_images=2, seed=0):
+    """640x480 JPEGs of smooth noise with objects whose longest sides span 60..440 px, so that
+    windows decode at every JPEG reduction; polygon and compressed-RLE annotations."""
+    rng = np.random.default_rng(seed)
+    height, width = 480, 640
+    image_dir = os.path.join(root, "images")
+    os.makedirs(image_dir)
+    images, anns = [], []
+    y, x = np.mgrid[0:height, 0:width]
+    for i in range(1, num_images + 1):
+        pixels = np.stack([np.sin(x / rng.uniform(5, 40) + rng.uniform(0, 6)) * np.cos(y / rng.uniform(5, 40))] * 3, -1)
+        pixels = (pixels * 60 + 120 + rng.normal(0, 10, (height, width, 3))).clip(0, 255).astype(np.uint8)
+        for side in (60, 150, 260, 440):
+            w, h = side, int(side * rng.uniform(0.5, 1.0))
+            x0, y0 = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
+            mask = np.zeros((height, width), np.uint8)
+            mask[y0 : y0 + h, x0 : x0 + w] = 1
+            pixels[mask.astype(bool)] = rng.integers(0, 255, 3)
+            if side % 20:
+                segmentation = compressed_rle(mask)
+            else:
+                segmentation = [[x0, y0, x0 + w, y0, x0 + w, y0 + h, x0, y0 + h]]
+            anns.append(annotation(len(anns) + 1, i, segmentation, [x0, y0, w, h]))
+        Image.fromarray(pixels).save(os.path.join(image_dir, f"{i}.jpg"), quality=90)
+        images.append(image_record(i, f"{i}.jpg", height, width))
+    path = os.path.join(root, "instances.json")
+    write_json(path, images, anns)
+    return path, image_dir

@@ -1,9 +1,21 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from data_testing import config_for, crowded_dataset, malformed_dataset
+from data_testing import (
+    annotation,
+    compressed_rle,
+    config_for,
+    crowded_dataset,
+    disc_mask,
+    image_record,
+    malformed_dataset,
+    write_image,
+    write_json,
+)
 
-from sharpmask_tf.data import DatasetError, make_dataset, make_validation_patches
+from sharpmask_tf.data import DatasetError, make_dataset, make_validation_patches, pipeline
+from sharpmask_tf.data.coco import CocoDataset
+from sharpmask_tf.data.sampler import PatchSampler
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +129,100 @@ def test_bad_arguments_raise(crowded):
         make_dataset(config, stage=3)
     with pytest.raises(ValueError, match="batch_size"):
         make_dataset(config, batch_size=0)
+
+
+@pytest.fixture(autouse=True)
+def split_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SHARPMASK_TF_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def reference_batch(config, stage, seed, index, patches_per_image=1):
+    """Batch `index` of make_dataset redrawn from its seed and cut by the NumPy sampler."""
+    d = config.data
+    sampler = PatchSampler.from_config(CocoDataset(d.train_annotations, d.train_images), config, stage)
+    rng = np.random.default_rng([seed, pipeline._TRAIN_STREAM, 0, stage, index])
+    kind = "score" if rng.random() < (d.score_frequency if stage == 1 else 0.0) else "mask"
+    windows = sampler.draw_windows(rng, kind, config.training.batch_size, patches_per_image)
+    images, masks = [], []
+    for w in windows:
+        image = sampler.crop_image(w)
+        mask = sampler.crop_label(w) if kind == "mask" else np.full((sampler.label_size,) * 2, -1.0, np.float32)
+        images.append(image[:, ::-1] if w.flip else image)
+        masks.append(mask[:, ::-1] if w.flip else mask)
+    scores = [1.0 if w.annotation_id is not None else -1.0 for w in windows]
+    return kind, np.stack(images), np.stack(masks), np.array(scores, np.float32)[:, None]
+
+
+def test_batches_are_the_numpy_samplers_patches(crowded):
+    config = config_for(*crowded)
+    for stage in (1, 2):
+        batches = take(make_dataset(config, stage=stage, seed=5), 6)
+        kinds = set()
+        for index, batch in enumerate(batches):
+            kind, images, masks, scores = reference_batch(config, stage, 5, index)
+            kinds.add(kind)
+            assert np.abs(batch["images"] - images).max() <= 1.01 / 255
+            np.testing.assert_array_equal(batch["masks"], masks)
+            np.testing.assert_array_equal(batch["scores"], scores)
+            assert np.all(batch["mask_weight"] == (kind == "mask"))
+        assert kinds == ({"mask", "score"} if stage == 1 else {"mask"})
+
+
+def test_same_seed_and_step_give_the_same_batch(crowded):
+    config = config_for(*crowded)
+    for k in (1, 2):
+        stream = take(make_dataset(config, seed=3, patches_per_image=k), 5)
+        later = take(make_dataset(config, seed=3, patches_per_image=k).skip(4), 1)[0]
+        for key in later:
+            np.testing.assert_array_equal(later[key], stream[4][key])
+
+
+def test_several_patches_per_image(crowded):
+    config = config_for(*crowded)
+    batches = take(make_dataset(config, stage=2, patches_per_image=4, seed=1), 3)
+    for index, batch in enumerate(batches):
+        _, images, masks, _ = reference_batch(config, 2, 1, index, patches_per_image=4)
+        np.testing.assert_array_equal(batch["masks"], masks)
+        # A group decodes once at its finest window's JPEG reduction: a coarser window is sampled from
+        # finer pixels than it would be alone, otherwise the same patch.
+        assert np.abs(batch["images"] - images).mean(axis=(1, 2, 3)).max() < 2 / 255
+    with pytest.raises(ValueError, match="multiple of patches_per_image"):
+        make_dataset(config, batch_size=6, patches_per_image=4)
+
+
+def test_changed_annotation_file_is_not_served_from_a_stale_cache(tmp_path):
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    first, second = disc_mask(50, 50, 20), disc_mask(110, 70, 30)
+    write_image(str(image_dir / "a.jpg"), objects=((first, (0, 0, 255)), (second, (0, 255, 0))))
+    path = str(tmp_path / "instances.json")
+    config = config_for(path, str(image_dir), "data.score_frequency=0")
+    masks = []
+    for mask, box in ((first, [30, 30, 40, 40]), (second, [80, 40, 60, 60])):
+        write_json(path, [image_record(1, "a.jpg")], [annotation(1, 1, compressed_rle(mask), box)])
+        batch = take(make_dataset(config, seed=0), 1)[0]
+        _, _, expected, _ = reference_batch(config, 1, 0, 0)
+        np.testing.assert_array_equal(batch["masks"], expected)
+        masks.append(batch["masks"])
+    assert not np.array_equal(masks[0], masks[1])
+
+
+def test_undecodable_image_is_redrawn_or_raises_in_the_pipeline(tmp_path):
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    mask = disc_mask(50, 50, 20)
+    for name in ("good.jpg", "cut.jpg"):
+        write_image(str(image_dir / name), objects=((mask, (0, 0, 255)),))
+    data = (image_dir / "cut.jpg").read_bytes()
+    (image_dir / "cut.jpg").write_bytes(data[: len(data) // 3])
+    path = str(tmp_path / "instances.json")
+    anns = [annotation(i, i, compressed_rle(mask), [30, 30, 40, 40]) for i in (1, 2)]
+    write_json(path, [image_record(1, "good.jpg"), image_record(2, "cut.jpg")], anns)
+    config = config_for(path, str(image_dir))
+    batches = take(make_dataset(config, batch_size=8), 4)
+    assert len(batches) == 4 and all(np.isfinite(b["images"]).all() for b in batches)
+    split = pipeline.load_packed_split(config, "train")
+    planner = pipeline._planner(split, config.data, config.model, config.inference, 1)
+    assert planner.sampler.skipped["undecodable image"] > 0
+    with pytest.raises(tf.errors.OpError, match="truncated JPEG"):
+        take(make_dataset(config_for(path, str(image_dir), "data.on_bad_annotation=error"), batch_size=8), 4)

@@ -1,5 +1,9 @@
 """The paper's training-patch sampler (SPEC.md section 3), in NumPy and Pillow.
 
+`PatchSampler.draw_windows` draws a batch's windows without reading an image (the training pipeline
+cuts them with TensorFlow ops, `render.py`); `crop_image`, `crop_label` and `sample_batch` cut them
+with Pillow and NumPy, the reference those ops are tested against.
+
 A sample is a window: a centre in image pixels and a scale (patch pixels per image pixel). The
 network sees `input_size = patch_size + 2 * context` pixels around that centre; the label covers
 the central `patch_size` window. Geometry uses continuous pixel coordinates: pixel k spans [k, k+1).
@@ -21,6 +25,7 @@ import collections
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +34,7 @@ from PIL import Image
 
 from sharpmask_tf.config import Config
 from sharpmask_tf.data.coco import CocoDataset, DatasetError
+from sharpmask_tf.data.packed import PackedSplit
 from sharpmask_tf.images import GREY, to_8bit
 
 logger = logging.getLogger(__name__)
@@ -67,7 +73,7 @@ class PatchSampler:
     state gives the same patches in any thread.
 
     Args:
-        dataset: the validated dataset.
+        dataset: the validated dataset, packed here unless it is already (kept as `dataset`).
         patch_size: side of the window the label covers, in patch pixels.
         context: extra patch pixels on every side of the window.
         label_size: side of the label.
@@ -88,7 +94,7 @@ class PatchSampler:
 
     def __init__(
         self,
-        dataset: CocoDataset,
+        dataset: CocoDataset | PackedSplit,
         *,
         patch_size: int,
         context: int,
@@ -104,7 +110,6 @@ class PatchSampler:
         min_side: float,
         on_bad_annotation: str = "skip",
     ) -> None:
-        self.dataset = dataset
         self.patch_size = patch_size
         self.context = context
         self.input_size = patch_size + 2 * context
@@ -120,25 +125,23 @@ class PatchSampler:
         self.skipped: collections.Counter = collections.Counter()
         self._lock = threading.Lock()
 
-        self.image_ids = dataset.image_ids
+        packed = dataset if isinstance(dataset, PackedSplit) else PackedSplit.from_dataset(dataset)
+        self.dataset = packed
+        self.image_ids = packed.image_ids.tolist()
         if not self.image_ids:
             raise DatasetError(f"No usable images. Received: annotation_file={dataset.annotation_file!r}")
-        self._sizes = np.array(
-            [(dataset.image_info(i)["width"], dataset.image_info(i)["height"]) for i in self.image_ids], np.float64
-        )
-        # Every object, for the negatives' check: centre x, centre y, longest side.
-        self._objects = []
-        self.positives: list[tuple[int, dict[str, Any]]] = []
-        for index, image_id in enumerate(self.image_ids):
-            anns = dataset.annotations(image_id)
-            boxes = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
-            self._objects.append(
-                np.stack([boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2, boxes[:, 2:].max(1)], 1)
-            )
-            for a in anns:
-                if not a["iscrowd"] and dataset.mask_area[a["id"]] >= min_area and min(a["bbox"][2:]) >= min_side:
-                    self.positives.append((index, a))
-        if not self.positives:
+        self._sizes = packed.sizes.astype(np.float64)
+        boxes = packed.boxes
+        # Every object, for the negatives' check: centre x, centre y, longest side; views per image.
+        objects = np.stack([boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2, boxes[:, 2:].max(1)], 1)
+        starts = packed.image_starts
+        self._objects = [objects[start:stop] for start, stop in zip(starts[:-1], starts[1:])]
+        # Rows of the sampleable annotations, image by image: those of image i are
+        # positives[positive_starts[i]:positive_starts[i + 1]].
+        sampleable = ~packed.crowd & (packed.areas >= min_area) & (boxes[:, 2:].min(1) >= min_side)
+        self.positives = np.flatnonzero(sampleable)
+        self._positive_starts = np.searchsorted(packed.ann_images[self.positives], np.arange(len(self.image_ids) + 1))
+        if not self.positives.size:
             raise DatasetError(
                 "No object to sample: every annotation is a crowd region, or smaller than "
                 f"min_area={min_area} px^2 or min_side={min_side} px. "
@@ -146,7 +149,7 @@ class PatchSampler:
             )
 
     @classmethod
-    def from_config(cls, dataset: CocoDataset, config: Config, stage: int) -> PatchSampler:
+    def from_config(cls, dataset: CocoDataset | PackedSplit, config: Config, stage: int) -> PatchSampler:
         """The sampler for a config and training stage (label side `data.label_size` in stage 1,
         `model.patch_size` in stage 2).
 
@@ -184,18 +187,41 @@ class PatchSampler:
         octaves = np.abs(np.log2(scale / self.canonical_scale(objects[:, 2])))
         return not np.any((offset < self.negative_shift) & (octaves < self.negative_scale))
 
-    def _positive_window(self, rng: np.random.Generator) -> Window:
-        index, ann = self.positives[rng.integers(len(self.positives))]
-        x, y, w, h = ann["bbox"]
-        scale = self.canonical_scale(max(w, h)) * 2.0 ** rng.uniform(-self.scale_jitter, self.scale_jitter)
-        dx, dy = rng.uniform(-self.shift_jitter, self.shift_jitter, size=2)
-        flip = bool(rng.random() < self.flip_probability)
-        return Window(self.image_ids[index], x + w / 2 + dx / scale, y + h / 2 + dy / scale, scale, flip, ann["id"])
+    def _positive_rows(self, rng: np.random.Generator, image_indices: np.ndarray | None, n: int) -> np.ndarray:
+        """n sampleable annotation rows, uniformly over all, or one within each given image."""
+        if image_indices is None:
+            return self.positives[rng.integers(len(self.positives), size=n)]
+        start, stop = self._positive_starts[image_indices], self._positive_starts[np.asarray(image_indices) + 1]
+        return self.positives[start + rng.integers(stop - start)]
 
-    def _negative_window(self, rng: np.random.Generator) -> Window:
+    def _positive_windows(self, rng: np.random.Generator, rows: np.ndarray) -> list[Window]:
+        """Jittered positive windows of these annotation rows, one each."""
+        x, y, w, h = self.dataset.boxes[rows].T
+        n = len(rows)
+        scale = self.canonical_scale(np.maximum(w, h)) * 2.0 ** rng.uniform(-self.scale_jitter, self.scale_jitter, n)
+        dx, dy = rng.uniform(-self.shift_jitter, self.shift_jitter, size=(2, n))
+        flip = rng.random(n) < self.flip_probability
+        images = self.dataset.ann_images[rows]
+        return [
+            Window(self.image_ids[i], cx, cy, sc, f, a)
+            for i, cx, cy, sc, f, a in zip(
+                images.tolist(),
+                (x + w / 2 + dx / scale).tolist(),
+                (y + h / 2 + dy / scale).tolist(),
+                scale.tolist(),
+                flip.tolist(),
+                self.dataset.ann_ids[rows].tolist(),
+            )
+        ]
+
+    def _positive_window(self, rng: np.random.Generator, image_index: int | None = None) -> Window:
+        images = None if image_index is None else np.array([image_index])
+        return self._positive_windows(rng, self._positive_rows(rng, images, 1))[0]
+
+    def _negative_window(self, rng: np.random.Generator, image_index: int | None = None) -> Window:
         lo, hi = self.negative_log2_scales
         for _ in range(MAX_ATTEMPTS):
-            index = int(rng.integers(len(self.image_ids)))
+            index = int(rng.integers(len(self.image_ids))) if image_index is None else image_index
             width, height = self._sizes[index]
             scale = 2.0 ** rng.uniform(lo, hi)
             cx, cy = rng.uniform(0, width), rng.uniform(0, height)
@@ -207,11 +233,95 @@ class PatchSampler:
             self.skipped["negative fell back to an off-image window"] += 1
         return Window(self.image_ids[index], -self.negative_shift / scale - 1.0, cy, scale, False, None)
 
+    def draw_window(self, rng: np.random.Generator, positive: bool, image_index: int | None = None) -> Window:
+        """One window, drawn by the rules of the module docstring; no image is read.
+
+        Args:
+            rng: the generator all randomness comes from.
+            positive: a positive (an object uniformly among the sampleable ones) or a negative.
+            image_index: None for the rules as stated; else the window's image, by position in
+                `image_ids`: a positive is then an object drawn uniformly among that image's
+                sampleable ones (the image must have one), a negative is placed in that image.
+        """
+        return self._positive_window(rng, image_index) if positive else self._negative_window(rng, image_index)
+
+    def draw_windows(
+        self,
+        rng: np.random.Generator,
+        kind: str,
+        batch_size: int,
+        patches_per_image: int = 1,
+        usable: Callable[[int], bool] | None = None,
+    ) -> list[Window]:
+        """The windows of one batch of a single kind, in groups of `patches_per_image` from one image.
+
+        Mask batches are positives; in score batches each group is positives or negatives with
+        probability 0.5. A group's first window follows the rules as stated. The others are of its
+        sign and in its image: positives an object drawn uniformly among the image's sampleable
+        ones (the first picks an image in proportion to its sampleable objects, so every window is
+        still uniform over all objects), negatives the same rejection within that image. Each
+        window on its own is distributed as with one window per image; only the windows of a group
+        are dependent, and a score batch's count of positives varies by whole groups.
+
+        Args:
+            rng: the generator all randomness comes from.
+            kind: `"mask"` or `"score"`.
+            batch_size: number of windows, a multiple of `patches_per_image`.
+            patches_per_image: windows per group.
+            usable: called with a group's image index (position in `image_ids`); False redraws
+                the group's first window (for images that cannot be decoded).
+
+        Returns:
+            batch_size windows, group by group.
+
+        Raises:
+            ValueError: for an unknown kind or a batch size that is not a multiple of
+                patches_per_image.
+            DatasetError: after MAX_ATTEMPTS unusable images in a row.
+        """
+        if kind not in ("mask", "score"):
+            raise ValueError(f"kind must be 'mask' or 'score'. Received: kind={kind!r}")
+        if patches_per_image < 1 or batch_size % patches_per_image:
+            raise ValueError(
+                "batch_size must be a positive multiple of patches_per_image. "
+                f"Received: batch_size={batch_size!r}, patches_per_image={patches_per_image!r}"
+            )
+        groups = batch_size // patches_per_image
+        signs = np.ones(groups, bool) if kind == "mask" else rng.random(groups) < 0.5
+        # Positive groups' first windows drawn together, negatives' one by one (by rejection).
+        drawn = iter(self._positive_windows(rng, self._positive_rows(rng, None, int(signs.sum()))))
+        firsts = [next(drawn) if positive else self._negative_window(rng) for positive in signs.tolist()]
+        for g, positive in enumerate(signs.tolist()):
+            for _ in range(MAX_ATTEMPTS):
+                if usable is None or usable(self.dataset.image_index(firsts[g].image_id)):
+                    break
+                firsts[g] = self.draw_window(rng, positive)
+            else:
+                raise self._undecodable_run()
+        if patches_per_image == 1:
+            return firsts
+        images = np.array([self.dataset.image_index(w.image_id) for w in firsts])
+        rest = patches_per_image - 1
+        positive_images = np.repeat(images[signs], rest)
+        drawn = iter(self._positive_windows(rng, self._positive_rows(rng, positive_images, len(positive_images))))
+        windows: list[Window] = []
+        for first, positive, index in zip(firsts, signs.tolist(), images.tolist()):
+            windows.append(first)
+            windows.extend(next(drawn) if positive else self._negative_window(rng, index) for _ in range(rest))
+        return windows
+
+    def sample_grids(
+        self, centers: np.ndarray, scales: np.ndarray, size: int, step: float, offset: float
+    ) -> np.ndarray:
+        """Continuous image coordinates, along one axis, of the centres of `size` samples placed
+        `offset` patch pixels from the input patch's edge with `step` patch pixels between them,
+        for windows of these centres and scales: (n, size) for (n,) centres and scales."""
+        start = (offset + (np.arange(size) + 0.5) * step - self.input_size / 2) / np.asarray(scales)[..., None]
+        return np.asarray(centers)[..., None] + start
+
     def _sample_grid(self, window: Window, size: int, step: float, offset: float) -> tuple[np.ndarray, np.ndarray]:
-        """Continuous image coordinates (x, y) of the centres of a size x size grid placed `offset`
-        patch pixels from the input patch's corner with `step` patch pixels between samples."""
-        start = (offset + (np.arange(size) + 0.5) * step - self.input_size / 2) / window.scale
-        return window.center_x + start, window.center_y + start
+        """The (x, y) coordinates of `sample_grids` for one window."""
+        return tuple(self.sample_grids(c, window.scale, size, step, offset) for c in (window.center_x, window.center_y))
 
     def crop_image(self, window: Window) -> np.ndarray:
         """The window's input patch, (input_size, input_size, 3) float32 RGB in [0, 1], grey (0.5)
@@ -220,9 +330,9 @@ class PatchSampler:
         Raises:
             DatasetError: if the image cannot be decoded.
         """
-        path = self.dataset.image_path(window.image_id)
-        info = self.dataset.image_info(window.image_id)
-        width, height = info["width"], info["height"]
+        index = self.dataset.image_index(window.image_id)
+        path = self.dataset.image_path(index)
+        width, height = self.dataset.sizes[index].tolist()
         s = window.scale
         size = self.input_size
         x0 = window.center_x - size / 2 / s
@@ -251,8 +361,7 @@ class PatchSampler:
         """The positive's mask over the window's central patch_size region, nearest-sampled to
         (label_size, label_size) float32 in {+1, -1}, not flipped."""
         label_size = label_size or self.label_size
-        ann = self.dataset.coco.anns[window.annotation_id]
-        mask = self.dataset.annotation_mask(ann)
+        mask = self.dataset.annotation_mask(self.dataset.annotation_row(window.annotation_id))
         height, width = mask.shape
         xs, ys = self._sample_grid(window, label_size, self.patch_size / label_size, self.context)
         ix, iy = np.floor(xs).astype(np.int64), np.floor(ys).astype(np.int64)
@@ -261,21 +370,31 @@ class PatchSampler:
         inside &= vy[:, None] & vx[None, :]
         return np.where(inside, np.float32(1), np.float32(-1))
 
+    def undecodable(self, error: DatasetError) -> None:
+        """Handles an image that cannot be decoded, following `on_bad_annotation`: re-raises the
+        error, or counts it in `skipped` (logging the first) so that the caller redraws."""
+        if self.on_bad_annotation == "error":
+            raise error
+        with self._lock:
+            first = self.skipped["undecodable image"] == 0
+            self.skipped["undecodable image"] += 1
+        if first:
+            logger.warning("Skipping an undecodable image (counted in skipped): %s", error)
+
+    def _undecodable_run(self) -> DatasetError:
+        return DatasetError(
+            f"{MAX_ATTEMPTS} draws in a row hit undecodable images. Received: image_dir={self.dataset.image_dir!r}"
+        )
+
     def _render(
         self, rng: np.random.Generator, positive: bool, with_label: bool
     ) -> tuple[Window, np.ndarray, np.ndarray]:
         for _ in range(MAX_ATTEMPTS):
-            window = self._positive_window(rng) if positive else self._negative_window(rng)
+            window = self.draw_window(rng, positive)
             try:
                 image = self.crop_image(window)
             except DatasetError as e:
-                if self.on_bad_annotation == "error":
-                    raise
-                with self._lock:
-                    first = self.skipped["undecodable image"] == 0
-                    self.skipped["undecodable image"] += 1
-                if first:
-                    logger.warning("Skipping an undecodable image (counted in skipped): %s", e)
+                self.undecodable(e)
                 continue
             if with_label:
                 label = self.crop_label(window)
@@ -284,9 +403,7 @@ class PatchSampler:
             if window.flip:
                 image, label = image[:, ::-1], label[:, ::-1]
             return window, image, label
-        raise DatasetError(
-            f"{MAX_ATTEMPTS} draws in a row hit undecodable images. Received: image_dir={self.dataset.image_dir!r}"
-        )
+        raise self._undecodable_run()
 
     def sample_batch(
         self, rng: np.random.Generator, kind: str, batch_size: int

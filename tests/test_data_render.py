@@ -1,0 +1,159 @@
+import math
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from data_testing import (
+    annotation,
+    compressed_rle,
+    crowded_dataset,
+    disc_mask,
+    image_record,
+    photograph_dataset,
+    write_image,
+    write_json,
+)
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from sharpmask_tf.config import get_config
+from sharpmask_tf.data.coco import CocoDataset, DatasetError, _decode_rle_string
+from sharpmask_tf.data.render import PatchPlanner, image_problem, jpeg_reduction, render_group, rle_bounds
+from sharpmask_tf.data.sampler import PatchSampler
+
+
+def planner_for(path, image_dir, preset="sharpmask_resnet50", stage=1, *overrides):
+    config = get_config(preset, [f"data.train_annotations={path}", f"data.train_images={image_dir}", *overrides])
+    return PatchPlanner(PatchSampler.from_config(CocoDataset(path, image_dir), config, stage))
+
+
+def render(planner, windows, k, with_labels):
+    plan = planner.plan(windows, k, with_labels)
+    paths = tf.constant(planner.paths)
+    s = planner.sampler
+    images, masks = [], []
+    for g in range(len(windows) // k):
+        out = render_group({key: tf.constant(v[g]) for key, v in plan.items()}, paths, s.input_size, s.label_size)
+        images.append(out["images"].numpy())
+        masks.append(out["masks"].numpy())
+    return np.concatenate(images), np.concatenate(masks), plan
+
+
+def reference(sampler, window, with_label):
+    image = sampler.crop_image(window)
+    if with_label and window.annotation_id is not None:
+        label = sampler.crop_label(window)
+    else:
+        label = np.full((sampler.label_size,) * 2, -1.0, np.float32)
+    return (image[:, ::-1], label[:, ::-1]) if window.flip else (image, label)
+
+
+@pytest.mark.parametrize("dataset", ["crowded", "photographs"])
+def test_patches_equal_the_numpy_sampler_within_rounding(tmp_path, dataset):
+    """Small images (upsampled) and 640x480 photographs (decoded at 1/2..1/8 for small scales)."""
+    path, image_dir = (crowded_dataset if dataset == "crowded" else photograph_dataset)(str(tmp_path))
+    for stage in (1, 2):
+        planner = planner_for(path, image_dir, "sharpmask_resnet50", stage)
+        rng = np.random.default_rng(stage)
+        reductions = set()
+        for kind in ("mask", "score"):
+            windows = planner.sampler.draw_windows(rng, kind, 24, 1, planner.usable)
+            images, masks, plan = render(planner, windows, 1, kind == "mask")
+            reductions.update(plan["decoder"].tolist())
+            assert {w.flip for w in windows} == {False, True}
+            for window, image, mask in zip(windows, images, masks):
+                expected_image, expected_mask = reference(planner.sampler, window, kind == "mask")
+                assert np.abs(image - expected_image).max() <= 1.01 / 255
+                np.testing.assert_array_equal(mask, expected_mask)
+        if dataset == "photographs":
+            assert len(reductions) > 1  # several JPEG reductions were exercised
+
+
+def test_groups_share_an_image_and_keep_exact_labels(tmp_path):
+    path, image_dir = crowded_dataset(str(tmp_path))
+    planner = planner_for(path, image_dir)
+    windows = planner.sampler.draw_windows(np.random.default_rng(0), "mask", 16, 4, planner.usable)
+    assert all(len({w.image_id for w in windows[i : i + 4]}) == 1 for i in range(0, 16, 4))
+    assert len({w.image_id for w in windows}) > 1
+    images, masks, _ = render(planner, windows, 4, True)
+    for window, image, mask in zip(windows, images, masks):
+        expected_image, expected_mask = reference(planner.sampler, window, True)
+        np.testing.assert_array_equal(mask, expected_mask)
+        # Small images are never reduced, so a shared decode gives the same pixels.
+        assert np.abs(image - expected_image).max() <= 1.01 / 255
+
+
+def test_rle_bounds_give_pycocotools_masks():
+    rng = np.random.default_rng(0)
+    bounds = tf.function(rle_bounds)
+    for trial in range(40):
+        height, width = (int(v) for v in rng.integers(1, 90, 2))
+        mask = (rng.random((height, width)) < rng.random()).astype(np.uint8)
+        if trial % 4 == 0:
+            mask[:] = 0
+            mask[height // 3 :, width // 4 :] = 1
+        counts = mask_utils.encode(np.asfortranarray(mask))["counts"]
+        ends = bounds(tf.constant(counts)).numpy()
+        np.testing.assert_array_equal(ends, np.cumsum(_decode_rle_string(counts.decode())))
+        pixels = np.arange(height * width)
+        decoded = (np.searchsorted(ends, pixels, side="right") % 2).reshape(width, height).T
+        np.testing.assert_array_equal(decoded, mask_utils.decode({"size": [height, width], "counts": counts}))
+
+
+def test_jpeg_reduction_is_pillows_draft(tmp_path):
+    path = str(tmp_path / "a.jpg")
+    Image.fromarray(np.zeros((480, 640, 3), np.uint8)).save(path)
+    for scale in (0.05, 0.124, 0.125, 0.126, 0.2, 0.25, 0.3, 0.5, 0.51, 0.9, 1.0, 3.0):
+        with Image.open(path) as image:
+            image.draft("RGB", (math.ceil(640 * scale), math.ceil(480 * scale)))
+            assert 640 // image.size[0] == jpeg_reduction(640, 480, scale), scale
+
+
+def test_truncated_jpeg_is_found_by_its_missing_end(tmp_path):
+    image = Image.fromarray(np.full((60, 80, 3), 128, np.uint8))
+    image.save(tmp_path / "good.jpg")
+    image.save(tmp_path / "b.png")
+    data = (tmp_path / "good.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    assert image_problem(str(tmp_path / "good.jpg")) == (True, None)
+    assert image_problem(str(tmp_path / "b.png")) == (False, None)
+    assert image_problem(str(tmp_path / "cut.jpg"))[1].startswith("truncated JPEG")
+    assert image_problem(str(tmp_path / "missing.jpg"))[1].startswith("unreadable")
+
+
+def test_png_images_are_cut_like_jpegs(tmp_path):
+    path, image_dir = crowded_dataset(str(tmp_path))
+    for name in os.listdir(image_dir):
+        Image.open(os.path.join(image_dir, name)).save(os.path.join(image_dir, name[:-4] + ".png"))
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace('.jpg"', '.png"'))
+    planner = planner_for(path, image_dir)
+    windows = planner.sampler.draw_windows(np.random.default_rng(0), "mask", 8, 1, planner.usable)
+    images, masks, plan = render(planner, windows, 1, True)
+    assert set(plan["decoder"].tolist()) == {4}
+    for window, image, mask in zip(windows, images, masks):
+        expected_image, expected_mask = reference(planner.sampler, window, True)
+        assert np.abs(image - expected_image).max() <= 1.01 / 255
+        np.testing.assert_array_equal(mask, expected_mask)
+
+
+def test_undecodable_images_are_redrawn_or_raise(tmp_path):
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    mask = disc_mask(50, 50, 20)
+    for name in ("good.jpg", "cut.jpg"):
+        write_image(str(image_dir / name), objects=((mask, (0, 0, 255)),))
+    data = (image_dir / "cut.jpg").read_bytes()
+    (image_dir / "cut.jpg").write_bytes(data[: len(data) // 3])
+    path = str(tmp_path / "instances.json")
+    anns = [annotation(i, i, compressed_rle(mask), [30, 30, 40, 40]) for i in (1, 2)]
+    write_json(path, [image_record(1, "good.jpg"), image_record(2, "cut.jpg")], anns)
+    planner = planner_for(path, str(image_dir))
+    windows = planner.sampler.draw_windows(np.random.default_rng(0), "mask", 20, 1, planner.usable)
+    assert {w.image_id for w in windows} == {1} and planner.sampler.skipped["undecodable image"] > 0
+    strict = planner_for(path, str(image_dir), "sharpmask_resnet50", 1, "data.on_bad_annotation=error")
+    with pytest.raises(DatasetError, match="truncated JPEG"):
+        strict.sampler.draw_windows(np.random.default_rng(0), "mask", 20, 1, strict.usable)
