@@ -96,7 +96,8 @@ class _StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        if self.signum is None:  # the first signal decides the exit code
+            self.signum = signum
 
     def __exit__(self, *exc):
         self._depth -= 1
