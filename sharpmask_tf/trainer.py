@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from sharpmask_tf.checkpoints import (
     CONFIG_HISTORY_FILE,
+    SKIPPED_DIR,
     StageCheckpoints,
     check_model_dir,
     checkpoint_steps,
@@ -326,7 +327,7 @@ class Trainer:
             self.log(f"{stage}: resumed from {restored} at step {step}{newest}")
         if checkpoints.set_aside:
             names = ", ".join(os.path.basename(p) for p in checkpoints.set_aside)
-            where = os.path.join(os.path.dirname(checkpoints.set_aside[0]), "skipped")
+            where = os.path.join(os.path.dirname(checkpoints.set_aside[0]), SKIPPED_DIR)
             self.log(f"{stage}: moved the checkpoints newer than step {step} ({names}) to {where}, kept")
         last_validated = checkpoints.best["step"] if checkpoints.best else -1
         bar = tqdm(
