@@ -11,12 +11,19 @@ MultiWorkerMirroredStrategy, keras-team/keras#20585). Each replica's loss is its
 losses summed and divided by the global batch; the optimizer sums gradients over replicas.
 
 A model directory holds:
-    config.json                  the resolved configuration
+    config.json                  the resolved configuration of the latest run
+    config_history.json          the earlier ones, when a resumed run changed the configuration
     deepmask/, sharpmask/        tf.train.CheckpointManager checkpoints of each stage (model,
-                                 optimizer, step, sampler seed) and best/ (the best weights by
-                                 the share of validation patches over IoU .7) with best.json
+                                 optimizer, step, sampler seed), best/ (the best weights by the
+                                 share of validation patches over IoU .7) with best.json, and
+                                 skipped/ (checkpoints a resume passed over, kept)
     logs/<stage>/{train,val}/    TensorBoard: losses, learning rate, speed, IoU metrics, masks
     deepmask.keras, sharpmask.keras, metrics.json    written when a stage ends
+
+SIGTERM and SIGINT are recorded for the whole of `Trainer.run` and acted on at the next of its
+stop points: after each step, after a stage's last validation, after its export and after
+metrics.json. There every worker agrees (a collective, as in the step), saves the current step
+unless it is saved, and raises `TrainingInterrupted`.
 """
 
 from __future__ import annotations
@@ -35,8 +42,16 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from sharpmask_tf.checkpoints import StageCheckpoints, check_model_dir, has_stage_result
-from sharpmask_tf.config import CONFIG_FILE, Config
+from sharpmask_tf.checkpoints import (
+    CONFIG_HISTORY_FILE,
+    SKIPPED_DIR,
+    StageCheckpoints,
+    check_model_dir,
+    checkpoint_steps,
+    has_stage_result,
+    write_run_config,
+)
+from sharpmask_tf.config import Config
 from sharpmask_tf.deepmask import dtype_policy_scope
 from sharpmask_tf.distribute import cluster_role, resolve_strategy
 from sharpmask_tf.task import STAGES, DatasetFn, StageTask, ValidationFn, stage_model
@@ -61,24 +76,42 @@ class TrainingInterrupted(Exception):
 
 
 class _StopSignals:
-    """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint and stop."""
+    """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint and stop.
+
+    Re-entrant: the outermost `with` clears the record and installs the handlers, and restores the
+    previous ones on leaving.
+    """
 
     def __init__(self):
         self.signum: int | None = None
         self._previous = {}
+        self._depth = 0
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
+        if self._depth == 0:
+            self.signum = None
+            if threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        self._depth += 1
         return self
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        if self.signum is None:  # the first signal decides the exit code
+            self.signum = signum
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous = {}
+
+
+def _sum_over_replicas(flag: tf.Tensor) -> tf.Tensor:
+    """A replica's stop flag summed over every replica of every worker."""
+    # tf.identity places the flag on this replica's device, which all_reduce needs.
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(flag))
 
 
 def _mask_panels(shown: dict[str, np.ndarray], context: int, patch_size: int) -> np.ndarray:
@@ -141,6 +174,8 @@ class Trainer:
         self.is_chief, self.worker = cluster_role(strategy)
         self._log = log
         self._writers: dict[str, dict] = {}
+        self._stop = _StopSignals()
+        self._agree_to_stop: Callable | None = None
 
     def log(self, message: str) -> None:
         if self.is_chief:
@@ -178,22 +213,52 @@ class Trainer:
     def run(self, stage: str = "both") -> dict[str, Any]:
         """`check(stage)`, then `train`'s work: see there."""
         self.check(stage)
-        self.write_config()
         metrics: dict[str, Any] = {}
-        with dtype_policy_scope("mixed_float16" if self.config.training.mixed_precision else "float32"):
+        with self._stop, dtype_policy_scope("mixed_float16" if self.config.training.mixed_precision else "float32"):
+            self.write_config()
             deepmask = None
             if stage in ("deepmask", "both"):
                 deepmask, metrics["deepmask"] = self.run_stage("deepmask")
             if stage in ("sharpmask", "both"):
                 _, metrics["sharpmask"] = self.run_stage("sharpmask", init_from=deepmask)
-        return self.write_metrics(metrics)
+            merged = self.write_metrics(metrics)
+            last = list(metrics)[-1]
+            if self.stop_agreed(self._stop):
+                raise TrainingInterrupted(last, metrics[last]["step"], self._stop.signum or signal.SIGTERM)
+        return merged
 
     def write_config(self) -> None:
-        """Writes config.json (on the chief), after `check`."""
-        if self.is_chief:
-            tf.io.gfile.makedirs(self.model_dir)
-            with tf.io.gfile.GFile(os.path.join(self.model_dir, CONFIG_FILE), "w") as f:
-                f.write(self.config.to_json())
+        """Writes config.json (on the chief), after `check`. A different configuration it replaces
+        goes to config_history.json, with a warning naming the changed fields."""
+        if not self.is_chief:
+            return
+        changes = write_run_config(self.config, self.model_dir)
+        if changes:
+            listed = "; ".join(f"{k}: {saved!r} -> {now!r}" for k, (saved, now) in changes.items())
+            self.log(
+                f"warning: resuming {self.model_dir} with another configuration than its config.json "
+                f"(saved -> now: {listed}); config.json now holds this run's, and {CONFIG_HISTORY_FILE} "
+                f"the earlier ones, oldest first"
+            )
+
+    def stop_agreed(self, stop: _StopSignals) -> bool:
+        """Whether any worker holds a stop signal: a collective, so every worker calls it at the
+        same points (the stop points of the module docstring)."""
+        if self._agree_to_stop is None:
+            strategy = self.strategy
+
+            @tf.function
+            def agree(flag):
+                summed = strategy.run(_sum_over_replicas, args=(flag,))
+                return strategy.reduce(tf.distribute.ReduceOp.MEAN, summed, axis=None)
+
+            self._agree_to_stop = agree
+        return float(self._agree_to_stop(tf.constant(float(stop.signum is not None)))) > 0
+
+    def _stop_if_signalled(self, stop: _StopSignals, stage: str, checkpoints: StageCheckpoints, step: int) -> None:
+        if self.stop_agreed(stop):
+            checkpoints.save(step)
+            raise TrainingInterrupted(stage, step, stop.signum or signal.SIGTERM)
 
     def build_task(self, stage: str, init_from: keras.Model | None = None) -> StageTask:
         """The stage's task, built in the strategy's scope."""
@@ -230,10 +295,7 @@ class Trainer:
         strategy = self.strategy
 
         def replica_step(batch, stop):
-            sums = task.train_step(batch)
-            # tf.identity places the flag on this replica's device, which all_reduce needs.
-            stop = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(stop))
-            return sums, stop
+            return task.train_step(batch), _sum_over_replicas(stop)
 
         @tf.function
         def train_step(iterator, stop):
@@ -247,18 +309,27 @@ class Trainer:
         return train_step
 
     def fit_stage(self, task: StageTask, checkpoints: StageCheckpoints, stop: _StopSignals) -> dict:
-        """Trains a task to its last step (resuming from its checkpoints), keeps the best weights,
-        loads them into the model and returns the stage's metrics.
+        """Trains a task to its last step (resuming from the newest checkpoint that restores, see
+        `StageCheckpoints.resume`), keeps the best weights, loads them into the model and returns
+        the stage's metrics.
 
         Raises:
             FloatingPointError: for a loss that is not finite (without mixed precision).
             TrainingInterrupted: once `stop` holds a signal and the current step is saved.
+            UnrestorableCheckpoints: if the stage's checkpoint files are there and none restores.
         """
         stage, t = task.stage, self.config.training
-        if checkpoints.resume():
-            where = checkpoints.latest or checkpoints.directory
-            self.log(f"{stage}: resumed from {where} at step {int(checkpoints.step.numpy())}")
+        restored = checkpoints.resume()
         step = int(checkpoints.step.numpy())
+        for path, why in checkpoints.skipped.items():
+            self.log(f"{stage}: skipped checkpoint {path}: {why}")
+        if restored:
+            newest = ", the newest checkpoint that restores" if checkpoints.skipped else ""
+            self.log(f"{stage}: resumed from {restored} at step {step}{newest}")
+        if checkpoints.set_aside:
+            names = ", ".join(os.path.basename(p) for p in checkpoints.set_aside)
+            where = os.path.join(os.path.dirname(checkpoints.set_aside[0]), SKIPPED_DIR)
+            self.log(f"{stage}: moved the checkpoints newer than step {step} ({names}) to {where}, kept")
         last_validated = checkpoints.best["step"] if checkpoints.best else -1
         bar = tqdm(
             total=task.num_steps,
@@ -300,6 +371,7 @@ class Trainer:
         checkpoints.save(step)
         if last_validated != step:
             self._validate_and_log(task, checkpoints, step)
+        self._stop_if_signalled(stop, stage, checkpoints, step)
         checkpoints.restore_best()
         best = checkpoints.best
         return {"step": step, "train_loss": loss_avg, "best_step": best["step"], **best["metrics"]}
@@ -324,14 +396,15 @@ class Trainer:
             init_from = self._finished_deepmask()
         task = self.build_task(stage, init_from)
         checkpoints = self.stage_checkpoints(task)
-        with _StopSignals() as stop:
+        with self._stop as stop:
             metrics = self.fit_stage(task, checkpoints, stop)
-        if self.is_chief:
-            task.model.save(os.path.join(self.model_dir, f"{stage}.keras"))
+            if self.is_chief:
+                task.model.save(os.path.join(self.model_dir, f"{stage}.keras"))
+            self._stop_if_signalled(stop, stage, checkpoints, metrics["step"])
         return task.model, metrics
 
     def _has_checkpoints(self, stage: str) -> bool:
-        return tf.train.latest_checkpoint(os.path.join(self.model_dir, stage)) is not None
+        return bool(checkpoint_steps(os.path.join(self.model_dir, stage)))
 
     def _deepmask_result(self) -> str:
         """The latest best checkpoint of stage 1, which stage 2 starts from."""
@@ -399,6 +472,7 @@ def train(
             model directory of another model configuration.
         FileNotFoundError: for stage "sharpmask" in a model directory without stage 1's result.
         TrainingInterrupted: after SIGTERM/SIGINT, once the current step is checkpointed.
+        UnrestorableCheckpoints: if a stage's checkpoint files are there and none restores.
     """
     if isinstance(strategy, str):
         strategy = resolve_strategy(strategy)

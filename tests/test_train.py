@@ -1,7 +1,8 @@
-"""The training loop: distribution equivalence, stage-2 freezing, checkpoints, resumption, signals."""
+"""The training loop: distribution equivalence, stage-2 freezing, resumption, signals, mixed precision."""
 
 import json
 import os
+import signal
 
 import keras
 import numpy as np
@@ -9,7 +10,6 @@ import pytest
 import tensorflow as tf
 import test_train_fakes as fakes
 
-from sharpmask_tf.checkpoints import check_model_dir, is_better
 from sharpmask_tf.config import get_config
 from sharpmask_tf.task import stage_model
 from sharpmask_tf.trainer import Trainer, TrainingInterrupted, _StopSignals, train
@@ -104,24 +104,6 @@ def test_training_writes_model_dir_and_resumes_without_retraining(tmp_path):
         np.testing.assert_array_equal(before[k], after[k])
 
 
-def test_crash_while_writing_leaves_latest_good_checkpoint(tmp_path):
-    train(_tiny(), str(tmp_path), stage="deepmask", progress=False, **DATA)
-    stage_dir = tmp_path / "deepmask"
-    good = tf.train.latest_checkpoint(str(stage_dir))
-    # A writer killed mid-save leaves partial files of the next checkpoint and the old state file:
-    # CheckpointManager writes the checkpoint first and only then atomically replaces `checkpoint`.
-    (stage_dir / "ckpt-4.index").write_bytes(b"\x00truncated")
-    (stage_dir / "ckpt-4.data-00000-of-00001").write_bytes(b"")
-    assert tf.train.latest_checkpoint(str(stage_dir)) == good
-    trainer = Trainer(
-        _tiny("training.stage1_steps=5"), str(tmp_path), tf.distribute.get_strategy(), progress=False, **DATA
-    )
-    task = trainer.build_task("deepmask")
-    checkpoints = trainer.stage_checkpoints(task)
-    assert checkpoints.restore() and int(checkpoints.step.numpy()) == 3
-    assert int(task.optimizer.iterations.numpy()) == 3
-
-
 def test_stop_signal_checkpoints_current_step(tmp_path):
     trainer = Trainer(
         _tiny("training.stage1_steps=50"), str(tmp_path), tf.distribute.get_strategy(), progress=False, **DATA
@@ -135,11 +117,24 @@ def test_stop_signal_checkpoints_current_step(tmp_path):
     assert tf.train.latest_checkpoint(str(tmp_path / "deepmask")).endswith("ckpt-1")
 
 
-def test_model_dir_of_another_model_config_is_rejected(tmp_path):
-    (tmp_path / "config.json").write_text(get_config("small", ["model.head_channels=8"]).to_json())
-    with pytest.raises(ValueError, match="head_channels"):
-        check_model_dir(get_config("small"), str(tmp_path))
-    check_model_dir(get_config("small", ["model.head_channels=8", "training.batch_size=2"]), str(tmp_path))
+def test_a_signal_during_the_last_validation_stops_the_run_before_stage_2(tmp_path):
+    def signalled_validation(*args):
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, delivered while the stage validates
+        return fakes.make_validation_patches(*args)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(
+            _tiny(),
+            str(tmp_path),
+            progress=False,
+            make_dataset=fakes.make_dataset,
+            make_validation_patches=signalled_validation,
+        )
+    assert (info.value.stage, info.value.step, info.value.signum) == ("deepmask", 3, signal.SIGTERM)
+    assert tf.train.latest_checkpoint(str(tmp_path / "deepmask")).endswith("ckpt-3")
+    assert not (tmp_path / "sharpmask").exists() and not (tmp_path / "deepmask.keras").exists()
+    assert signal.getsignal(signal.SIGTERM) is handler
 
 
 def test_mixed_precision_trains_float16_with_float32_weights(tmp_path):
@@ -193,12 +188,3 @@ def test_loss_decreases_on_synthetic_dataset(tmp_path):
     losses = _event_scalars(tmp_path / "m" / "logs" / "deepmask" / "train", "mask_loss")
     assert len(losses) > 20
     assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10])
-
-
-def test_best_model_breaks_ties_towards_a_working_score_head():
-    best = {"iou_over_70": 0.0, "mean_iou": 0.29, "score_accuracy": 0.53}
-    assert is_better({"iou_over_70": 0.0, "mean_iou": 0.26, "score_accuracy": 0.77}, best)
-    assert not is_better({"iou_over_70": 0.0, "mean_iou": 0.28, "score_accuracy": 0.53}, best)
-    assert is_better({"iou_over_70": 0.01, "mean_iou": 0.10, "score_accuracy": 0.50}, best)
-    stage2 = {"iou_over_70": 0.0, "mean_iou": 0.30}
-    assert is_better({"iou_over_70": 0.0, "mean_iou": 0.31}, stage2)

@@ -1,4 +1,5 @@
-"""training/train.py as real processes: argument errors, SIGKILL/SIGTERM and resume, two workers."""
+"""training/train.py as real processes: argument errors, signals at each point and resume, broken
+checkpoints, two workers."""
 
 import json
 import os
@@ -145,6 +146,144 @@ def test_sigkill_resumes_from_last_checkpoint_and_sigterm_loses_nothing(tmp_path
     assert int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")) == stopped_at
     slots = [n for n in names if n.startswith("optimizer/_variables/")]
     assert slots and any(np.abs(reader.get_tensor(n)).max() > 0 for n in slots)
+
+
+# Runs train.py with one function made a barrier: its BLOCK_CALL-th call creates BLOCK_READY and
+# waits for BLOCK_GO, so the test delivers its signal at exactly that point of the run.
+DRIVER = """
+import importlib, os, pathlib, runpy, sys, time
+
+module, _, attribute = os.environ["BLOCK_AT"].partition(":")
+owner_path, _, name = attribute.rpartition(".")
+owner = importlib.import_module(module)
+for part in filter(None, owner_path.split(".")):
+    owner = getattr(owner, part)
+original = getattr(owner, name)
+ready, go = pathlib.Path(os.environ["BLOCK_READY"]), pathlib.Path(os.environ["BLOCK_GO"])
+calls = []
+
+
+def barrier(*args, **kwargs):
+    calls.append(None)
+    if len(calls) == int(os.environ["BLOCK_CALL"]):
+        ready.touch()
+        while not go.exists():
+            time.sleep(0.05)
+    return original(*args, **kwargs)
+
+
+setattr(owner, name, barrier)
+sys.argv = [os.environ["TRAIN_SCRIPT"], *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+SIGNAL_ARGS = [
+    "--no-progress",
+    "--set",
+    "training.stage1_steps=4",
+    "--set",
+    "training.stage2_steps=1",
+    "--set",
+    "training.batch_size=4",
+    "--set",
+    "training.val_patches=8",
+    "--set",
+    "training.log_every=1",
+    "--set",
+    "training.validate_every=100000",
+]
+
+
+def _run_blocked_and_signal(tmp_path, args, block_at, call, signum, timeout=240):
+    """Runs train.py until the `call`-th call of `block_at`, delivers `signum` there, lets the run
+    go on and returns (exit code, stdout, stderr)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    env = _env(BLOCK_AT=block_at, BLOCK_CALL=str(call), BLOCK_READY=str(ready), BLOCK_GO=str(go), TRAIN_SCRIPT=SCRIPT)
+    with open(tmp_path / "out", "w+") as out, open(tmp_path / "err", "w+") as err:
+        proc = subprocess.Popen([sys.executable, str(driver), *args], cwd=tmp_path, env=env, stdout=out, stderr=err)
+        try:
+            end = time.time() + timeout
+            while not ready.exists():
+                if proc.poll() is not None or time.time() > end:
+                    err.seek(0)
+                    raise AssertionError(f"never reached {block_at} (exit {proc.poll()}): {err.read()[-3000:]}")
+                time.sleep(0.1)
+            proc.send_signal(signum)
+            go.touch()
+            proc.wait(timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read(), err.read()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "block_at, call, signum, step, written, absent",
+    [
+        # In the step loop (step 2's summaries): step 3 runs, is saved, and the run stops.
+        ("sharpmask_tf.trainer:_write_train_summaries", 2, signal.SIGINT, 3, [], ["deepmask.keras"]),
+        # During stage 1's last validation: no stage-1 export, no stage 2.
+        ("sharpmask_tf.task:StageTask.validation_step", 1, signal.SIGTERM, 4, [], ["deepmask.keras", "sharpmask"]),
+        # Between the stages (stage 1's export): stage 2 never starts.
+        ("keras:Model.save", 1, signal.SIGINT, 4, ["deepmask.keras"], ["sharpmask"]),
+    ],
+    ids=["step-loop", "validation", "between-stages"],
+)
+def test_a_signal_at_any_point_saves_stops_with_128_plus_signal_and_resumes(
+    tmp_path, data_args, block_at, call, signum, step, written, absent
+):
+    model_dir = tmp_path / "m"
+    args = data_args + ["--model-dir", str(model_dir), *SIGNAL_ARGS]
+    code, out, err = _run_blocked_and_signal(tmp_path, args, block_at, call, signum)
+    assert code == 128 + signum, err[-3000:]
+    assert f"{signal.Signals(signum).name} received: stage deepmask saved at step {step};" in err
+    assert "Traceback" not in err
+    assert _latest_step(model_dir / "deepmask") == step
+    assert all((model_dir / name).exists() for name in written)
+    assert not any((model_dir / name).exists() for name in absent)
+
+    again = _run(args, cwd=tmp_path, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"deepmask: resumed from {model_dir / 'deepmask' / f'ckpt-{step}'} at step {step}" in again.stdout
+    assert _latest_step(model_dir / "sharpmask") == 1 and (model_dir / "sharpmask.keras").exists()
+
+
+@pytest.mark.slow
+def test_a_broken_latest_checkpoint_resumes_from_the_one_before(tmp_path, data_args):
+    model_dir = tmp_path / "m"
+    stage_dir = model_dir / "deepmask"
+    args = data_args + ["--model-dir", str(model_dir), "--stage", "deepmask", *SIGNAL_ARGS]
+    args += ["--set", "training.checkpoint_every=1"]
+    first = _run(args + ["--set", "training.stage1_steps=3"], cwd=tmp_path, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    data = stage_dir / "ckpt-3.data-00000-of-00001"
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+
+    again = _run(args, cwd=tmp_path, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"deepmask: skipped checkpoint {stage_dir / 'ckpt-3'}: its files do not read (IndexError" in again.stdout
+    assert f"deepmask: resumed from {stage_dir / 'ckpt-2'} at step 2" in again.stdout
+    assert "training.stage1_steps: 3 -> 4" in again.stdout and "config_history.json" in again.stdout
+    assert _latest_step(stage_dir) == 4
+    assert sorted(os.listdir(stage_dir / "skipped")) == ["ckpt-3.data-00000-of-00001", "ckpt-3.index"]
+
+    # When no checkpoint restores, nothing is trained over them: exit 1 naming each, files untouched.
+    for name in os.listdir(stage_dir):
+        if name.startswith("ckpt-") and ".data-" in name:
+            (stage_dir / name).write_bytes(b"")
+    before = sorted(os.listdir(stage_dir))
+    broken = _run(args, cwd=tmp_path, timeout=120)
+    assert broken.returncode == 1, broken.stderr[-3000:]
+    assert "None of the checkpoints" in broken.stderr and "ckpt-4" in broken.stderr
+    assert "Traceback" not in broken.stderr
+    assert sorted(os.listdir(stage_dir)) == before
 
 
 def _free_ports(n):

@@ -6,8 +6,14 @@
         --val-data coco/annotations/instances_val2017.json:coco/val2017 \\
         --set training.batch_size=64 --strategy auto --mixed-precision
 
-Rerunning with the same --model-dir resumes from its last checkpoint. SIGTERM or Ctrl-C saves a
-checkpoint of the current step before exiting. Under several workers, set TF_CONFIG on each.
+Rerunning with the same --model-dir resumes from the newest checkpoint that restores (saying which
+it skipped and why); other hyper-parameters than the saved config.json are warned about and the
+earlier config kept in config_history.json. SIGTERM or Ctrl-C, at any point of training, saves a
+checkpoint of the current step and exits. Under several workers, set TF_CONFIG on each.
+
+Exit codes: 0 trained; 1 a stage's checkpoints are there and none restores (or another error);
+2 bad arguments or an incompatible --model-dir, before any work; 128+N stopped by signal N after a
+save (143 SIGTERM, 130 SIGINT): rerun the same command to resume.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from sharpmask_tf import trainer  # noqa: E402
+from sharpmask_tf.checkpoints import UnrestorableCheckpoints  # noqa: E402
 from sharpmask_tf.config import PRESETS, Config, get_config  # noqa: E402
 from sharpmask_tf.data import ensure_dataset  # noqa: E402
 from sharpmask_tf.distribute import STRATEGIES, resolve_strategy  # noqa: E402
@@ -130,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except trainer.TrainingInterrupted as e:
         print(f"{e}; rerun the same command to resume.", file=sys.stderr, flush=True)
         return 128 + e.signum
+    except UnrestorableCheckpoints as e:
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        return 1
     print_summary(model_dir, metrics)
     return 0
 
