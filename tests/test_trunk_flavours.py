@@ -296,11 +296,11 @@ def test_torch_flavour_survives_a_keras_round_trip(tmp_path):
 
 
 def test_xla_steps_refuse_synchronised_batch_norm_over_replicas(tmp_path):
-    from sharpmask_tf.trainer import Trainer, _Stage
+    from sharpmask_tf.trainer import Trainer
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     config = get_config("small", [*TINY, "training.jit=true"])
     trainer = Trainer(config, str(tmp_path), strategy, progress=False, **DATA)
     with pytest.raises(ValueError, match="training.jit=true, model.trunk_weights=None"):
-        _Stage(trainer, "deepmask", None)
-    _Stage(trainer, "sharpmask", None)  # stage 2 runs the trunk on its moving statistics: no all-reduce
+        trainer.build_task("deepmask")
+    trainer.build_task("sharpmask")  # stage 2 runs the trunk on its moving statistics: no all-reduce
