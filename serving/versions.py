@@ -17,7 +17,15 @@ from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
 
 from serving.predict import RequestError, run_predict
-from serving.protocol import ASSETS_EXTRA, GRPC_CODES, MAX_WARMUP_RECORDS, SAVED_MODEL_FILE, SERVE_TAG, WARMUP_FILE
+from serving.protocol import (
+    ASSETS_EXTRA,
+    GRPC_CODES,
+    MAX_WARMUP_RECORDS,
+    SAVED_MODEL_FILE,
+    SERVE_TAG,
+    WARMUP_FILE,
+    version_number,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -141,11 +149,18 @@ def _directory_fingerprint(path: str) -> tuple[tuple[str, int, int], ...]:
     return tuple(sorted(entries))
 
 
+def _inside(path: str, directory: str) -> bool:
+    """Whether `path` lies under `directory` (both real paths), not at it."""
+    return path != directory and os.path.commonpath([path, directory]) == directory
+
+
 class VersionManager:
     """Keeps the servable versions of one model loaded, following the directories under its base path.
 
     The newest `num_versions` loadable versions are kept (TF Serving's `latest` policy, whose
-    default is 1), plus every version a label points at. A version directory without
+    default is 1), plus every version a label points at. An entry of the base path whose name is
+    not a version (ASCII digits within int64), a plain file, or a symbolic link that leads out of
+    the base path is ignored with a warning, once. A version directory without
     `saved_model.pb` is not a candidate yet; one that fails to load is logged, reported as END
     with its error by GetModelStatus, and tried again once its files change.
 
@@ -178,18 +193,35 @@ class VersionManager:
         self._ended: dict[int, tuple[grpc.StatusCode, str]] = {}
         self._failed_fingerprints: dict[int, tuple] = {}
         self._reported_pending: set[int] = set()
+        self._reported_ignored: set[str] = set()
+
+    def _ignore(self, name: str, why: str) -> None:
+        if name not in self._reported_ignored:
+            logger.warning("Ignoring %r under the base path of %s: %s", name, self.model_name, why)
+            self._reported_ignored.add(name)
 
     def _version_dirs(self) -> dict[int, str]:
         try:
-            names = os.listdir(self.base_path)
+            names = sorted(os.listdir(self.base_path))
         except FileNotFoundError:
             logger.warning("Base path %s of model %s does not exist (yet)", self.base_path, self.model_name)
             return {}
+        base = os.path.realpath(self.base_path)
         dirs = {}
         for name in names:
             path = os.path.join(self.base_path, name)
-            if name.isdigit() and os.path.isdir(path):
-                dirs[int(name)] = path
+            version = version_number(name)
+            if version is None:
+                if not name.startswith("."):  # an export's staging directories are hidden
+                    self._ignore(name, "not a version number (ASCII digits, at most 2**63 - 1)")
+            elif not os.path.isdir(path):
+                self._ignore(name, "not a directory")
+            elif os.path.islink(path) and not _inside(os.path.realpath(path), base):
+                self._ignore(name, f"a symbolic link out of the base path, to {os.path.realpath(path)}")
+            elif version in dirs:
+                self._ignore(name, f"names version {version} as {os.path.basename(dirs[version])!r} does")
+            else:
+                dirs[version] = path
         return dirs
 
     def refresh(self) -> None:
