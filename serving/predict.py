@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import grpc
@@ -221,6 +222,11 @@ def _check_tensor_proto(key: str, proto: tensor_pb2.TensorProto, dtype: tf.DType
             f"tensor parsing error: {key}: the shape must be fully defined. Received: shape={dims}",
         )
     declared = math.prod(dims)
+    if proto.tensor_content and not dtype.size:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"tensor parsing error: {key}: tensor_content cannot hold {dtype.name} values; use string_val",
+        )
     if proto.tensor_content:
         provided = len(proto.tensor_content) / dtype.size
         what = f"{len(proto.tensor_content)} bytes of tensor_content"
@@ -236,9 +242,15 @@ def _check_tensor_proto(key: str, proto: tensor_pb2.TensorProto, dtype: tf.DType
     return dims
 
 
-def _check_limits(key: str, dims: tuple[int, ...], dtype: tf.DType, limits: RequestLimits) -> None:
-    """Refuses an input whose declared shape is over the limits: its first dimension, and for
-    pixels of the `images` input, (B, H, W, C) height x width."""
+def check_input_shape(key: str, dims: Sequence[int], dtype: tf.DType, limits: RequestLimits) -> None:
+    """Refuses an input whose shape is over the limits, before its values are read: its first
+    dimension (the batch), and for a pixel tensor `images` input, (B, H, W, C), height x width.
+
+    Raises:
+        RequestError: INVALID_ARGUMENT for a batch over `limits.max_batch_size`,
+            RESOURCE_EXHAUSTED for images over `limits.max_image_pixels`.
+    """
+    dims = tuple(dims)
     if dims and dims[0] > limits.max_batch_size:
         raise RequestError(
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -312,7 +324,7 @@ def _input_tensors(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"Input {key!r} of signature {signature_name!r} must have shape {shape}. Received: shape={dims}",
             )
-        _check_limits(key, dims, want, limits)
+        check_input_shape(key, dims, want, limits)
         try:
             value = tf.make_ndarray(proto)
         except (ValueError, TypeError) as e:

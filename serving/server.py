@@ -167,11 +167,13 @@ class ModelServer:
     ):
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be positive. Received: poll_interval={poll_interval}")
-        self.manager = VersionManager(base_path, model_name, num_versions, version_labels, enable_model_warmup)
+        self.limits = limits or RequestLimits()
+        self.manager = VersionManager(
+            base_path, model_name, num_versions, version_labels, enable_model_warmup, self.limits
+        )
         self.host = host
         self.port = port
         self.poll_interval = poll_interval
-        self.limits = limits or RequestLimits()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         options = [

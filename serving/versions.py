@@ -16,7 +16,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
 
-from serving.predict import RequestError, run_predict
+from serving.predict import RequestError, RequestLimits, run_predict
 from serving.protocol import (
     ASSETS_EXTRA,
     GRPC_CODES,
@@ -52,9 +52,9 @@ class LoadedVersion:
     model: Any
 
 
-def load_version(path: str, version: int, warmup: bool = True) -> LoadedVersion:
+def load_version(path: str, version: int, warmup: bool = True, limits: RequestLimits | None = None) -> LoadedVersion:
     """Loads the `serve` MetaGraph of the SavedModel in `path`, then replays its warm-up
-    requests (`run_warmup`) unless `warmup` is False.
+    requests (`run_warmup`, under `limits`) unless `warmup` is False.
 
     Raises:
         ValueError: if the SavedModel has no MetaGraphDef tagged exactly `serve`.
@@ -78,13 +78,13 @@ def load_version(path: str, version: int, warmup: bool = True) -> LoadedVersion:
         model=model,
     )
     if warmup:
-        count = run_warmup(loaded)
+        count = run_warmup(loaded, limits)
         if count:
             logger.info("Ran %d warm-up requests of version %d from %s", count, version, path)
     return loaded
 
 
-def run_warmup(loaded: LoadedVersion) -> int:
+def run_warmup(loaded: LoadedVersion, limits: RequestLimits | None = None) -> int:
     """Replays `assets.extra/tf_serving_warmup_requests` against a loaded version, as
     tensorflow_model_server does at load time (its default `--enable_model_warmup`): a TFRecord
     file of PredictionLog records, at most 1000, each run once. No file is no warm-up.
@@ -96,7 +96,7 @@ def run_warmup(loaded: LoadedVersion) -> int:
         RequestError: DATA_LOSS for a file that is not TFRecord, INVALID_ARGUMENT for a record
             that is not a PredictionLog or for more than 1000 records, UNIMPLEMENTED for a
             log type other than Predict (this server answers Predict only), or the error a
-            Predict request gets.
+            Predict request gets (under `limits`, the defaults when None).
     """
     path = os.path.join(loaded.path, ASSETS_EXTRA, WARMUP_FILE)
     if not os.path.isfile(path):
@@ -130,7 +130,7 @@ def run_warmup(loaded: LoadedVersion) -> int:
                 grpc.StatusCode.UNIMPLEMENTED,
                 f"Unsupported log_type for warmup: {kind} (record {index} of {path}); this server answers Predict only",
             )
-        run_predict(loaded, log.predict_log.request)
+        run_predict(loaded, log.predict_log.request, limits)
         count += 1
     return count
 
@@ -170,6 +170,7 @@ class VersionManager:
         num_versions: how many of the newest loadable versions to keep loaded.
         version_labels: label -> version, for `model_spec.version_label`.
         enable_model_warmup: replay each version's warm-up requests before serving it.
+        limits: the request limits warm-up requests are held to, as clients' are.
     """
 
     def __init__(
@@ -179,6 +180,7 @@ class VersionManager:
         num_versions: int = 1,
         version_labels: Mapping[str, int] | None = None,
         enable_model_warmup: bool = True,
+        limits: RequestLimits | None = None,
     ):
         if num_versions < 1:
             raise ValueError(f"num_versions must be positive. Received: num_versions={num_versions}")
@@ -187,6 +189,7 @@ class VersionManager:
         self.num_versions = num_versions
         self.version_labels = dict(version_labels or {})
         self.enable_model_warmup = enable_model_warmup
+        self.limits = limits
         self._lock = threading.Lock()
         self._loaded: dict[int, LoadedVersion] = {}
         # Versions that are not loaded any more, or failed to: version -> (code, message).
@@ -258,7 +261,7 @@ class VersionManager:
             return False
         logger.info("Loading version %d of %s from %s", version, self.model_name, path)
         try:
-            loaded = load_version(path, version, warmup=self.enable_model_warmup)
+            loaded = load_version(path, version, warmup=self.enable_model_warmup, limits=self.limits)
         except Exception as e:  # noqa: BLE001 -- any load failure leaves the served versions as they are
             logger.warning(
                 "Loading version %d of %s failed; keeping the served versions: %s", version, self.model_name, e

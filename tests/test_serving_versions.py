@@ -18,7 +18,7 @@ from tensorflow_serving.apis import (
 )
 from test_serving_server import AVAILABLE, END, MODEL, encode, eventually, predict_request, save_stats_model, solid
 
-from serving.predict import RequestError
+from serving.predict import RequestError, RequestLimits
 from serving.protocol import WARMUP_FILE
 from serving.server import ModelServer
 from serving.versions import VersionManager
@@ -251,3 +251,14 @@ def test_two_names_of_one_version_keep_the_first_and_warn(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         f"Ignoring '7' under the base path of {MODEL}: names version 7 as '007' does"
     ]
+
+
+def test_warmup_requests_are_held_to_the_servers_limits(tmp_path):
+    base = tmp_path / MODEL
+    save_counter_model(base / "1", [predict_log({"images": [b"x"] * 3})])
+    manager = VersionManager(str(base), MODEL, limits=RequestLimits(max_batch_size=2))
+    manager.refresh()
+
+    ((state, code, message),) = manager.version_states().values()
+    assert (state, code) == (END, grpc.StatusCode.INVALID_ARGUMENT)
+    assert "batch of 3, over this server's maximum of 2" in message
