@@ -5,7 +5,7 @@
 
 The CLI writes the outputs (or the model's metadata or status) as JSON:
 
-    python -m serving.client predict --server localhost:8500 --model-name sharpmask street.jpg
+    python -m serving.client predict --server localhost:8500 --model-name sharpmask street.jpg --output out.json
     python -m serving.client metadata --server localhost:8500 --model-name sharpmask
     python -m serving.client status --server localhost:8500 --model-name sharpmask
 """
@@ -281,7 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per attempt")
     parser.add_argument("--max-attempts", type=int, default=5, help="attempts while the server is UNAVAILABLE")
     parser.add_argument("--output", default="-", help="JSON file to write; - for stdout")
-    args = parser.parse_args(argv)
+    # Intermixed: the images may follow the options (`predict --server ... photo.jpg --output ...`);
+    # plain parsing gives a `*` positional its empty match before the first option.
+    args = parser.parse_intermixed_args(argv)
     if args.command == "predict" and not args.images:
         parser.error("predict needs at least one image file")
 

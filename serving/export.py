@@ -56,6 +56,7 @@ from serving.protocol import (
     SIGNATURE_BYTES,
     SIGNATURE_PIXELS,
     WARMUP_FILE,
+    version_number,
 )
 from sharpmask_tf.config import Config, ExportConfig, get_config, load_run_config
 from sharpmask_tf.inference import ProposalGenerator
@@ -192,8 +193,8 @@ def _version_dir(export: ExportConfig, overwrite: bool) -> tuple[ExportConfig, P
     model_dir = Path(export.base_path) / export.model_name
     model_dir.mkdir(parents=True, exist_ok=True)
     if export.version == 0:
-        existing = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir()]
-        export = dataclasses.replace(export, version=max(existing, default=0) + 1)
+        existing = [version_number(p.name) for p in model_dir.iterdir() if p.is_dir()]
+        export = dataclasses.replace(export, version=max(filter(None, existing), default=0) + 1)
     target = model_dir / str(export.version)
     if target.exists() and not overwrite:
         raise FileExistsError(

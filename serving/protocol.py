@@ -22,6 +22,9 @@ SIGNATURE_PIXELS = "serving_images"
 INPUT_KEY = "images"
 OUTPUT_KEYS = ("boxes", "scores", "masks", "window_boxes", "num_proposals")
 
+# Versions are int64 in TF Serving's protos (ModelSpec, ModelVersionStatus).
+MAX_VERSION = 2**63 - 1
+
 # The MetaGraph tag TF Serving loads.
 SERVE_TAG = "serve"
 SAVED_MODEL_FILE = "saved_model.pb"
@@ -37,5 +40,22 @@ MAX_WARMUP_RECORDS = 1000
 # receive limit is 4 MiB.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
+# Request limits (ours: tensorflow_model_server has none), checked before anything runs. Defaults
+# of the server's --max-batch-size and --max-image-pixels.
+DEFAULT_MAX_BATCH_SIZE = 32  # elements of a request's first dimension, i.e. images
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096  # height x width of one image, decoded or sent as pixels
+
 # TensorFlow's error codes are gRPC's, number for number.
 GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def version_number(name: str) -> int | None:
+    """The version a directory name stands for, or None for a name that is not one.
+
+    A version directory is named by ASCII decimal digits only (`str.isdigit` also accepts `²`)
+    and fits TF Serving's int64 versions; leading zeros are allowed, as TF Serving's parse does.
+    """
+    if not name or not name.isascii() or not name.isdigit():
+        return None
+    number = int(name)
+    return number if number <= MAX_VERSION else None

@@ -36,8 +36,13 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from serving.predict import RequestError, run_predict
-from serving.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from serving.predict import RequestError, RequestLimits, run_predict
+from serving.protocol import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    version_number,
+)
 from serving.versions import VersionManager
 
 logger = logging.getLogger(__name__)
@@ -63,12 +68,13 @@ def _serving_rpc(method):
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """Predict and GetModelMetadata; Classify, Regress and MultiInference stay UNIMPLEMENTED."""
 
-    def __init__(self, manager: VersionManager):
+    def __init__(self, manager: VersionManager, limits: RequestLimits):
         self._manager = manager
+        self._limits = limits
 
     @_serving_rpc
     def Predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-        return run_predict(self._manager.resolve(request.model_spec), request)
+        return run_predict(self._manager.resolve(request.model_spec), request, self._limits)
 
     @_serving_rpc
     def GetModelMetadata(
@@ -140,6 +146,8 @@ class ModelServer:
         max_message_bytes: max send and receive message size.
         enable_model_warmup: replay each version's `assets.extra/tf_serving_warmup_requests`
             before serving it (TF Serving's default); a version whose warm-up fails is not served.
+        limits: what one Predict request may ask for (`serving.predict.RequestLimits`); its
+            defaults when None.
     """
 
     def __init__(
@@ -155,10 +163,14 @@ class ModelServer:
         max_workers: int = 8,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         enable_model_warmup: bool = True,
+        limits: RequestLimits | None = None,
     ):
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be positive. Received: poll_interval={poll_interval}")
-        self.manager = VersionManager(base_path, model_name, num_versions, version_labels, enable_model_warmup)
+        self.limits = limits or RequestLimits()
+        self.manager = VersionManager(
+            base_path, model_name, num_versions, version_labels, enable_model_warmup, self.limits
+        )
         self.host = host
         self.port = port
         self.poll_interval = poll_interval
@@ -172,7 +184,7 @@ class ModelServer:
         ]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.manager), self._server
+            PredictionServicer(self.manager, self.limits), self._server
         )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusServicer(self.manager), self._server)
 
@@ -241,9 +253,10 @@ def parse_version_labels(text: str) -> dict[str, int]:
     labels = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         label, sep, version = item.partition("=")
-        if not sep or not label.strip() or not version.strip().isdigit():
+        number = version_number(version.strip())
+        if not sep or not label.strip() or number is None:
             raise ValueError(f"A version label must look like name=<version number>. Received: {item!r}")
-        labels[label.strip()] = int(version)
+        labels[label.strip()] = number
     return labels
 
 
@@ -273,6 +286,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-workers", type=int, default=8, help="request threads")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_MAX_BATCH_SIZE,
+        help="largest first dimension of a Predict input, i.e. images per request (ours); over it: INVALID_ARGUMENT",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="most pixels (height x width, every frame of a GIF) of one image, read from its header before "
+        "decoding (ours); over it: RESOURCE_EXHAUSTED",
+    )
+    parser.add_argument(
         "--enable-model-warmup",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -287,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         labels = parse_version_labels(args.version_labels)
+        limits = RequestLimits(max_batch_size=args.max_batch_size, max_image_pixels=args.max_image_pixels)
     except ValueError as e:
         parser.error(str(e))
     server = ModelServer(
@@ -300,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_workers=args.max_workers,
         max_message_bytes=args.max_message_bytes,
         enable_model_warmup=args.enable_model_warmup,
+        limits=limits,
     )
     server.start()
     stop = threading.Event()

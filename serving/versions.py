@@ -16,8 +16,16 @@ import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
 
-from serving.predict import RequestError, run_predict
-from serving.protocol import ASSETS_EXTRA, GRPC_CODES, MAX_WARMUP_RECORDS, SAVED_MODEL_FILE, SERVE_TAG, WARMUP_FILE
+from serving.predict import RequestError, RequestLimits, run_predict
+from serving.protocol import (
+    ASSETS_EXTRA,
+    GRPC_CODES,
+    MAX_WARMUP_RECORDS,
+    SAVED_MODEL_FILE,
+    SERVE_TAG,
+    WARMUP_FILE,
+    version_number,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +52,9 @@ class LoadedVersion:
     model: Any
 
 
-def load_version(path: str, version: int, warmup: bool = True) -> LoadedVersion:
+def load_version(path: str, version: int, warmup: bool = True, limits: RequestLimits | None = None) -> LoadedVersion:
     """Loads the `serve` MetaGraph of the SavedModel in `path`, then replays its warm-up
-    requests (`run_warmup`) unless `warmup` is False.
+    requests (`run_warmup`, under `limits`) unless `warmup` is False.
 
     Raises:
         ValueError: if the SavedModel has no MetaGraphDef tagged exactly `serve`.
@@ -70,13 +78,13 @@ def load_version(path: str, version: int, warmup: bool = True) -> LoadedVersion:
         model=model,
     )
     if warmup:
-        count = run_warmup(loaded)
+        count = run_warmup(loaded, limits)
         if count:
             logger.info("Ran %d warm-up requests of version %d from %s", count, version, path)
     return loaded
 
 
-def run_warmup(loaded: LoadedVersion) -> int:
+def run_warmup(loaded: LoadedVersion, limits: RequestLimits | None = None) -> int:
     """Replays `assets.extra/tf_serving_warmup_requests` against a loaded version, as
     tensorflow_model_server does at load time (its default `--enable_model_warmup`): a TFRecord
     file of PredictionLog records, at most 1000, each run once. No file is no warm-up.
@@ -88,7 +96,7 @@ def run_warmup(loaded: LoadedVersion) -> int:
         RequestError: DATA_LOSS for a file that is not TFRecord, INVALID_ARGUMENT for a record
             that is not a PredictionLog or for more than 1000 records, UNIMPLEMENTED for a
             log type other than Predict (this server answers Predict only), or the error a
-            Predict request gets.
+            Predict request gets (under `limits`, the defaults when None).
     """
     path = os.path.join(loaded.path, ASSETS_EXTRA, WARMUP_FILE)
     if not os.path.isfile(path):
@@ -122,7 +130,7 @@ def run_warmup(loaded: LoadedVersion) -> int:
                 grpc.StatusCode.UNIMPLEMENTED,
                 f"Unsupported log_type for warmup: {kind} (record {index} of {path}); this server answers Predict only",
             )
-        run_predict(loaded, log.predict_log.request)
+        run_predict(loaded, log.predict_log.request, limits)
         count += 1
     return count
 
@@ -141,11 +149,18 @@ def _directory_fingerprint(path: str) -> tuple[tuple[str, int, int], ...]:
     return tuple(sorted(entries))
 
 
+def _inside(path: str, directory: str) -> bool:
+    """Whether `path` lies under `directory` (both real paths), not at it."""
+    return path != directory and os.path.commonpath([path, directory]) == directory
+
+
 class VersionManager:
     """Keeps the servable versions of one model loaded, following the directories under its base path.
 
     The newest `num_versions` loadable versions are kept (TF Serving's `latest` policy, whose
-    default is 1), plus every version a label points at. A version directory without
+    default is 1), plus every version a label points at. An entry of the base path whose name is
+    not a version (ASCII digits within int64), a plain file, or a symbolic link that leads out of
+    the base path is ignored with a warning, once. A version directory without
     `saved_model.pb` is not a candidate yet; one that fails to load is logged, reported as END
     with its error by GetModelStatus, and tried again once its files change.
 
@@ -155,6 +170,7 @@ class VersionManager:
         num_versions: how many of the newest loadable versions to keep loaded.
         version_labels: label -> version, for `model_spec.version_label`.
         enable_model_warmup: replay each version's warm-up requests before serving it.
+        limits: the request limits warm-up requests are held to, as clients' are.
     """
 
     def __init__(
@@ -164,6 +180,7 @@ class VersionManager:
         num_versions: int = 1,
         version_labels: Mapping[str, int] | None = None,
         enable_model_warmup: bool = True,
+        limits: RequestLimits | None = None,
     ):
         if num_versions < 1:
             raise ValueError(f"num_versions must be positive. Received: num_versions={num_versions}")
@@ -172,24 +189,42 @@ class VersionManager:
         self.num_versions = num_versions
         self.version_labels = dict(version_labels or {})
         self.enable_model_warmup = enable_model_warmup
+        self.limits = limits
         self._lock = threading.Lock()
         self._loaded: dict[int, LoadedVersion] = {}
         # Versions that are not loaded any more, or failed to: version -> (code, message).
         self._ended: dict[int, tuple[grpc.StatusCode, str]] = {}
         self._failed_fingerprints: dict[int, tuple] = {}
         self._reported_pending: set[int] = set()
+        self._reported_ignored: set[str] = set()
+
+    def _ignore(self, name: str, why: str) -> None:
+        if name not in self._reported_ignored:
+            logger.warning("Ignoring %r under the base path of %s: %s", name, self.model_name, why)
+            self._reported_ignored.add(name)
 
     def _version_dirs(self) -> dict[int, str]:
         try:
-            names = os.listdir(self.base_path)
+            names = sorted(os.listdir(self.base_path))
         except FileNotFoundError:
             logger.warning("Base path %s of model %s does not exist (yet)", self.base_path, self.model_name)
             return {}
+        base = os.path.realpath(self.base_path)
         dirs = {}
         for name in names:
             path = os.path.join(self.base_path, name)
-            if name.isdigit() and os.path.isdir(path):
-                dirs[int(name)] = path
+            version = version_number(name)
+            if version is None:
+                if not name.startswith("."):  # an export's staging directories are hidden
+                    self._ignore(name, "not a version number (ASCII digits, at most 2**63 - 1)")
+            elif not os.path.isdir(path):
+                self._ignore(name, "not a directory")
+            elif os.path.islink(path) and not _inside(os.path.realpath(path), base):
+                self._ignore(name, f"a symbolic link out of the base path, to {os.path.realpath(path)}")
+            elif version in dirs:
+                self._ignore(name, f"names version {version} as {os.path.basename(dirs[version])!r} does")
+            else:
+                dirs[version] = path
         return dirs
 
     def refresh(self) -> None:
@@ -226,7 +261,7 @@ class VersionManager:
             return False
         logger.info("Loading version %d of %s from %s", version, self.model_name, path)
         try:
-            loaded = load_version(path, version, warmup=self.enable_model_warmup)
+            loaded = load_version(path, version, warmup=self.enable_model_warmup, limits=self.limits)
         except Exception as e:  # noqa: BLE001 -- any load failure leaves the served versions as they are
             logger.warning(
                 "Loading version %d of %s failed; keeping the served versions: %s", version, self.model_name, e

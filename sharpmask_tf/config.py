@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,9 @@ TAP_STRIDES = {"conv1": 2, "conv2": 4, "conv3": 8, "conv4": 16}
 TRUNK_STRIDE = TAP_STRIDES["conv4"]
 # The resolved configuration a training run (or a conversion) writes beside its models.
 CONFIG_FILE = "config.json"
+# A served model's name: a directory under the export base path and a URL path segment of TF
+# Serving's REST API, so no '/', no '..' and no hidden staging names.
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def _fail(section: str, name: str, value: Any, why: str) -> None:
@@ -268,8 +272,13 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         s = "export"
-        if not self.model_name or "/" in self.model_name:
-            _fail(s, "model_name", self.model_name, "must be a non-empty name without '/'")
+        if not isinstance(self.model_name, str) or not MODEL_NAME_PATTERN.fullmatch(self.model_name):
+            _fail(
+                s,
+                "model_name",
+                self.model_name,
+                "must be letters, digits, '.', '_' or '-', starting with a letter or digit",
+            )
         if self.version < 0:
             _fail(s, "version", self.version, "must be >= 0")
         if self.top_n < 1:

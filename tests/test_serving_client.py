@@ -3,6 +3,7 @@
 import json
 import os
 import queue
+import shlex
 import signal
 import socket
 import subprocess
@@ -123,6 +124,35 @@ def test_client_gives_up_with_a_clear_error_when_the_retry_budget_is_spent():
 def test_client_rejects_a_version_and_a_label_together():
     with pytest.raises(ValueError, match="Received: version=1, version_label='stable'"):
         ServingClient("localhost:8500", MODEL, version=1, version_label="stable")
+
+
+def test_the_readmes_client_command_runs_as_written(server, images, tmp_path):
+    with open(os.path.join(REPO, "README.md")) as f:
+        (line,) = [line for line in f if line.startswith("python -m serving.client predict ")]
+    argv = shlex.split(line)
+    assert argv[:3] == ["python", "-m", "serving.client"]
+    # The README's command with this test's server, model and files in the places it names them.
+    replace = {"localhost:8500": f"127.0.0.1:{server.port}", "sharpmask": MODEL}
+    replace.update({"photo.jpg": str(tmp_path / "photo.jpg"), "proposals.json": str(tmp_path / "proposals.json")})
+    assert set(replace) <= set(argv), argv
+    (tmp_path / "photo.jpg").write_bytes(images[0])
+
+    result = subprocess.run(
+        [sys.executable, *[replace.get(arg, arg) for arg in argv[1:]]],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO},
+        cwd=REPO,
+        timeout=120,
+    )
+
+    assert result.returncode == 0, result.stderr
+    outputs = json.loads((tmp_path / "proposals.json").read_text())
+    with ServingClient(f"127.0.0.1:{server.port}", MODEL) as direct:
+        expected = direct.predict_images(images[:1])
+    for key, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(outputs[key], value.dtype), value)
 
 
 def _wait_for_line(lines: queue.Queue, needle: str, timeout: float = 60.0) -> str:

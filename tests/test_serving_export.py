@@ -319,6 +319,14 @@ def test_versions_count_up_and_a_running_server_switches_without_seeing_staging(
         export_model(model, config, base, version=2)
 
 
+def test_the_next_free_version_skips_names_that_are_not_versions(model, config, tmp_path):
+    model_dir = tmp_path / "exports" / NAME
+    for name in ("3", "²", "99999999999999999999", "12abc"):
+        (model_dir / name).mkdir(parents=True)
+
+    assert export_model(model, config, tmp_path / "exports") == model_dir / "4"
+
+
 def test_moving_into_place_refuses_a_taken_version_unless_overwriting(tmp_path):
     def version_dir(name, content):
         path = tmp_path / name
@@ -363,6 +371,17 @@ def test_cli_exports_a_deepmask_run_directory_with_its_config(tmp_path, capsys):
 
     assert main(["--model", str(run), "--base-path", str(base), "--model-name", "dm", "--version", "1"]) == 1
     assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../escaped", "a/b", ".tmp-1-2", "", "two words", "-x", "naïve"])
+def test_cli_refuses_a_model_name_that_is_not_a_plain_name(name, tmp_path, capsys):
+    base = tmp_path / "deep" / "exports"
+    base.mkdir(parents=True)
+
+    assert main(["--model", str(tmp_path / "run"), "--base-path", str(base), f"--model-name={name}"]) == 1
+
+    assert "export.model_name must be letters, digits" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["deep", "deep/exports"]
 
 
 def test_serve_and_query_draws_the_answer_of_a_server_subprocess(exported, loaded, images, tmp_path):

@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 from google.protobuf import text_format
 from PIL import Image
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -28,7 +29,9 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 from tensorflow_serving.config import model_server_config_pb2
+from test_serving_predict import animation, gif_with_frame, png_bomb
 
+from serving.protocol import DEFAULT_MAX_BATCH_SIZE
 from serving.server import parse_version_labels, start_server
 from sharpmask_tf.config import ExportConfig
 
@@ -38,18 +41,22 @@ END = get_model_status_pb2.ModelVersionStatus.END
 
 
 class ImageStats(tf.Module):
-    """Per-image mean RGB colour (+ offset) and (height, width), from encoded bytes or pixels."""
+    """Per-image mean RGB colour (+ offset) and (height, width), from encoded bytes or pixels.
 
-    def __init__(self, offset: float):
+    `channels` goes to tf.io.decode_image: 0 keeps the file's channels, as the export decodes.
+    """
+
+    def __init__(self, offset: float, channels: int = 3):
         super().__init__()
         self.offset = tf.Variable(offset, dtype=tf.float32)
+        self.channels = channels
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def from_bytes(self, images):
         tf.debugging.assert_positive(tf.size(images), message="images must hold at least one encoded image")
 
         def stats(data):
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
+            image = tf.io.decode_image(data, channels=self.channels, expand_animations=False)
             return tf.reduce_mean(tf.cast(image, tf.float32), axis=[0, 1]), tf.shape(image)[:2]
 
         mean, size = tf.map_fn(
@@ -64,9 +71,9 @@ class ImageStats(tf.Module):
         return {"mean_colour": mean, "image_size": size}
 
 
-def save_stats_model(path, offset: float = 0.0) -> str:
+def save_stats_model(path, offset: float = 0.0, channels: int = 3) -> str:
     """Writes an ImageStats SavedModel with `serving_default` (bytes) and `serving_images` (uint8)."""
-    module = ImageStats(offset)
+    module = ImageStats(offset, channels)
     tf.saved_model.save(
         module, str(path), signatures={"serving_default": module.from_bytes, "serving_images": module.from_pixels}
     )
@@ -210,6 +217,77 @@ def test_bad_requests_get_tf_serving_status_codes_and_the_server_keeps_answering
     np.testing.assert_allclose(tf.make_ndarray(response.outputs["mean_colour"]), [[210, 50, 20]])
 
 
+def crafted_request(dims, dtype, signature="", **values) -> predict_pb2.PredictRequest:
+    """A request whose `images` TensorProto declares `dims` and holds only `values`, as an
+    attacker writes it (tf.make_tensor_proto never writes such a proto)."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL
+    request.model_spec.signature_name = signature
+    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in dims])
+    request.inputs["images"].CopyFrom(tensor_pb2.TensorProto(dtype=dtype, tensor_shape=shape, **values))
+    return request
+
+
+def test_a_hundred_byte_request_cannot_ask_for_a_hundred_images(predict, images):
+    request = crafted_request([100], types_pb2.DT_STRING, string_val=[images[0]])
+    assert len(request.SerializeToString()) < 200
+
+    with pytest.raises(grpc.RpcError) as error:
+        predict(request, timeout=30)
+
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "shape (100,) declares 100 elements of string" in error.value.details()
+    assert "Received: 1 values" in error.value.details()
+    response = predict(predict_request({"images": images[:1]}), timeout=30)
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["mean_colour"]), [[210, 50, 20]])
+
+
+@pytest.mark.parametrize(
+    "values, received",
+    [({"int_val": [7]}, "1 values"), ({"tensor_content": bytes(300)}, "300 bytes of tensor_content")],
+    ids=["one-int-val", "short-tensor-content"],
+)
+def test_a_pixel_tensor_must_provide_every_pixel_it_declares(predict, images, values, received):
+    request = crafted_request([1, 8000, 8000, 3], types_pb2.DT_UINT8, "serving_images", **values)
+    assert len(request.SerializeToString()) < 400
+
+    with pytest.raises(grpc.RpcError) as error:
+        predict(request, timeout=30)
+
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"declares {8000 * 8000 * 3} elements of uint8" in error.value.details()
+    assert f"Received: {received}" in error.value.details()
+    response = predict(predict_request({"images": images[:1]}), timeout=30)
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["mean_colour"]), [[210, 50, 20]])
+
+
+def test_a_png_bomb_is_refused_from_its_header_with_resource_exhausted(predict, images):
+    bomb = png_bomb(16000)
+
+    with pytest.raises(grpc.RpcError) as error:
+        predict(predict_request({"images": [images[0], bomb]}), timeout=30)
+
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "images[1] is a PNG of 16000x16000 = 256000000 pixels" in error.value.details()
+    assert "--max-image-pixels" in error.value.details()
+    response = predict(predict_request({"images": images[:1]}), timeout=30)
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["mean_colour"]), [[210, 50, 20]])
+
+
+def test_a_batch_over_the_default_maximum_is_refused(predict, images):
+    batch = [images[0]] * (DEFAULT_MAX_BATCH_SIZE + 1)
+
+    with pytest.raises(grpc.RpcError) as error:
+        predict(predict_request({"images": batch}), timeout=30)
+
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"batch of {DEFAULT_MAX_BATCH_SIZE + 1}, over this server's maximum of {DEFAULT_MAX_BATCH_SIZE}" in (
+        error.value.details()
+    )
+    response = predict(predict_request({"images": [images[0]] * DEFAULT_MAX_BATCH_SIZE}), timeout=60)
+    assert tf.make_ndarray(response.outputs["mean_colour"]).shape == (DEFAULT_MAX_BATCH_SIZE, 3)
+
+
 def test_empty_batch_is_answered_by_a_signature_that_accepts_it(predict):
     response = predict(predict_request({"images": np.zeros([0, 4, 4, 3], np.uint8)}, signature="serving_images"))
 
@@ -343,3 +421,70 @@ def test_cli_writes_the_bound_port_to_the_port_file_and_removes_it_at_shutdown(b
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+@pytest.mark.slow
+def test_cli_limit_flags_refuse_requests_over_them_and_the_server_keeps_answering(tmp_path):
+    # Decoding with channels=0, as the export does: TensorFlow 2.21 then corrupts the heap on an
+    # animated WebP, killing the server unless it is refused first.
+    base_path = tmp_path / MODEL
+    save_stats_model(base_path / "1", channels=0)
+    port_file = tmp_path / "port"
+    log = tmp_path / "server.log"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [
+        sys.executable, "-m", "serving.server",
+        "--model-base-path", str(base_path),
+        "--model-name", MODEL,
+        "--port", "0",
+        "--port-file", str(port_file),
+        "--max-batch-size", "2",
+        "--max-image-pixels", "400",
+    ]  # fmt: skip
+    small, large = solid((20, 30, 40), 20, 20), solid((20, 30, 40), 20, 21)
+    refused = [
+        (predict_request({"images": [encode(small, "PNG")] * 3}), grpc.StatusCode.INVALID_ARGUMENT, "batch of 3"),
+        (predict_request({"images": [encode(large, "JPEG")]}), grpc.StatusCode.RESOURCE_EXHAUSTED, "JPEG of 21x20"),
+        (predict_request({"images": large[None]}, "serving_images"), grpc.StatusCode.RESOURCE_EXHAUSTED, "21x20"),
+        (
+            predict_request({"images": [gif_with_frame((10, 10), (30, 20))]}),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "GIF of 30x20",
+        ),
+        (
+            predict_request({"images": [animation([small, solid((90, 10, 10), 20, 20)], "WEBP")]}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "animated WebP",
+        ),
+    ]
+    with open(log, "w") as stderr:
+        server = subprocess.Popen(command, stderr=stderr, env={**os.environ, "PYTHONPATH": repo}, cwd=repo)
+    try:
+        eventually(lambda: port_file.is_file() or server.poll() is not None, timeout=120)
+        assert server.poll() is None, log.read_text()
+        with grpc.insecure_channel(f"127.0.0.1:{int(port_file.read_text())}") as channel:
+            predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
+            for request, code, detail in refused:
+                with pytest.raises(grpc.RpcError) as error:
+                    predict(request, timeout=30)
+                assert (error.value.code(), detail in error.value.details()) == (code, True), error.value.details()
+            response = predict(predict_request({"images": [encode(small, "PNG")] * 2}), timeout=30)
+        np.testing.assert_allclose(tf.make_ndarray(response.outputs["mean_colour"]), [[20, 30, 40]] * 2)
+
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+@pytest.mark.parametrize("flag", ["--max-batch-size", "--max-image-pixels"])
+def test_cli_refuses_a_limit_that_is_not_positive(flag, capsys):
+    from serving.server import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model-base-path", "unused", "--model-name", MODEL, flag, "0"])
+
+    assert exit_.value.code == 2
+    assert "must be a positive integer" in capsys.readouterr().err

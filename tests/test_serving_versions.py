@@ -18,7 +18,7 @@ from tensorflow_serving.apis import (
 )
 from test_serving_server import AVAILABLE, END, MODEL, encode, eventually, predict_request, save_stats_model, solid
 
-from serving.predict import RequestError
+from serving.predict import RequestError, RequestLimits
 from serving.protocol import WARMUP_FILE
 from serving.server import ModelServer
 from serving.versions import VersionManager
@@ -182,3 +182,83 @@ def test_the_newest_and_the_labelled_versions_stay_loaded_and_replaced_ones_end(
 def test_version_manager_rejects_keeping_no_versions(tmp_path):
     with pytest.raises(ValueError, match="Received: num_versions=0"):
         VersionManager(str(tmp_path), MODEL, num_versions=0)
+
+
+def test_names_that_are_not_versions_are_ignored_with_a_warning_and_the_server_keeps_loading(tmp_path, images, caplog):
+    base = tmp_path / MODEL
+    save_stats_model(base / "1", offset=0.0)
+    # Names str.isdigit() accepts that int() refuses, or that overflow TF Serving's int64 versions,
+    # plus a plain file and names that are not numbers at all.
+    for name in ("²", "٣", "99999999999999999999", "9223372036854775808", "-4", "1e3", " 5"):
+        save_stats_model(base / name, offset=50.0)
+    (base / "6").write_bytes(b"a file, not a version directory")
+    caplog.set_level("WARNING", logger="serving.versions")
+    with (
+        ModelServer(str(base), MODEL, poll_interval=0.1, enable_model_warmup=False) as server,
+        grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
+        status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus
+        status_request = get_model_status_pb2.GetModelStatusRequest()
+        status_request.model_spec.name = MODEL
+
+        def states():
+            return {s.version: s.state for s in status(status_request, timeout=30).model_version_status}
+
+        assert states() == {1: AVAILABLE}
+        # A new version still loads while the bad names are there; the largest int64 is a version.
+        save_stats_model(base / "9223372036854775807", offset=20.0)
+        eventually(lambda: states() == {1: END, 2**63 - 1: AVAILABLE})
+        response = predict(predict_request({"images": images[:1]}), timeout=30)
+        assert response.model_spec.version.value == 2**63 - 1
+        assert float(tf.make_ndarray(response.outputs["mean_colour"])[0, 0]) == 220.0
+
+    ignored = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Ignoring")]
+    # Each name once, however many scans saw it.
+    assert sorted(ignored) == sorted(
+        [f"Ignoring {name!r} under the base path of {MODEL}: not a version number (ASCII digits, at most 2**63 - 1)"
+         for name in ("²", "٣", "99999999999999999999", "9223372036854775808", "-4", "1e3", " 5")]
+        + [f"Ignoring '6' under the base path of {MODEL}: not a directory"]
+    )  # fmt: skip
+
+
+def test_a_symlinked_version_leading_out_of_the_base_path_is_ignored(tmp_path, caplog):
+    base = tmp_path / MODEL
+    save_stats_model(base / "1", offset=0.0)
+    outside = save_stats_model(tmp_path / "elsewhere" / "2", offset=10.0)
+    os.symlink(outside, base / "2")
+    # A link to another version inside the base path stays a version, as TF Serving follows it.
+    os.symlink(base / "1", base / "3")
+    caplog.set_level("WARNING", logger="serving.versions")
+    manager = VersionManager(str(base), MODEL, num_versions=3, enable_model_warmup=False)
+    manager.refresh()
+
+    assert {v: state for v, (state, _, _) in manager.version_states().items()} == {1: AVAILABLE, 3: AVAILABLE}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Ignoring '2' under the base path of {MODEL}: a symbolic link out of the base path, to {outside}"
+    ]
+
+
+def test_two_names_of_one_version_keep_the_first_and_warn(tmp_path, caplog):
+    base = tmp_path / MODEL
+    save_stats_model(base / "007", offset=7.0)
+    save_stats_model(base / "7", offset=70.0)
+    caplog.set_level("WARNING", logger="serving.versions")
+    manager = VersionManager(str(base), MODEL, enable_model_warmup=False)
+    manager.refresh()
+
+    assert manager.resolve(predict_request({}).model_spec).path == str(base / "007")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"Ignoring '7' under the base path of {MODEL}: names version 7 as '007' does"
+    ]
+
+
+def test_warmup_requests_are_held_to_the_servers_limits(tmp_path):
+    base = tmp_path / MODEL
+    save_counter_model(base / "1", [predict_log({"images": [b"x"] * 3})])
+    manager = VersionManager(str(base), MODEL, limits=RequestLimits(max_batch_size=2))
+    manager.refresh()
+
+    ((state, code, message),) = manager.version_states().values()
+    assert (state, code) == (END, grpc.StatusCode.INVALID_ARGUMENT)
+    assert "batch of 3, over this server's maximum of 2" in message
