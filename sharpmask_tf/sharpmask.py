@@ -105,7 +105,8 @@ def refine_network(
     convolutions of M_i (`vertical_channels(layout, ...)`, named refine{i}_vertical_conv{j}) to
     skip term S_i*, applies ReLU and upsamples x2; a final 3x3 conv gives the logits. With the
     paper's layout both terms are linear 3x3 convs, so their sum is one 3x3 conv of
-    concat(M_i, S_i): the concat + conv module of Fig. 7a.
+    concat(M_i, S_i): the concat + conv module of Fig. 7a (S_i* runs before the window is cut,
+    so at the window's border it reads S_i's neighbours where M_i is mirror-padded).
 
     Returns:
         A model from [object (B, object_dim), skip1 .. skip4 windows] to (B, 16fs, 16fs) logits.
