@@ -18,6 +18,9 @@ from typing import Any
 
 PADDING_MODES = ("reflect", "symmetric", "zero")
 UPSAMPLING_MODES = ("bilinear", "nearest")
+# The refinement's vertical nets: the paper's one linear 3x3 conv per module (Fig. 7b), or
+# SharpMask.lua's two (3x3 n -> n, ReLU, 3x3 n -> n/2).
+REFINEMENT_LAYOUTS = ("paper", "reference")
 ON_BAD_ANNOTATION = ("error", "skip")
 # Trunk flavours (sharpmask_tf.backbone.FLAVOURS): each fixes the ResNet-50 layout, the input
 # transform and the weights format of one family of pretrained weights.
@@ -73,6 +76,7 @@ class ModelConfig:
     refine_skip_hidden: int = 64  # horizontal nets' first conv width (R1..R3)
     refine_skip_hidden_last: int = 32  # horizontal net's first conv width at the finest stage (R4)
     upsampling: str = "bilinear"  # refinement upsampling; the reference used nearest
+    refinement_layout: str = "paper"  # vertical nets: paper (one linear conv) | reference (SharpMask.lua's two)
 
     def __post_init__(self) -> None:
         s = "model"
@@ -109,6 +113,8 @@ class ModelConfig:
                 _fail(s, name, getattr(self, name), "must be positive")
         if self.upsampling not in UPSAMPLING_MODES:
             _fail(s, "upsampling", self.upsampling, f"must be one of {UPSAMPLING_MODES}")
+        if self.refinement_layout not in REFINEMENT_LAYOUTS:
+            _fail(s, "refinement_layout", self.refinement_layout, f"must be one of {REFINEMENT_LAYOUTS}")
         object.__setattr__(self, "trunk_blocks", tuple(int(b) for b in self.trunk_blocks))
 
     @property
@@ -416,7 +422,8 @@ def _small() -> Config:
             mask_size=32,
             score_hidden=128,
             refine_k=16,
-            refine_skip_hidden=16,
+            # 2k, as the paper's 64 at k=32: every skip conv then narrows its input.
+            refine_skip_hidden=32,
             refine_skip_hidden_last=8,
         ),
         data=DataConfig(label_size=48, shift_jitter=6.4, negative_shift=12.8),

@@ -7,7 +7,9 @@ each four times the size of their input. Here each such triple is a sub-pixel ("
 convolution: output pixel (2i + a, 2j + b) of conv(pad(up(x))) depends on input pixels i-1..i+1,
 j-1..j+1 only, so one 3x3 convolution of the input with 4x the output channels, one channel group
 per phase (a, b), followed by interleaving the phases, gives the same map without materialising
-the upsampled or the padded one. `PhaseConv` describes how the borders are kept exact.
+the upsampled or the padded one. `PhaseConv` describes how the borders are kept exact. The
+other convolutions (module 1's, and in the reference layout each module's second vertical
+convolution, at the resolution of its input) run as padded convolutions (`PaddedConv`).
 
 Example:
     ```python
@@ -186,25 +188,49 @@ class PhaseConv(tf.Module):
         return tf.reshape(y, [-1, 2 * h, 2 * w, self.channels])
 
 
+class PaddedConv(tf.Module):
+    """conv3x3(pad(x)) + bias: a `MirrorPad2D(1)` and the 3x3 valid convolution after it.
+
+    Args:
+        kernel: (3, 3, Cin, Cout) kernel of the valid convolution.
+        bias: (Cout,) its bias.
+        padding: the 1-pixel padding of x, "reflect", "symmetric" or "zero".
+    """
+
+    def __init__(self, kernel: np.ndarray, bias: np.ndarray, padding: str):
+        super().__init__()
+        self.kernel = tf.constant(np.asarray(kernel, np.float32))
+        self.bias = tf.constant(np.asarray(bias, np.float32))
+        self.padding = padding
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        """Args:
+            x: (B, H, W, Cin) float32 with static H, W.
+
+        Returns:
+            (B, H, W, Cout) float32.
+        """
+        return tf.nn.bias_add(tf.nn.conv2d(_pad(x, self.padding), self.kernel, 1, "VALID"), self.bias)
+
+
 class FastRefine(tf.Module):
     """The refine net's computation with `PhaseConv`s; build it with `fast_refine`.
 
     Args:
         dense: (kernel (D, fs*fs*k), bias (fs*fs*k,)) of `refine_m1`.
         feature_size: fs, the side of M1.
-        first: (kernel, bias, mode of the padding before it) of `refine1_vertical`.
-        fused: the `PhaseConv`s of refine2..4_vertical and refine_out, each with the upsampling
-            before it.
+        vertical: for each module, its vertical convolutions, a ReLU between consecutive ones:
+            `PaddedConv`s, except that the first of modules 2..4 is a `PhaseConv` that takes the
+            previous module's output before its x2 upsampling.
+        out: the `PhaseConv` of refine_out, with the last module's upsampling.
     """
 
-    def __init__(self, dense, feature_size: int, first, fused: list[PhaseConv]):
+    def __init__(self, dense, feature_size: int, vertical: list[list[tf.Module]], out: PhaseConv):
         super().__init__(name="fast_refine")
         self.dense_kernel, self.dense_bias = (tf.constant(np.asarray(w, np.float32)) for w in dense)
         self.feature_size = feature_size
-        kernel, bias, self.first_padding = first
-        self.first_kernel = tf.constant(np.asarray(kernel, np.float32))
-        self.first_bias = tf.constant(np.asarray(bias, np.float32))
-        self.fused = fused
+        self.vertical = vertical
+        self.out = out
 
     @tf.function(reduce_retracing=True)
     def __call__(self, inputs) -> tf.Tensor:
@@ -223,13 +249,15 @@ class FastRefine(tf.Module):
         )
 
     def _logits(self, objects: tf.Tensor, skips: list[tf.Tensor]) -> tf.Tensor:
-        fs, k = self.feature_size, self.first_kernel.shape[2]
+        fs = self.feature_size
         m = tf.nn.bias_add(tf.matmul(objects, self.dense_kernel), self.dense_bias)
-        m = _pad(tf.reshape(m, [-1, fs, fs, k]), self.first_padding)
-        v = tf.nn.bias_add(tf.nn.conv2d(m, self.first_kernel, 1, "VALID"), self.first_bias)
-        for skip, phase_conv in zip(skips, self.fused):
-            v = phase_conv(tf.nn.relu(v + skip))
-        return tf.reshape(v, [-1, 16 * fs, 16 * fs])
+        m = tf.reshape(m, [-1, fs, fs, self.dense_kernel.shape[1] // (fs * fs)])
+        for skip, convs in zip(skips, self.vertical):
+            v = convs[0](m)
+            for conv in convs[1:]:
+                v = conv(tf.nn.relu(v))
+            m = tf.nn.relu(v + skip)
+        return tf.reshape(self.out(m), [-1, 16 * fs, 16 * fs])
 
 
 def _layer(refine: keras.Model, name: str, kind: type) -> keras.layers.Layer:
@@ -294,13 +322,37 @@ def _skip_relu(refine: keras.Model, i: int, conv: keras.layers.Layer) -> keras.l
     return relu
 
 
+def _vertical_convs(refine: keras.Model, i: int, source) -> list[tuple[keras.layers.Layer, tuple]]:
+    """Checks module i's vertical convolutions refine{i}_vertical_conv1, conv2, ... from the
+    Keras tensor `source`, a ReLU refine{i}_vertical_relu{j} after each but the last.
+
+    Returns:
+        [(convolution layer, (kernel, bias, padding mode))] in order.
+    """
+    convs = [_padded_conv(refine, f"refine{i}_vertical_conv1", source)]
+    names = {layer.name for layer in refine.layers}
+    j = 1
+    while f"refine{i}_vertical_relu{j}" in names:
+        relu = _layer(refine, f"refine{i}_vertical_relu{j}", keras.layers.Activation)
+        conv = convs[-1][0]
+        _require(
+            relu.input is conv.output and relu.get_config()["activation"] == "relu",
+            relu,
+            f"is not a ReLU of {conv.name!r}",
+        )
+        j += 1
+        convs.append(_padded_conv(refine, f"refine{i}_vertical_conv{j}", relu.output))
+    return convs
+
+
 def fast_refine(refine: keras.Model) -> FastRefine:
-    """A faster equivalent of SharpMask's refine net (`model.get_layer("refine")`).
+    """A faster equivalent of SharpMask's refine net (`model.get_layer("refine")`), of either
+    refinement layout.
 
     Every upsampling -> mirror padding -> 3x3 convolution becomes a `PhaseConv`; the rest (the
-    linear layer M1, refine1_vertical, the skip additions, the ReLUs) is computed as in the
-    refine net, all in float32. Outputs equal the refine net's up to float rounding, for every
-    padding and upsampling mode. The weights are copied: build a new one after changing them.
+    linear layer M1, the other vertical convolutions, the skip additions, the ReLUs) is computed
+    as in the refine net, all in float32. Outputs equal the refine net's up to float rounding, for
+    every padding and upsampling mode. The weights are copied: build a new one after changing them.
 
     Args:
         refine: a model from `sharpmask_tf.sharpmask.refine_network`.
@@ -328,18 +380,23 @@ def fast_refine(refine: keras.Model) -> FastRefine:
     fs = reshape.target_shape[0]
     _require(reshape.input is dense.output and reshape.target_shape[1] == fs, reshape, "does not make M1 a square map")
     dense_bias = np.asarray(dense.bias) if dense.use_bias else np.zeros(dense.units, np.float32)
-    conv, first = _padded_conv(refine, "refine1_vertical", reshape.output)
-    fused = []
-    for i, name in enumerate(("refine2_vertical", "refine3_vertical", "refine4_vertical", "refine_out"), start=1):
-        relu = _skip_relu(refine, i, conv)
+    source, up, vertical = reshape.output, None, []
+    for i in range(1, len(refine.inputs)):
+        convs = _vertical_convs(refine, i, source)
+        (_, (kernel, bias, padding)), *rest = convs
+        first = PaddedConv(kernel, bias, padding) if up is None else PhaseConv(kernel, bias, up.interpolation, padding)
+        vertical.append([first, *(PaddedConv(*weights) for _, weights in rest)])
+        relu = _skip_relu(refine, i, convs[-1][0])
         up = _layer(refine, f"refine{i}_up", Upsample2D)
         _require(up.input is relu.output and up.factor == 2, up, f"is not a x2 upsampling of {relu.name!r}")
-        conv, (kernel, bias, padding) = _padded_conv(refine, name, up.output)
-        fused.append(PhaseConv(kernel, bias, up.interpolation, padding))
+        source = up.output
+    conv, (kernel, bias, padding) = _padded_conv(refine, "refine_out", source)
     squeeze = _layer(refine, "refine_squeeze", keras.layers.Reshape)
     _require(
         squeeze.input is conv.output and refine.outputs[0] is squeeze.output,
         squeeze,
         "does not return the squeezed logits",
     )
-    return FastRefine((np.asarray(dense.kernel), dense_bias), fs, first, fused)
+    return FastRefine(
+        (np.asarray(dense.kernel), dense_bias), fs, vertical, PhaseConv(kernel, bias, up.interpolation, padding)
+    )

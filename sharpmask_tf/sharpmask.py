@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 
 from sharpmask_tf.backbone import load_trunk_weights
-from sharpmask_tf.config import TAP_STRIDES, TRUNK_STRIDE, Config, ModelConfig, refine_channels
+from sharpmask_tf.config import REFINEMENT_LAYOUTS, TAP_STRIDES, TRUNK_STRIDE, Config, ModelConfig, refine_channels
 from sharpmask_tf.deepmask import DeepMask, deepmask_graph, dtype_policy_scope
 from sharpmask_tf.layers import CenterCrop2D, MirrorPad2D, Upsample2D
 
@@ -50,22 +50,44 @@ def skip_network(
     padding: str,
     name: str = SKIP_NET,
 ) -> keras.Model:
-    """The horizontal nets: bottom-up taps to skip features S1..S4, on feature maps of any size.
+    """The horizontal nets: bottom-up taps to the skip terms S1*..S4*, on feature maps of any size.
 
-    Running them on whole feature maps lets full-image inference compute S once per scale and
-    crop every window out of it; a patch's S equals the matching crop of the full image's.
+    Net i is the paper's (section 3.2, Fig. 7b) and SharpMask.lua's: skip features
+    S_i = ReLU(3x3 conv -> k_s^i)(ReLU(3x3 conv -> skip_hidden)(F_i)), k_s^i = refine_channels[i-1]
+    (skip_hidden_last at the finest stage), then the linear 3x3 conv S_i* -> k_m^(i+1) =
+    refine_channels[i] that the vertical path adds to its own. Running them on whole feature maps
+    lets full-image inference compute S* once per scale and crop every window out of it: since a
+    patch's nets also run on its whole context-padded maps before the crop, its S* window equals
+    the crop of a full image's S* computed from the same features.
 
     Returns:
-        A model from the dict of taps to {"skip1".."skip4"}, skip i with refine_channels[i]
-        channels at the resolution of tap REFINE_TAPS[i-1].
+        A model from the dict of taps to {"skip1".."skip4"}, skip i the term S_i* with
+        refine_channels[i] channels at the resolution of tap REFINE_TAPS[i-1].
     """
     inputs = {t: keras.Input((None, None, c), name=t) for t, c in tap_channels.items()}
     outputs = {}
     for i, tap in enumerate(REFINE_TAPS, start=1):
         hidden = skip_hidden_last if i == len(REFINE_TAPS) else skip_hidden
         x = _conv3x3(inputs[tap], hidden, padding, f"refine{i}_skip_conv1", "relu")
-        outputs[f"skip{i}"] = _conv3x3(x, refine_channels[i], padding, f"refine{i}_skip_conv2", "relu")
+        x = _conv3x3(x, refine_channels[i - 1], padding, f"refine{i}_skip_conv2", "relu")
+        outputs[f"skip{i}"] = _conv3x3(x, refine_channels[i], padding, f"refine{i}_skip_conv3")
     return keras.Model(inputs, outputs, name=name)
+
+
+def vertical_channels(layout: str, channels: int) -> tuple[int, ...]:
+    """The output channels of a module's vertical convolutions, for a mask encoding of `channels`.
+
+    `paper`: one linear 3x3 conv M_i* to channels/2 (Fig. 7b); `reference`: SharpMask.lua's
+    3x3 conv to channels, ReLU, 3x3 conv to channels/2.
+
+    Raises:
+        ValueError: for another layout.
+    """
+    if layout == "paper":
+        return (channels // 2,)
+    if layout == "reference":
+        return (channels, channels // 2)
+    raise ValueError(f"refinement_layout must be one of {REFINEMENT_LAYOUTS}. Received: refinement_layout={layout!r}")
 
 
 def refine_network(
@@ -74,12 +96,17 @@ def refine_network(
     refine_channels: tuple[int, ...],
     padding: str,
     upsampling: str,
+    layout: str = "paper",
     name: str = REFINE_NET,
 ) -> keras.Model:
-    """The vertical path: object vector and window skip features to 16*feature_size mask logits.
+    """The vertical path: object vector and window skip terms to 16*feature_size mask logits.
 
-    M1 = linear(object vector) as (feature_size, feature_size, k); module i adds a 3x3 conv of
-    M_i to S_i (the paper's concat + conv, split in two), applies ReLU and upsamples x2.
+    M1 = linear(object vector) as (feature_size, feature_size, k); module i adds its vertical
+    convolutions of M_i (`vertical_channels(layout, ...)`, named refine{i}_vertical_conv{j}) to
+    skip term S_i*, applies ReLU and upsamples x2; a final 3x3 conv gives the logits. With the
+    paper's layout both terms are linear 3x3 convs, so their sum is one 3x3 conv of
+    concat(M_i, S_i): the concat + conv module of Fig. 7a (S_i* runs before the window is cut,
+    so at the window's border it reads S_i's neighbours where M_i is mirror-padded).
 
     Returns:
         A model from [object (B, object_dim), skip1 .. skip4 windows] to (B, 16fs, 16fs) logits.
@@ -93,7 +120,11 @@ def refine_network(
     m = keras.layers.Dense(k * feature_size * feature_size, name="refine_m1")(obj)
     m = keras.layers.Reshape((feature_size, feature_size, k), name="refine_m1_reshape")(m)
     for i, s in enumerate(skips, start=1):
-        v = _conv3x3(m, refine_channels[i], padding, f"refine{i}_vertical")
+        v = m
+        for j, filters in enumerate(vertical_channels(layout, refine_channels[i - 1]), start=1):
+            if j > 1:
+                v = keras.layers.Activation("relu", name=f"refine{i}_vertical_relu{j - 1}")(v)
+            v = _conv3x3(v, filters, padding, f"refine{i}_vertical_conv{j}")
         m = keras.layers.Add(name=f"refine{i}_add")([v, s])
         m = keras.layers.Activation("relu", name=f"refine{i}_relu")(m)
         m = Upsample2D(2, upsampling, name=f"refine{i}_up")(m)
@@ -119,15 +150,25 @@ class SharpMask(DeepMask):
         refine_skip_hidden: width of the horizontal nets' first convolution (R1..R3).
         refine_skip_hidden_last: width of that convolution at the finest stage (R4).
         upsampling: `bilinear` or `nearest` upsampling between the modules.
+        refinement_layout: the vertical nets, `paper` (one linear conv per module, Fig. 7b) or
+            `reference` (SharpMask.lua's two convs; with padding `symmetric` and upsampling
+            `nearest` the release's refinement exactly).
         name: the model's name.
         dtype: the dtype policy its layers are built with (None: the global policy); the three
             outputs are float32 under any policy.
 
     Raises:
-        ValueError: if refine_k is not a positive multiple of 16.
+        ValueError: if refine_k is not a positive multiple of 16, or for an unknown
+            refinement_layout.
     """
 
-    ARGUMENTS = DeepMask.ARGUMENTS + ("refine_k", "refine_skip_hidden", "refine_skip_hidden_last", "upsampling")
+    ARGUMENTS = DeepMask.ARGUMENTS + (
+        "refine_k",
+        "refine_skip_hidden",
+        "refine_skip_hidden_last",
+        "upsampling",
+        "refinement_layout",
+    )
 
     def __init__(
         self,
@@ -147,6 +188,7 @@ class SharpMask(DeepMask):
         upsampling: str = "bilinear",
         trunk_flavour: str = "keras",
         pretrained_trunk: bool = True,
+        refinement_layout: str = "paper",
         name: str = "sharpmask",
         dtype: str | None = None,
         **kwargs,
@@ -174,7 +216,9 @@ class SharpMask(DeepMask):
                 CenterCrop2D(context // TAP_STRIDES[tap], name=f"refine{i}_skip_crop")(skips[f"skip{i}"])
                 for i, tap in enumerate(REFINE_TAPS, start=1)
             ]
-            refine = refine_network(object_dim, patch_size // TRUNK_STRIDE, channels, padding, upsampling, REFINE_NET)
+            refine = refine_network(
+                object_dim, patch_size // TRUNK_STRIDE, channels, padding, upsampling, refinement_layout, REFINE_NET
+            )
             masks = keras.layers.Activation("linear", dtype="float32", name="refined_masks")(
                 refine([object_vector, *windows])
             )
@@ -199,6 +243,7 @@ class SharpMask(DeepMask):
             refine_skip_hidden=refine_skip_hidden,
             refine_skip_hidden_last=refine_skip_hidden_last,
             upsampling=upsampling,
+            refinement_layout=refinement_layout,
         )
         # Where stage 2's gradients stop: the object vector and the trunk's taps in this graph.
         self._refinement_features = [object_vector, *(taps[t] for t in TAP_STRIDES)]

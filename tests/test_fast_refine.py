@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sharpmask_tf.config import PADDING_MODES, UPSAMPLING_MODES, get_config
+from sharpmask_tf.config import PADDING_MODES, REFINEMENT_LAYOUTS, UPSAMPLING_MODES, get_config
 from sharpmask_tf.fast_refine import PhaseConv, fast_refine
 from sharpmask_tf.layers import MirrorPad2D, Upsample2D
 from sharpmask_tf.sharpmask import build_model, refine_network
@@ -19,8 +19,8 @@ def _randomize(model: keras.Model, seed: int = 0) -> None:
         w.assign(rng.normal(0, 1 / np.sqrt(fan_in), w.shape).astype("float32"))
 
 
-def _refine(padding="reflect", upsampling="bilinear", feature_size=3, k=16, seed=0) -> keras.Model:
-    refine = refine_network(8, feature_size, tuple(k // 2**i for i in range(5)), padding, upsampling)
+def _refine(padding="reflect", upsampling="bilinear", feature_size=3, k=16, seed=0, layout="paper") -> keras.Model:
+    refine = refine_network(8, feature_size, tuple(k // 2**i for i in range(5)), padding, upsampling, layout)
     _randomize(refine, seed)
     return refine
 
@@ -37,23 +37,32 @@ def _assert_close(got, want):
     np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
 
 
+@pytest.mark.parametrize("layout", REFINEMENT_LAYOUTS)
 @pytest.mark.parametrize("upsampling", UPSAMPLING_MODES)
 @pytest.mark.parametrize("padding", PADDING_MODES)
-def test_equals_the_refine_net(padding, upsampling):
-    refine = _refine(padding, upsampling)
+def test_equals_the_refine_net(padding, upsampling, layout):
+    refine = _refine(padding, upsampling, layout=layout)
     x = _inputs(refine, 3)
     _assert_close(fast_refine(refine)(x), refine(x))
 
 
+@pytest.mark.parametrize("layout", REFINEMENT_LAYOUTS)
 @pytest.mark.parametrize("feature_size", [1, 2, 5])
-def test_equals_the_refine_net_at_other_sizes(feature_size):
+def test_equals_the_refine_net_at_other_sizes(feature_size, layout):
     # fs 1 and 2 take the original ops for the smallest maps; reflect needs maps of 2+ pixels.
-    refine = _refine("symmetric" if feature_size == 1 else "reflect", feature_size=feature_size, k=32)
+    refine = _refine("symmetric" if feature_size == 1 else "reflect", feature_size=feature_size, k=32, layout=layout)
     x = _inputs(refine, 2)
     _assert_close(fast_refine(refine)(x), refine(x))
 
 
-@pytest.mark.parametrize("overrides", [[], ["model.padding=zero", "model.upsampling=nearest"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model.padding=zero", "model.upsampling=nearest"],
+        ["model.refinement_layout=reference", "model.padding=symmetric", "model.upsampling=nearest"],
+    ],
+)
 def test_small_preset_model(overrides):
     model = build_model(get_config("small", overrides))
     refine = model.get_layer("refine")
@@ -62,10 +71,11 @@ def test_small_preset_model(overrides):
     _assert_close(fast_refine(refine)(x), refine(x))
 
 
+@pytest.mark.parametrize("layout", REFINEMENT_LAYOUTS)
 @pytest.mark.parametrize("upsampling", UPSAMPLING_MODES)
 @pytest.mark.parametrize("padding", PADDING_MODES)
-def test_batch_sizes_eager_and_in_a_function_of_unknown_batch(padding, upsampling):
-    refine = _refine(padding, upsampling)
+def test_batch_sizes_eager_and_in_a_function_of_unknown_batch(padding, upsampling, layout):
+    refine = _refine(padding, upsampling, layout=layout)
     fast = fast_refine(refine)
     spec = [tf.TensorSpec((None, *t.shape[1:]), tf.float32) for t in refine.inputs]
     graph = tf.function(lambda *x: fast(list(x)), input_signature=spec)
@@ -108,17 +118,33 @@ def _with_layer(refine: keras.Model, name: str, make) -> keras.Model:
     return keras.models.clone_model(refine, clone_function=clone)
 
 
+def _relu_conv(config):
+    return keras.layers.Conv2D.from_config({**config, "activation": "relu"})
+
+
 @pytest.mark.parametrize(
-    "name, make, message",
+    "layout, name, make, message",
     [
-        ("refine2_vertical", lambda c: keras.layers.Conv2D.from_config({**c, "activation": "relu"}), "not a linear"),
-        ("refine3_up", lambda c: keras.layers.UpSampling2D(2, name=c["name"]), "is a UpSampling2D"),
-        ("refine_m1", lambda c: keras.layers.Dense.from_config({**c, "activation": "relu"}), "not a linear layer"),
-        ("refine2_relu", lambda c: keras.layers.Activation("tanh", name=c["name"]), "not a ReLU"),
+        ("paper", "refine2_vertical_conv1", _relu_conv, "not a linear"),
+        ("paper", "refine3_up", lambda c: keras.layers.UpSampling2D(2, name=c["name"]), "is a UpSampling2D"),
+        (
+            "paper",
+            "refine_m1",
+            lambda c: keras.layers.Dense.from_config({**c, "activation": "relu"}),
+            "not a linear layer",
+        ),
+        ("paper", "refine2_relu", lambda c: keras.layers.Activation("tanh", name=c["name"]), "not a ReLU"),
+        ("reference", "refine3_vertical_conv2", _relu_conv, "not a linear"),
+        (
+            "reference",
+            "refine1_vertical_relu1",
+            lambda c: keras.layers.Activation("tanh", name=c["name"]),
+            "not a ReLU",
+        ),
     ],
 )
-def test_other_structures_are_refused_naming_the_layer(name, make, message):
-    refine = _with_layer(_refine(), name, make)
+def test_other_structures_are_refused_naming_the_layer(layout, name, make, message):
+    refine = _with_layer(_refine(layout=layout), name, make)
     with pytest.raises(ValueError, match=f"Layer '{name}' of the refine net .*{message}"):
         fast_refine(refine)
 

@@ -9,12 +9,12 @@ import pytest
 import tensorflow as tf
 from image_files import bomb_png
 
-from sharpmask_tf.config import InferenceConfig, get_config
+from sharpmask_tf.config import REFINEMENT_LAYOUTS, TAP_STRIDES, InferenceConfig, get_config
 from sharpmask_tf.images import GREY, to_rgb
 from sharpmask_tf.inference import ProposalGenerator, main
 from sharpmask_tf.masks import mask_iou_matrix, paste_masks
-from sharpmask_tf.pyramid import padded_size, scaled_size, window_boxes
-from sharpmask_tf.sharpmask import build_model
+from sharpmask_tf.pyramid import padded_size, scale_and_pad, scaled_size, window_boxes
+from sharpmask_tf.sharpmask import build_model, refinement_split
 
 P, C = 64, 16  # the small preset's patch size and context
 
@@ -29,6 +29,16 @@ def deepmask():
 def sharpmask():
     tf.keras.utils.set_random_seed(2)
     return build_model(get_config("small"))
+
+
+# The reference layout as SharpMask.lua builds it.
+REFERENCE = ["model.refinement_layout=reference", "model.padding=symmetric", "model.upsampling=nearest"]
+
+
+@pytest.fixture(scope="module")
+def reference_sharpmask():
+    tf.keras.utils.set_random_seed(2)
+    return build_model(get_config("small", REFERENCE))
 
 
 def smooth_image(h, w, seed=0):
@@ -108,7 +118,9 @@ def test_a_single_peak_lands_on_its_window_at_every_scale(deepmask, height, widt
 # ----------------------------------------------------------------------------- full image vs patch
 
 
-def test_full_image_sharpmask_agrees_with_the_patch_model(sharpmask):
+@pytest.mark.parametrize("layout", REFINEMENT_LAYOUTS)
+def test_full_image_sharpmask_agrees_with_the_patch_model(layout, request):
+    sharpmask = request.getfixturevalue({"paper": "sharpmask", "reference": "reference_sharpmask"}[layout])
     config = InferenceConfig(scale_min=-0.5, scale_max=0.0, top_n=1000, crop_size=32)
     gen = ProposalGenerator(sharpmask, config)
     height, width = 208, 240
@@ -140,6 +152,43 @@ def test_full_image_sharpmask_agrees_with_the_patch_model(sharpmask):
     assert checked >= 6
     assert min(ious) >= 0.95, f"mask IoU full image vs patch: {np.round(ious, 3)}"
     assert max(score_gaps) < 0.05, f"score gaps: {np.round(score_gaps, 4)}"
+
+
+@pytest.mark.parametrize("overrides", [[], REFERENCE], ids=REFINEMENT_LAYOUTS)
+def test_full_image_refinement_equals_the_patch_models_on_the_same_features(overrides):
+    # With 48 px of context every crop (3, 6, 12, 24 cells at conv4 .. conv1) covers the skip
+    # nets' 3-cell reach: the patch model's refinement, fed the full image's trunk features over
+    # its patch, must give exactly the logits of the generator's path (skip nets folded and run
+    # once on the whole map, windows gathered from them, phase-convolution vertical path).
+    tf.keras.utils.set_random_seed(7)
+    context = 48
+    model = build_model(get_config("small", [*overrides, f"model.context={context}"]))
+    rng = np.random.default_rng(8)
+    for net in ("skip", "refine"):  # biases too, so every border term matters
+        for w in model.get_layer(net).weights:
+            w.assign(rng.normal(0, 1.5 / np.sqrt(np.prod(w.shape[:-1]) if len(w.shape) > 1 else 4), w.shape))
+    gen = ProposalGenerator(model, InferenceConfig(scale_min=0.0, scale_max=0.0))
+    rgb = to_rgb(smooth_image(150, 170, seed=5))
+    levels = gen._pyramid(rgb, tf.constant(1.0))
+    padded, _ = scale_and_pad(rgb, tf.constant(1.0), P)
+    taps = model.get_layer("trunk")(model.get_layer("normalize")(padded[None]))
+    cols_per_row = int(levels["sizes"][0, 1])
+    windows = [(3, 3), (3, 8), (7, 5), (5, 4)]  # 16 * row - context >= 0 and inside the padded image
+    rows, cols = (tf.constant(v, tf.int32) for v in zip(*windows))
+    index = rows * cols_per_row + cols
+    got = gen._window_mask_logits(levels, index, tf.zeros_like(rows), rows, cols)
+    _, refinement = refinement_split(model)
+    features = [tf.gather(levels["objects"], index)]
+    for tap, stride in TAP_STRIDES.items():
+        crops = [taps[tap][0, (16 * r - context) // stride : (16 * r + P + context) // stride] for r, _ in windows]
+        crops = [
+            crop[:, (16 * c - context) // stride : (16 * c + P + context) // stride]
+            for crop, (_, c) in zip(crops, windows)
+        ]
+        features.append(tf.stack(crops))
+    want = np.asarray(refinement(features))
+    assert want.std() > 0.5, want.std()  # logits that vary, so the tolerance means something
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4 * np.abs(want).max())
 
 
 # ----------------------------------------------------------------------------- outputs and edge cases
