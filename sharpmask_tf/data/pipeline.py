@@ -1,4 +1,4 @@
-"""The tf.data input pipeline over `PatchSampler`, and the fixed validation patches."""
+"""The tf.data input pipeline: `PatchSampler` windows cut by `render`; the fixed validation patches."""
 
 from __future__ import annotations
 
@@ -8,24 +8,61 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from sharpmask_tf.config import Config
+from sharpmask_tf.config import Config, DataConfig, InferenceConfig, ModelConfig
 from sharpmask_tf.data.coco import CocoDataset
+from sharpmask_tf.data.render import PatchPlanner, render_group
 from sharpmask_tf.data.sampler import PatchSampler
 
 SPLITS = ("train", "val")
 BATCH_KEYS = ("images", "masks", "scores", "mask_weight", "score_weight")
+# A batch's rendering plan (`PatchPlanner.plan`) and its sample weights: shapes after the group
+# axis, as functions of (patches per image K, label side L).
+_PLAN_SHAPES = {
+    "image": lambda k, label: (),
+    "decoder": lambda k, label: (),
+    "crop": lambda k, label: (4,),
+    "height": lambda k, label: (),
+    "transform": lambda k, label: (k, 8),
+    "inside": lambda k, label: (k, 4),
+    "label_rows": lambda k, label: (k, label),
+    "label_cols": lambda k, label: (k, label),
+    "rle": lambda k, label: (k,),
+    "scores": lambda k, label: (k, 1),
+    "mask_weight": lambda k, label: (k,),
+    "score_weight": lambda k, label: (k,),
+}
+_PLAN_TYPES = {
+    "image": tf.int32,
+    "decoder": tf.int32,
+    "crop": tf.int32,
+    "height": tf.int64,
+    "inside": tf.int32,
+    "label_rows": tf.int64,
+    "label_cols": tf.int64,
+    "rle": tf.string,
+}
 # Seed-stream tags, so the validation patches never repeat a training batch's draws.
 _TRAIN_STREAM, _VALIDATION_STREAM = 0, 1
 
 
 @functools.lru_cache(maxsize=8)
-def _load(annotation_file: str, image_dir: str, on_bad_annotation: str, modified: float) -> CocoDataset:
-    del modified  # part of the cache key only: a rewritten file is loaded again
+def _load(annotation_file: str, image_dir: str, on_bad_annotation: str, version: tuple) -> CocoDataset:
+    del version  # part of the cache key only: a rewritten file or changed folder is loaded again
     return CocoDataset(annotation_file, image_dir, on_bad_annotation=on_bad_annotation)
 
 
+def _version(path: str) -> tuple[int, int]:
+    """What changes when a file is rewritten or a folder's entries change: (mtime ns, size)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (stat.st_mtime_ns, stat.st_size)
+
+
 def load_split(config: Config, split: str) -> CocoDataset:
-    """The validated `CocoDataset` of a split, loaded once per process and files.
+    """The validated `CocoDataset` of a split, loaded once per process and files: loaded again
+    when the annotation file is rewritten or the image folder gains, loses or renames a file.
 
     Raises:
         ValueError: for a split other than "train" or "val".
@@ -37,8 +74,38 @@ def load_split(config: Config, split: str) -> CocoDataset:
     annotations, images = (
         (d.train_annotations, d.train_images) if split == "train" else (d.val_annotations, d.val_images)
     )
-    modified = os.path.getmtime(annotations) if os.path.isfile(annotations) else -1.0
-    return _load(annotations, images, d.on_bad_annotation, modified)
+    return _load(annotations, images, d.on_bad_annotation, (_version(annotations), _version(images)))
+
+
+@functools.lru_cache(maxsize=8)
+def _planner(dataset: CocoDataset, data: DataConfig, model: ModelConfig, inference: InferenceConfig, stage: int):
+    """One sampler and planner per dataset and sampling config: indexing a COCO-sized split
+    takes seconds, and the planner remembers which images it has checked."""
+    config = Config(model=model, data=data, inference=inference)
+    return PatchPlanner(PatchSampler.from_config(dataset, config, stage))
+
+
+def _draw(planner: PatchPlanner, rng: np.random.Generator, kind: str, batch: int, k: int) -> dict[str, np.ndarray]:
+    """One batch's windows as a rendering plan plus their scores and weights, (G, K, ...) arrays."""
+    windows = planner.sampler.draw_windows(rng, kind, batch, k, planner.usable)
+    plan = planner.plan(windows, k, with_labels=kind == "mask")
+    scores = np.array([1.0 if w.annotation_id is not None else -1.0 for w in windows], np.float32)
+    plan["scores"] = scores.reshape(batch // k, k, 1)
+    plan["mask_weight"] = np.full((batch // k, k), kind == "mask", np.float32)
+    plan["score_weight"] = np.full((batch // k, k), kind == "score", np.float32)
+    return plan
+
+
+def _render(groups: tf.data.Dataset, planner: PatchPlanner, parallel: int) -> tf.data.Dataset:
+    """Planned groups to patches: each group's image decoded once, `parallel` groups at a time."""
+    paths = tf.constant(planner.paths)
+    size, label = planner.sampler.input_size, planner.sampler.label_size
+
+    def to_patches(group: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        patches = render_group(group, paths, size, label)
+        return {**patches, **{key: group[key] for key in ("scores", "mask_weight", "score_weight")}}
+
+    return groups.map(to_patches, num_parallel_calls=parallel, deterministic=True).unbatch()
 
 
 def make_dataset(
@@ -49,13 +116,20 @@ def make_dataset(
     input_context: tf.distribute.InputContext | None = None,
     seed: int | None = None,
     repeat: bool = True,
+    patches_per_image: int = 1,
 ) -> tf.data.Dataset:
     """Batches of training patches, sampled fresh for every batch (SPEC.md section 3).
 
     In stage 1 each batch is all score samples with probability `data.score_frequency`, else all
     mask samples; stage 2 batches are mask samples. Batch i of input pipeline p is a pure function of
     (seed, p, stage, i), so the stream is deterministic and every pipeline's stream is distinct.
-    Batches are sampled in parallel (`data.num_parallel_calls`) and prefetched.
+    The windows are drawn in Python (`PatchSampler.draw_windows`, cheap); the patches are decoded,
+    cut and labelled by TensorFlow ops (`render.render_group`), `data.num_parallel_calls` images
+    at a time on every core, and prefetched.
+
+    The time a training step waits for its input is the time `next()` on this dataset's iterator
+    blocks: with the stream ahead of the step it is near zero, and it grows when the step outruns
+    the pipeline.
 
     Args:
         config: the configuration.
@@ -69,6 +143,9 @@ def make_dataset(
         seed: stream seed; None is `data.seed`.
         repeat: True for an endless stream; False for one epoch of about as many patches as the
             split has sampleable objects, split across input pipelines (at least one batch each).
+        patches_per_image: windows cut from each decoded image (see `PatchSampler.draw_windows`:
+            each window's distribution is unchanged, windows of one image are dependent); 1 is the
+            paper's sampling. The (per-replica) batch must be a multiple of it.
 
     Returns:
         A dataset of dicts: `images` (B, S, S, 3) float32 RGB in [0, 1] with S = model.input_size;
@@ -76,10 +153,11 @@ def make_dataset(
         `mask_weight` and `score_weight` (B,) float32.
 
     Raises:
-        ValueError: for a bad split, stage or batch size.
+        ValueError: for a bad split, stage, batch size or patches_per_image.
         DatasetError: for a missing or malformed dataset.
     """
-    sampler = PatchSampler.from_config(load_split(config, split), config, stage)
+    planner = _planner(load_split(config, split), config.data, config.model, config.inference, stage)
+    sampler = planner.sampler
     global_batch = config.training.batch_size if batch_size is None else batch_size
     if global_batch < 1:
         raise ValueError(f"batch_size must be positive. Received: batch_size={batch_size!r}")
@@ -87,39 +165,48 @@ def make_dataset(
     if input_context is not None:
         pipeline, pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
         batch = input_context.get_per_replica_batch_size(global_batch)
+    if patches_per_image < 1 or batch % patches_per_image:
+        raise ValueError(
+            "The batch must be a positive multiple of patches_per_image. "
+            f"Received: batch={batch!r}, patches_per_image={patches_per_image!r}"
+        )
     seed = config.data.seed if seed is None else seed
     score_frequency = config.data.score_frequency if stage == 1 else 0.0
+    k = patches_per_image
 
     def draw(index: np.ndarray) -> list[np.ndarray]:
         rng = np.random.default_rng([seed, _TRAIN_STREAM, pipeline, stage, int(index)])
         kind = "score" if rng.random() < score_frequency else "mask"
-        arrays, _ = sampler.sample_batch(rng, kind, batch)
-        return [arrays[k] for k in BATCH_KEYS]
+        plan = _draw(planner, rng, kind, batch, k)
+        return [plan[key] for key in _PLAN_SHAPES]
 
-    size, label = sampler.input_size, sampler.label_size
-    shapes = {
-        "images": (batch, size, size, 3),
-        "masks": (batch, label, label),
-        "scores": (batch, 1),
-        "mask_weight": (batch,),
-        "score_weight": (batch,),
-    }
+    label = sampler.label_size
+    shapes = {key: (batch // k, *shape(k, label)) for key, shape in _PLAN_SHAPES.items()}
+    types = [_PLAN_TYPES.get(key, tf.float32) for key in _PLAN_SHAPES]
 
-    def to_batch(index: tf.Tensor) -> dict[str, tf.Tensor]:
-        tensors = tf.numpy_function(draw, [index], [tf.float32] * len(BATCH_KEYS), stateful=False)
-        return {k: tf.ensure_shape(t, shapes[k]) for k, t in zip(BATCH_KEYS, tensors)}
+    def to_plan(index: tf.Tensor) -> dict[str, tf.Tensor]:
+        tensors = tf.numpy_function(draw, [index], types, stateful=False)
+        return {key: tf.ensure_shape(t, shapes[key]) for key, t in zip(_PLAN_SHAPES, tensors)}
 
-    if repeat:
-        indices = tf.data.Dataset.range(np.iinfo(np.int64).max)
-    else:
-        indices = tf.data.Dataset.range(max(1, len(sampler.positives) // (batch * pipelines)))
     parallel = tf.data.AUTOTUNE if config.data.num_parallel_calls == -1 else config.data.num_parallel_calls
-    dataset = indices.map(to_batch, num_parallel_calls=parallel, deterministic=True)
+    if repeat:
+        count = tf.data.INFINITE_CARDINALITY
+        indices = tf.data.Dataset.counter()
+    else:
+        count = max(1, len(sampler.positives) // (batch * pipelines))
+        indices = tf.data.Dataset.range(count)
+    groups = indices.map(to_plan, num_parallel_calls=parallel, deterministic=True).unbatch()
+    dataset = (
+        _render(groups, planner, parallel)
+        .batch(batch, drop_remainder=True)
+        .apply(tf.data.experimental.assert_cardinality(count))
+    )
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def make_validation_patches(config: Config, num_patches: int, stage: int, seed: int) -> dict[str, np.ndarray]:
-    """A fixed set of jittered mask samples from the val split, for per-patch IoU.
+    """A fixed set of jittered mask samples from the val split, for per-patch IoU, cut as
+    `make_dataset` cuts them.
 
     Args:
         config: the configuration.
@@ -137,7 +224,7 @@ def make_validation_patches(config: Config, num_patches: int, stage: int, seed: 
     """
     if num_patches < 1:
         raise ValueError(f"num_patches must be positive. Received: num_patches={num_patches!r}")
-    sampler = PatchSampler.from_config(load_split(config, "val"), config, stage)
-    rng = np.random.default_rng([seed, _VALIDATION_STREAM, stage])
-    arrays, _ = sampler.sample_batch(rng, "mask", num_patches)
-    return arrays
+    planner = _planner(load_split(config, "val"), config.data, config.model, config.inference, stage)
+    plan = _draw(planner, np.random.default_rng([seed, _VALIDATION_STREAM, stage]), "mask", num_patches, 1)
+    patches = _render(tf.data.Dataset.from_tensor_slices(plan), planner, tf.data.AUTOTUNE).batch(num_patches)
+    return {key: value.numpy() for key, value in patches.get_single_element().items()}

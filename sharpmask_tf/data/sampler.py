@@ -21,6 +21,7 @@ import collections
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +122,7 @@ class PatchSampler:
         self._lock = threading.Lock()
 
         self.image_ids = dataset.image_ids
+        self.image_index = {image_id: index for index, image_id in enumerate(self.image_ids)}
         if not self.image_ids:
             raise DatasetError(f"No usable images. Received: annotation_file={dataset.annotation_file!r}")
         self._sizes = np.array(
@@ -138,6 +140,10 @@ class PatchSampler:
             for a in anns:
                 if not a["iscrowd"] and dataset.mask_area[a["id"]] >= min_area and min(a["bbox"][2:]) >= min_side:
                     self.positives.append((index, a))
+        # Positives are listed image by image: those of image i are positives[starts[i]:starts[i + 1]].
+        self._positive_starts = np.searchsorted(
+            [index for index, _ in self.positives], np.arange(len(self.image_ids) + 1)
+        )
         if not self.positives:
             raise DatasetError(
                 "No object to sample: every annotation is a crowd region, or smaller than "
@@ -184,18 +190,22 @@ class PatchSampler:
         octaves = np.abs(np.log2(scale / self.canonical_scale(objects[:, 2])))
         return not np.any((offset < self.negative_shift) & (octaves < self.negative_scale))
 
-    def _positive_window(self, rng: np.random.Generator) -> Window:
-        index, ann = self.positives[rng.integers(len(self.positives))]
+    def _positive_window(self, rng: np.random.Generator, image_index: int | None = None) -> Window:
+        if image_index is None:
+            index, ann = self.positives[rng.integers(len(self.positives))]
+        else:
+            start, stop = self._positive_starts[image_index], self._positive_starts[image_index + 1]
+            index, ann = self.positives[start + rng.integers(stop - start)]
         x, y, w, h = ann["bbox"]
         scale = self.canonical_scale(max(w, h)) * 2.0 ** rng.uniform(-self.scale_jitter, self.scale_jitter)
         dx, dy = rng.uniform(-self.shift_jitter, self.shift_jitter, size=2)
         flip = bool(rng.random() < self.flip_probability)
         return Window(self.image_ids[index], x + w / 2 + dx / scale, y + h / 2 + dy / scale, scale, flip, ann["id"])
 
-    def _negative_window(self, rng: np.random.Generator) -> Window:
+    def _negative_window(self, rng: np.random.Generator, image_index: int | None = None) -> Window:
         lo, hi = self.negative_log2_scales
         for _ in range(MAX_ATTEMPTS):
-            index = int(rng.integers(len(self.image_ids)))
+            index = int(rng.integers(len(self.image_ids))) if image_index is None else image_index
             width, height = self._sizes[index]
             scale = 2.0 ** rng.uniform(lo, hi)
             cx, cy = rng.uniform(0, width), rng.uniform(0, height)
@@ -206,6 +216,73 @@ class PatchSampler:
         with self._lock:
             self.skipped["negative fell back to an off-image window"] += 1
         return Window(self.image_ids[index], -self.negative_shift / scale - 1.0, cy, scale, False, None)
+
+    def draw_window(self, rng: np.random.Generator, positive: bool, image_index: int | None = None) -> Window:
+        """One window, drawn by the rules of the module docstring; no image is read.
+
+        Args:
+            rng: the generator all randomness comes from.
+            positive: a positive (an object uniformly among the sampleable ones) or a negative.
+            image_index: None for the rules as stated; else the window's image, by position in
+                `image_ids`: a positive is then an object drawn uniformly among that image's
+                sampleable ones (the image must have one), a negative is placed in that image.
+        """
+        return self._positive_window(rng, image_index) if positive else self._negative_window(rng, image_index)
+
+    def draw_windows(
+        self,
+        rng: np.random.Generator,
+        kind: str,
+        batch_size: int,
+        patches_per_image: int = 1,
+        usable: Callable[[int], bool] | None = None,
+    ) -> list[Window]:
+        """The windows of one batch of a single kind, in groups of `patches_per_image` from one image.
+
+        Mask batches are positives; in score batches each group is positives or negatives with
+        probability 0.5. A group's first window follows the rules as stated. The others are of its
+        sign and in its image: positives an object drawn uniformly among the image's sampleable
+        ones (the first picks an image in proportion to its sampleable objects, so every window is
+        still uniform over all objects), negatives the same rejection within that image. Each
+        window on its own is distributed as with one window per image; only the windows of a group
+        are dependent, and a score batch's count of positives varies by whole groups.
+
+        Args:
+            rng: the generator all randomness comes from.
+            kind: `"mask"` or `"score"`.
+            batch_size: number of windows, a multiple of `patches_per_image`.
+            patches_per_image: windows per group.
+            usable: called with a group's image index (position in `image_ids`); False redraws
+                the group's first window (for images that cannot be decoded).
+
+        Returns:
+            batch_size windows, group by group.
+
+        Raises:
+            ValueError: for an unknown kind or a batch size that is not a multiple of
+                patches_per_image.
+            DatasetError: after MAX_ATTEMPTS unusable images in a row.
+        """
+        if kind not in ("mask", "score"):
+            raise ValueError(f"kind must be 'mask' or 'score'. Received: kind={kind!r}")
+        if patches_per_image < 1 or batch_size % patches_per_image:
+            raise ValueError(
+                "batch_size must be a positive multiple of patches_per_image. "
+                f"Received: batch_size={batch_size!r}, patches_per_image={patches_per_image!r}"
+            )
+        windows: list[Window] = []
+        for _ in range(batch_size // patches_per_image):
+            positive = kind == "mask" or bool(rng.random() < 0.5)
+            for _ in range(MAX_ATTEMPTS):
+                first = self.draw_window(rng, positive)
+                index = self.image_index[first.image_id]
+                if usable is None or usable(index):
+                    break
+            else:
+                raise self._undecodable_run()
+            windows.append(first)
+            windows.extend(self.draw_window(rng, positive, index) for _ in range(patches_per_image - 1))
+        return windows
 
     def _sample_grid(self, window: Window, size: int, step: float, offset: float) -> tuple[np.ndarray, np.ndarray]:
         """Continuous image coordinates (x, y) of the centres of a size x size grid placed `offset`
@@ -257,21 +334,31 @@ class PatchSampler:
         inside &= vy[:, None] & vx[None, :]
         return np.where(inside, np.float32(1), np.float32(-1))
 
+    def undecodable(self, error: DatasetError) -> None:
+        """Handles an image that cannot be decoded, following `on_bad_annotation`: re-raises the
+        error, or counts it in `skipped` (logging the first) so that the caller redraws."""
+        if self.on_bad_annotation == "error":
+            raise error
+        with self._lock:
+            first = self.skipped["undecodable image"] == 0
+            self.skipped["undecodable image"] += 1
+        if first:
+            logger.warning("Skipping an undecodable image (counted in skipped): %s", error)
+
+    def _undecodable_run(self) -> DatasetError:
+        return DatasetError(
+            f"{MAX_ATTEMPTS} draws in a row hit undecodable images. Received: image_dir={self.dataset.image_dir!r}"
+        )
+
     def _render(
         self, rng: np.random.Generator, positive: bool, with_label: bool
     ) -> tuple[Window, np.ndarray, np.ndarray]:
         for _ in range(MAX_ATTEMPTS):
-            window = self._positive_window(rng) if positive else self._negative_window(rng)
+            window = self.draw_window(rng, positive)
             try:
                 image = self.crop_image(window)
             except DatasetError as e:
-                if self.on_bad_annotation == "error":
-                    raise
-                with self._lock:
-                    first = self.skipped["undecodable image"] == 0
-                    self.skipped["undecodable image"] += 1
-                if first:
-                    logger.warning("Skipping an undecodable image (counted in skipped): %s", e)
+                self.undecodable(e)
                 continue
             if with_label:
                 label = self.crop_label(window)
@@ -280,9 +367,7 @@ class PatchSampler:
             if window.flip:
                 image, label = image[:, ::-1], label[:, ::-1]
             return window, image, label
-        raise DatasetError(
-            f"{MAX_ATTEMPTS} draws in a row hit undecodable images. Received: image_dir={self.dataset.image_dir!r}"
-        )
+        raise self._undecodable_run()
 
     def sample_batch(
         self, rng: np.random.Generator, kind: str, batch_size: int
