@@ -250,7 +250,7 @@ class Trainer:
         loads them into the model and returns the stage's metrics.
 
         Raises:
-            FloatingPointError: for a loss that is not finite (without mixed precision).
+            FloatingPointError: for a loss that is not finite, before that step is saved.
             TrainingInterrupted: once `stop` holds a signal and the current step is saved.
         """
         stage, t = task.stage, self.config.training
@@ -276,8 +276,13 @@ class Trainer:
             sums, stopping = train_step(iterator, tf.constant(float(stop.signum is not None)))
             step += 1
             sums = [float(x) for x in sums.numpy()]
-            if not math.isfinite(sums[-1]) and not t.mixed_precision:
-                raise FloatingPointError(f"{stage}: the loss is {sums[-1]} at step {step}")
+            if not math.isfinite(sums[-1]):
+                # Before any save of this step: the latest checkpoint stays the last good one. Under
+                # mixed precision too: loss scaling skips overflowing gradients, not a lost forward.
+                raise FloatingPointError(
+                    f"{stage}: the loss is {sums[-1]} at step {step}; stopped without saving it. "
+                    f"The last good checkpoint: {checkpoints.latest or 'none yet'}"
+                )
             loss_avg = sums[-1] if loss_avg is None else 0.9 * loss_avg + 0.1 * sums[-1]
             if float(stopping) > 0:
                 checkpoints.save(step)
