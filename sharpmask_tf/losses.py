@@ -1,8 +1,8 @@
 """Training losses and per-patch mask metrics, as pure functions (SPEC.md section 3).
 
 Labels are +1 (object) / -1 (background), as in the reference's soft-margin criteria. Every loss
-returns one value per example, so the caller decides how to reduce (under tf.distribute: sum and
-divide by the global batch).
+returns one value per example, so the caller decides how to reduce (training sums them over the
+global batch, the reference's scale: `sharpmask_tf.task`).
 """
 
 from __future__ import annotations

@@ -41,16 +41,55 @@ def _check_stage(stage: str) -> None:
 
 
 def learning_rate_schedule(config: Config, stage: str) -> keras.optimizers.schedules.LearningRateSchedule | float:
-    """The learning rate of a stage: stage 1 steps down from `training.learning_rate` through
-    `lr_decay_rates` at the fractions `lr_decay_at` of `stage1_steps` (the reference's
-    1e-3 -> 5e-4 -> 1e-4 at 50% and 80%); stage 2 is constant."""
+    """The learning rate of a stage as the reference's `updateScheduler` regimes, in its epochs of
+    `training.epoch_steps` steps: stage 1 starts at `learning_rate` and takes `lr_decay_rates` after
+    the epochs `lr_decay_epochs` (1e-3, then 5e-4 after epoch 50, 1e-4 after epoch 120); stage 2
+    likewise from `stage2_learning_rate` (1e-3 / 5e-4 / 1e-4 after epochs 50 and 80). A stage
+    without decay gets its rate as a float.
+
+    Raises:
+        ValueError: for an unknown stage.
+    """
+    _check_stage(stage)
     t = config.training
-    if stage == "sharpmask":
-        return t.stage2_learning_rate
-    boundaries = [max(1, round(f * t.stage1_steps)) for f in t.lr_decay_at]
+    if stage == "deepmask":
+        first, rates, epochs = t.learning_rate, t.lr_decay_rates, t.lr_decay_epochs
+    else:
+        first, rates, epochs = t.stage2_learning_rate, t.stage2_lr_decay_rates, t.stage2_lr_decay_epochs
+    if not rates:
+        return first
+    # Epoch e's last step (0-based) is e * epoch_steps - 1; the next rate applies after it.
+    boundaries = [max(0, round(e * t.epoch_steps) - 1) for e in epochs]
     for i in range(1, len(boundaries)):
         boundaries[i] = max(boundaries[i], boundaries[i - 1] + 1)
-    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, [t.learning_rate, *t.lr_decay_rates])
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, [first, *rates])
+
+
+def agree_on_finite(grads: list[tf.Tensor | None]) -> list[tf.Tensor | None]:
+    """One replica's gradients, made non-finite when any replica's are, so that every replica's
+    `keras.optimizers.LossScaleOptimizer` skips the same steps.
+
+    Under MirroredStrategy the optimizer takes its finite check from the first replica's
+    gradients before they are summed: an overflow on another replica would be summed into the
+    weights. Called in a replica context; outside one, or with one replica, it only checks.
+
+    Args:
+        grads: this replica's gradients (None for variables without one).
+
+    Returns:
+        `grads` unchanged when every replica's are finite, else all NaN.
+    """
+    present = [g for g in grads if g is not None]
+    finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in present]))
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        # tf.identity places the flag on this replica's device, which all_reduce needs.
+        overflowed = tf.identity(1.0 - tf.cast(finite, tf.float32))
+        finite = context.all_reduce(tf.distribute.ReduceOp.SUM, overflowed) == 0
+    agreed = iter(
+        tf.cond(finite, lambda: present, lambda: [tf.fill(tf.shape(g), tf.constant(np.nan, g.dtype)) for g in present])
+    )
+    return [None if g is None else next(agreed) for g in grads]
 
 
 def stage_model(config: Config, stage: str, trunk_weights: bool = True) -> keras.Model:
@@ -116,7 +155,7 @@ class StageTask:
             self._weight_decay = t.weight_decay
         else:
             self._frozen, self._trained = refinement_split(self.model)
-            optimizer = keras.optimizers.SGD(t.stage2_learning_rate)
+            optimizer = keras.optimizers.SGD(learning_rate_schedule(config, stage))
             self._weight_decay = 0.0
         if t.mixed_precision:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -145,7 +184,6 @@ class StageTask:
 
     def _loss_sums_and_gradients(self, batch: dict[str, tf.Tensor]) -> tuple[tf.Tensor, list[tf.Tensor]]:
         t = self.config.training
-        global_batch = t.batch_size
         features = None if self._frozen is None else self._frozen(batch["images"], training=False)
         with tf.GradientTape() as tape:
             if features is None:
@@ -153,7 +191,10 @@ class StageTask:
                 losses = joint_loss(out["masks"], out["scores"], batch, t.score_weight)
             else:
                 losses = joint_loss(self._trained(features, training=True), None, batch, 0.0)
-            loss = tf.reduce_sum(losses["loss"]) / global_batch
+            # The paper's objective, summed over the batch as the reference's `gradOutputs:mul(batch)`
+            # does: each replica sums its examples and the optimizer sums the replicas' gradients,
+            # so the step is the global batch's sum whatever the replica count.
+            loss = tf.reduce_sum(losses["loss"])
             if self._weight_decay:
                 # L2 weight decay, as the reference's optim.sgd weightDecay: wd * w joins the
                 # gradient before momentum. Divided by the replicas, whose gradients are summed.
@@ -166,7 +207,7 @@ class StageTask:
                 tf.reduce_sum(batch["mask_weight"]),
                 tf.reduce_sum(losses["score"]),
                 tf.reduce_sum(batch["score_weight"]),
-                tf.reduce_sum(losses["loss"]) / global_batch,
+                tf.reduce_sum(losses["loss"]) / t.batch_size,
             ]
         )
         return sums, tape.gradient(scaled, self.trainable_variables)
@@ -174,11 +215,17 @@ class StageTask:
     def train_step(self, batch: dict[str, tf.Tensor]) -> tf.Tensor:
         """One replica's step on its share of a global batch: forward, backward, optimizer update.
 
+        Under mixed precision every replica skips the update when any replica's gradients are not
+        finite (see `agree_on_finite`).
+
         Returns:
             (5,) sums for the logs, to be summed over replicas: mask loss, mask samples, score
-            loss, score samples and this replica's share of the objective.
+            loss, score samples and this replica's share of the objective's mean per example
+            (weight decay left out).
         """
         sums, grads = self._gradients(batch)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            grads = agree_on_finite(grads)
         self.optimizer.apply(grads, self.trainable_variables)
         return sums
 

@@ -7,8 +7,9 @@ resumption, stop signals, TensorBoard and metrics.json (TF Model Garden's split 
 from `base_task`).
 
 The loop is a `strategy.run` step inside a `tf.function` (Keras 3's `fit` fails under
-MultiWorkerMirroredStrategy, keras-team/keras#20585). Each replica's loss is its per-example
-losses summed and divided by the global batch; the optimizer sums gradients over replicas.
+MultiWorkerMirroredStrategy, keras-team/keras#20585). Each replica's objective is its examples'
+losses summed (the reference's scale, see `task.py`); the optimizer sums gradients over replicas,
+so a step is the sum over the global batch for any replica count.
 
 A model directory holds:
     config.json                  the resolved configuration of the latest run
@@ -314,7 +315,7 @@ class Trainer:
         the stage's metrics.
 
         Raises:
-            FloatingPointError: for a loss that is not finite (without mixed precision).
+            FloatingPointError: for a loss that is not finite, before that step is saved.
             TrainingInterrupted: once `stop` holds a signal and the current step is saved.
             UnrestorableCheckpoints: if the stage's checkpoint files are there and none restores.
         """
@@ -348,8 +349,13 @@ class Trainer:
             sums, stopping = train_step(iterator, tf.constant(float(stop.signum is not None)))
             step += 1
             sums = [float(x) for x in sums.numpy()]
-            if not math.isfinite(sums[-1]) and not t.mixed_precision:
-                raise FloatingPointError(f"{stage}: the loss is {sums[-1]} at step {step}")
+            if not math.isfinite(sums[-1]):
+                # Before any save of this step: the latest checkpoint stays the last good one. Under
+                # mixed precision too: loss scaling skips overflowing gradients, not a lost forward.
+                raise FloatingPointError(
+                    f"{stage}: the loss is {sums[-1]} at step {step}; stopped without saving it. "
+                    f"The last good checkpoint: {checkpoints.latest or 'none yet'}"
+                )
             loss_avg = sums[-1] if loss_avg is None else 0.9 * loss_avg + 0.1 * sums[-1]
             if float(stopping) > 0:
                 checkpoints.save(step)

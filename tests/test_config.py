@@ -26,7 +26,7 @@ def test_overrides_are_typed():
         "small",
         [
             "model.refine_k=32",
-            "training.lr_decay_at=[0.25,0.75]",
+            "training.lr_decay_epochs=[25,75]",
             "model.padding=symmetric",
             "inference.nms_threshold=0.5",
             "inference.compute_dtype=bfloat16",
@@ -34,7 +34,7 @@ def test_overrides_are_typed():
         ],
     )
     assert c.model.refine_k == 32 and c.model.padding == "symmetric"
-    assert c.training.lr_decay_at == (0.25, 0.75)
+    assert c.training.lr_decay_epochs == (25.0, 75.0)
     assert c.inference.nms_threshold == 0.5 and c.model.trunk_weights is None
     assert c.inference.compute_dtype == "bfloat16"
     assert get_config("small").model.refine_k == 16  # presets are not mutated

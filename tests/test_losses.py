@@ -77,3 +77,36 @@ def test_iou_summary():
     assert s == pytest.approx({"mean_iou": 0.625, "median_iou": 0.7, "iou_over_50": 0.75, "iou_over_70": 0.5})
     with pytest.raises(ValueError):
         iou_summary(np.array([]))
+
+
+def _reference_soft_margin_grad(x, y):
+    """Torch's SoftMarginCriterion backward with sizeAverage: -y e^(-yx) / (1 + e^(-yx)) / x.size."""
+    return -y * np.exp(-y * x) / (1 + np.exp(-y * x)) / x.size
+
+
+def test_joint_loss_summed_over_a_batch_of_32_has_the_reference_gradients():
+    # TrainerDeepMask.lua: a mask batch's criterion gradient times the batch, a score batch's as is.
+    rng = np.random.default_rng(2)
+    n, side = 32, 4
+    logits_m = tf.constant(rng.normal(size=(n, side, side)).astype(np.float32))
+    logits_s = tf.constant(rng.normal(size=(n, 1)).astype(np.float32))
+    masks = np.where(rng.random((n, side, side)) < 0.5, 1.0, -1.0).astype(np.float32)
+    scores = np.where(rng.random((n, 1)) < 0.5, 1.0, -1.0).astype(np.float32)
+    for kind in ("mask", "score"):
+        weight = tf.fill([n], 1.0 if kind == "mask" else 0.0)
+        batch = {
+            "masks": tf.constant(masks),
+            "scores": tf.constant(scores),
+            "mask_weight": weight,
+            "score_weight": 1.0 - weight,
+        }
+        with tf.GradientTape() as tape:
+            tape.watch([logits_m, logits_s])
+            loss = tf.reduce_sum(joint_loss(logits_m, logits_s, batch, 1 / 32)["loss"])
+        grad_m, grad_s = tape.gradient(loss, [logits_m, logits_s])
+        if kind == "mask":
+            np.testing.assert_allclose(grad_m, n * _reference_soft_margin_grad(logits_m.numpy(), masks), rtol=1e-5)
+            np.testing.assert_allclose(grad_s, 0.0)
+        else:
+            np.testing.assert_allclose(grad_s, _reference_soft_margin_grad(logits_s.numpy(), scores), rtol=1e-5)
+            np.testing.assert_allclose(grad_m, 0.0)

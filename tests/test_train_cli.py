@@ -109,7 +109,9 @@ def test_sigkill_resumes_from_last_checkpoint_and_sigterm_loses_nothing(tmp_path
         "--set",
         "training.log_every=1",
         "--set",
-        "training.lr_decay_at=[0.01,0.9]",
+        "training.lr_decay_epochs=[1,90]",
+        "--set",
+        "training.epoch_steps=10",
         "--set",
         "training.batch_size=4",
         "--set",
@@ -137,7 +139,9 @@ def test_sigkill_resumes_from_last_checkpoint_and_sigterm_loses_nothing(tmp_path
     # Nothing between the checkpoint and the kill survives; the resumed run starts right after the
     # checkpoint, at the decayed learning rate (the optimizer's step was restored with its slots).
     steps = _scalars(model_dir / "logs" / "deepmask" / "train", "learning_rate")
-    config = get_config("small", ["training.stage1_steps=1000", "training.lr_decay_at=[0.01,0.9]"])
+    config = get_config(
+        "small", ["training.stage1_steps=1000", "training.epoch_steps=10", "training.lr_decay_epochs=[1,90]"]
+    )
     assert min(s for s in steps if s > killed_at) == killed_at + 1
     assert steps[killed_at + 1][-1] == pytest.approx(config.training.lr_decay_rates[0])
     reader = tf.train.load_checkpoint(str(stage_dir))

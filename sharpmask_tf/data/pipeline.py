@@ -43,7 +43,7 @@ _PLAN_TYPES = {
     "rle": tf.string,
 }
 # Seed-stream tags, so the validation patches never repeat a training batch's draws.
-_TRAIN_STREAM, _VALIDATION_STREAM = 0, 1
+_TRAIN_STREAM, _VALIDATION_STREAM, _KIND_STREAM = 0, 1, 2
 
 
 @functools.lru_cache(maxsize=8)
@@ -142,9 +142,10 @@ def make_dataset(
 ) -> tf.data.Dataset:
     """Batches of training patches, sampled fresh for every batch (SPEC.md section 3).
 
-    In stage 1 each batch is all score samples with probability `data.score_frequency`, else all
-    mask samples; stage 2 batches are mask samples. Batch i of input pipeline p is a pure function of
-    (seed, p, stage, i), so the stream is deterministic and every pipeline's stream is distinct.
+    In stage 1 each global batch is all score samples with probability `data.score_frequency`,
+    else all mask samples, on every replica alike; stage 2 batches are mask samples. Batch i of
+    input pipeline p is a pure function of (seed, p, stage, i), so the stream is deterministic and
+    every pipeline's stream is distinct.
     The windows are drawn in Python (`PatchSampler.draw_windows`, cheap); the patches are decoded,
     cut and labelled by TensorFlow ops (`render.render_group`), `data.num_parallel_calls` images
     at a time on every core, and prefetched.
@@ -183,10 +184,11 @@ def make_dataset(
     global_batch = config.training.batch_size if batch_size is None else batch_size
     if global_batch < 1:
         raise ValueError(f"batch_size must be positive. Received: batch_size={batch_size!r}")
-    pipeline, pipelines, batch = 0, 1, global_batch
+    pipeline, pipelines, batch, local_replicas = 0, 1, global_batch, 1
     if input_context is not None:
         pipeline, pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
         batch = input_context.get_per_replica_batch_size(global_batch)
+        local_replicas = input_context.num_replicas_in_sync // pipelines
     if patches_per_image < 1 or batch % patches_per_image:
         raise ValueError(
             "The batch must be a positive multiple of patches_per_image. "
@@ -198,7 +200,12 @@ def make_dataset(
 
     def draw(index: np.ndarray) -> list[np.ndarray]:
         rng = np.random.default_rng([seed, _TRAIN_STREAM, pipeline, stage, int(index)])
-        kind = "score" if rng.random() < score_frequency else "mask"
+        # The kind is drawn per global step, the same on every replica: a pipeline hands its
+        # batches to its local replicas in turn, so batch `index` belongs to step index // replicas.
+        step = int(index) // local_replicas
+        kind = (
+            "score" if np.random.default_rng([seed, _KIND_STREAM, stage, step]).random() < score_frequency else "mask"
+        )
         plan = _draw(planner, rng, kind, batch, k)
         return [plan[key] for key in _PLAN_SHAPES]
 
