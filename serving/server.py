@@ -22,12 +22,14 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import text_format
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -36,44 +38,58 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from serving.metrics import MonitoringConfig, ServingMetrics, parse_monitoring_config, requested_version
 from serving.predict import RequestError, run_predict
 from serving.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from serving.rest import RequestObserver, RestServer
 from serving.versions import VersionManager
 
 logger = logging.getLogger(__name__)
 
 
 def _serving_rpc(method):
-    """Turns a RequestError (or an unexpected exception) into the call's gRPC status."""
+    """Turns a RequestError (or an unexpected exception) into the call's gRPC status, and
+    reports each call to the servicer's `observe` (see `ServingMetrics.observer`)."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
+        started = time.perf_counter()
+        code, message, response = grpc.StatusCode.OK, "", None
         try:
-            return method(self, request)
+            response = method(self, request)
         except RequestError as e:
             code, message = e.code, e.message
         except Exception as e:
             logger.exception("%s failed", method.__name__)
             code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
-        context.abort(code, message)
+        spec = request.model_spec
+        self._observe(spec.name, requested_version(spec), method.__name__, code, time.perf_counter() - started)
+        if response is None:
+            context.abort(code, message)
+        return response
 
     return wrapper
 
 
-class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """Predict and GetModelMetadata; Classify, Regress and MultiInference stay UNIMPLEMENTED."""
+class ServingApi:
+    """Predict, GetModelMetadata and GetModelStatus on request protos, as TF Serving answers them;
+    the gRPC servicers and the REST API (`serving.rest`) both call these.
+
+    Args:
+        manager: the model's versions.
+    """
 
     def __init__(self, manager: VersionManager):
         self._manager = manager
 
-    @_serving_rpc
-    def Predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+    def predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+        """Runs a PredictRequest on the version its ModelSpec names."""
         return run_predict(self._manager.resolve(request.model_spec), request)
 
-    @_serving_rpc
-    def GetModelMetadata(
+    def get_model_metadata(
         self, request: get_model_metadata_pb2.GetModelMetadataRequest
     ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        """The SignatureDef map of the version a GetModelMetadataRequest names."""
         if not request.HasField("model_spec"):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
         if not request.metadata_field:
@@ -85,7 +101,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported")
         loaded = self._manager.resolve(request.model_spec)
         response = get_model_metadata_pb2.GetModelMetadataResponse()
-        response.model_spec.name = self._manager.model_name
+        response.model_spec.name = request.model_spec.name
         response.model_spec.version.value = loaded.version
         signature_map = get_model_metadata_pb2.SignatureDefMap()
         for name, signature in loaded.signature_defs.items():
@@ -93,17 +109,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.metadata["signature_def"].Pack(signature_map)
         return response
 
-
-class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
-    """GetModelStatus; HandleReloadConfigRequest stays UNIMPLEMENTED."""
-
-    def __init__(self, manager: VersionManager):
-        self._manager = manager
-
-    @_serving_rpc
-    def GetModelStatus(
+    def get_model_status(
         self, request: get_model_status_pb2.GetModelStatusRequest
     ) -> get_model_status_pb2.GetModelStatusResponse:
+        """The state of every version of a model, or of the one version its ModelSpec names."""
         if not request.HasField("model_spec"):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
         name = request.model_spec.name
@@ -124,6 +133,38 @@ class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """Predict and GetModelMetadata; Classify, Regress and MultiInference stay UNIMPLEMENTED."""
+
+    def __init__(self, api: ServingApi, observe: RequestObserver):
+        self._api = api
+        self._observe = observe
+
+    @_serving_rpc
+    def Predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+        return self._api.predict(request)
+
+    @_serving_rpc
+    def GetModelMetadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        return self._api.get_model_metadata(request)
+
+
+class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
+    """GetModelStatus; HandleReloadConfigRequest stays UNIMPLEMENTED."""
+
+    def __init__(self, api: ServingApi, observe: RequestObserver):
+        self._api = api
+        self._observe = observe
+
+    @_serving_rpc
+    def GetModelStatus(
+        self, request: get_model_status_pb2.GetModelStatusRequest
+    ) -> get_model_status_pb2.GetModelStatusResponse:
+        return self._api.get_model_status(request)
+
+
 class ModelServer:
     """A gRPC server for one model's SavedModel versions, with a thread following its base path.
 
@@ -140,6 +181,10 @@ class ModelServer:
         max_message_bytes: max send and receive message size.
         enable_model_warmup: replay each version's `assets.extra/tf_serving_warmup_requests`
             before serving it (TF Serving's default); a version whose warm-up fails is not served.
+        rest_api_port: serve TF Serving's REST API (`serving.rest`) on this port too; 0 picks a
+            free one (see `rest_api_port` after `start`), None serves none.
+        monitoring_config: a MonitoringConfig (`serving.metrics`); with `prometheus_config`
+            enabled, the REST port serves the metrics at its path.
     """
 
     def __init__(
@@ -155,6 +200,8 @@ class ModelServer:
         max_workers: int = 8,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         enable_model_warmup: bool = True,
+        rest_api_port: int | None = None,
+        monitoring_config: MonitoringConfig | None = None,
     ):
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be positive. Received: poll_interval={poll_interval}")
@@ -171,10 +218,27 @@ class ModelServer:
             ("grpc.so_reuseport", 0),
         ]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+        self.api = ServingApi(self.manager)
+        self.metrics = ServingMetrics(lambda: {self.manager.model_name: self.manager.version_states()})
+        observe = self.metrics.observer("GRPC")
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.manager), self._server
+            PredictionServicer(self.api, observe), self._server
         )
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusServicer(self.manager), self._server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusServicer(self.api, observe), self._server)
+        prometheus = monitoring_config.prometheus_config if monitoring_config is not None else None
+        if prometheus is not None and prometheus.enable and rest_api_port is None:
+            raise ValueError("Prometheus metrics are served on the REST API's port; give rest_api_port too")
+        self._rest = None
+        if rest_api_port is not None:
+            routes = {prometheus.path: self.metrics.exposition} if prometheus is not None and prometheus.enable else {}
+            self._rest = RestServer(
+                self.api,
+                host=host,
+                port=rest_api_port,
+                max_body_bytes=max_message_bytes,
+                observe=self.metrics.observer("REST"),
+                extra_routes=routes,
+            )
 
     def start(self) -> int:
         """Loads the current versions, starts answering and following the base path.
@@ -191,6 +255,8 @@ class ModelServer:
         if not self.port:
             raise RuntimeError(f"Could not bind the gRPC server. Received: address={address!r}")
         self._server.start()
+        if self._rest is not None:
+            self._rest.start()
         self._poller = threading.Thread(target=self._poll, name="serving-version-poller", daemon=True)
         self._poller.start()
         logger.info(
@@ -208,9 +274,16 @@ class ModelServer:
     def stop(self, grace: float = 5.0) -> None:
         """Stops accepting requests, lets in-flight ones finish for `grace` seconds, stops polling."""
         self._stop.set()
+        if self._rest is not None:
+            self._rest.stop()
         self._server.stop(grace).wait()
         if self._poller is not None:
             self._poller.join()
+
+    @property
+    def rest_api_port(self) -> int | None:
+        """The REST API's port (bound once started), or None when it is not served."""
+        return None if self._rest is None else self._rest.port
 
     def wait(self) -> None:
         """Blocks until the server has stopped."""
@@ -263,6 +336,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8500, help="gRPC port; 0 picks a free one")
     parser.add_argument(
+        "--rest-api-port", type=int, default=8501, help="TF Serving's REST API port; 0 serves no REST API"
+    )
+    parser.add_argument(
+        "--monitoring-config-file",
+        help="a MonitoringConfig text proto; prometheus_config { enable: true } serves metrics on the REST port",
+    )
+    parser.add_argument(
         "--port-file",
         help="write the bound port to this file once listening (atomically; removed at shutdown). Ours: "
         "tensorflow_model_server has no such flag",
@@ -287,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         labels = parse_version_labels(args.version_labels)
-    except ValueError as e:
+        monitoring = parse_monitoring_config(args.monitoring_config_file) if args.monitoring_config_file else None
+    except (ValueError, OSError, text_format.ParseError) as e:
         parser.error(str(e))
     server = ModelServer(
         args.model_base_path,
@@ -300,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_workers=args.max_workers,
         max_message_bytes=args.max_message_bytes,
         enable_model_warmup=args.enable_model_warmup,
+        rest_api_port=args.rest_api_port or None,
+        monitoring_config=monitoring,
     )
     server.start()
     stop = threading.Event()
