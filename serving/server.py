@@ -9,8 +9,9 @@ keeps serving, and is tried again once its files change.
 
     python -m serving.server --model-base-path exports/sharpmask --model-name sharpmask --port 8500
 
-Versions are scanned and loaded by `serving.versions`, requests checked and run by
-`serving.predict`; this module holds the gRPC servicers, the server's lifecycle and its CLI.
+Several models come from a `--model-config-file` (`serving.model_config`); versions are scanned
+and loaded by `serving.versions`, requests checked and run by `serving.predict`; the REST API is `serving.rest`, the Prometheus metrics
+`serving.metrics`. This module holds the gRPC servicers, the server's lifecycle and its CLI.
 """
 
 from __future__ import annotations
@@ -33,16 +34,18 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
+    model_management_pb2,
+    model_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
 )
 
 from serving.metrics import MonitoringConfig, ServingMetrics, parse_monitoring_config, requested_version
+from serving.model_config import ModelRegistry, ModelServerConfig, parse_model_config, single_model_config
 from serving.predict import RequestError, run_predict
 from serving.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from serving.rest import RequestObserver, RestServer
-from serving.versions import VersionManager
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +65,8 @@ def _serving_rpc(method):
         except Exception as e:
             logger.exception("%s failed", method.__name__)
             code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
-        spec = request.model_spec
+        # A ReloadConfigRequest names no model.
+        spec = getattr(request, "model_spec", model_pb2.ModelSpec())
         self._observe(spec.name, requested_version(spec), method.__name__, code, time.perf_counter() - started)
         if response is None:
             context.abort(code, message)
@@ -76,15 +80,15 @@ class ServingApi:
     the gRPC servicers and the REST API (`serving.rest`) both call these.
 
     Args:
-        manager: the model's versions.
+        models: the served models.
     """
 
-    def __init__(self, manager: VersionManager):
-        self._manager = manager
+    def __init__(self, models: ModelRegistry):
+        self._models = models
 
     def predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
         """Runs a PredictRequest on the version its ModelSpec names."""
-        return run_predict(self._manager.resolve(request.model_spec), request)
+        return run_predict(self._models.resolve(request.model_spec), request)
 
     def get_model_metadata(
         self, request: get_model_metadata_pb2.GetModelMetadataRequest
@@ -99,7 +103,7 @@ class ServingApi:
         for field in request.metadata_field:
             if field != "signature_def":
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported")
-        loaded = self._manager.resolve(request.model_spec)
+        loaded = self._models.resolve(request.model_spec)
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = request.model_spec.name
         response.model_spec.version.value = loaded.version
@@ -116,7 +120,7 @@ class ServingApi:
         if not request.HasField("model_spec"):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
         name = request.model_spec.name
-        states = self._manager.version_states() if name == self._manager.model_name else {}
+        states = self._models.version_states(name)
         if request.model_spec.HasField("version"):
             version = request.model_spec.version.value
             if version not in states:
@@ -131,6 +135,13 @@ class ServingApi:
             status.status.error_code = code.value[0]
             status.status.error_message = message
         return response
+
+    def reload_config(
+        self, request: model_management_pb2.ReloadConfigRequest
+    ) -> model_management_pb2.ReloadConfigResponse:
+        """Serves the request's ModelServerConfig instead of the current one (`ModelRegistry.reload`)."""
+        self._models.reload(request.config)
+        return model_management_pb2.ReloadConfigResponse()
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -152,7 +163,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
 
 class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
-    """GetModelStatus; HandleReloadConfigRequest stays UNIMPLEMENTED."""
+    """GetModelStatus and HandleReloadConfigRequest."""
 
     def __init__(self, api: ServingApi, observe: RequestObserver):
         self._api = api
@@ -164,13 +175,23 @@ class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
     ) -> get_model_status_pb2.GetModelStatusResponse:
         return self._api.get_model_status(request)
 
+    @_serving_rpc
+    def HandleReloadConfigRequest(
+        self, request: model_management_pb2.ReloadConfigRequest
+    ) -> model_management_pb2.ReloadConfigResponse:
+        return self._api.reload_config(request)
+
 
 class ModelServer:
-    """A gRPC server for one model's SavedModel versions, with a thread following its base path.
+    """A gRPC server for SavedModel versions, with a thread following their base paths: one model
+    (`base_path` and `model_name`) or the list of a ModelServerConfig (`model_config`).
 
     Args:
         base_path: `<base_path>/<version>/saved_model.pb`, e.g. `exports/sharpmask`.
         model_name: the name clients put in `model_spec.name`.
+        model_config: several models with their version policies and labels
+            (`serving.model_config`), instead of base_path, model_name, version_labels and
+            num_versions.
         host: the interface to bind; loopback unless asked otherwise.
         port: the port to bind; 0 picks a free one (see `port` after `start`).
         version_labels: label -> version for `model_spec.version_label`; labelled versions are
@@ -189,9 +210,10 @@ class ModelServer:
 
     def __init__(
         self,
-        base_path: str,
-        model_name: str,
+        base_path: str | None = None,
+        model_name: str | None = None,
         *,
+        model_config: ModelServerConfig | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         version_labels: Mapping[str, int] | None = None,
@@ -205,7 +227,14 @@ class ModelServer:
     ):
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be positive. Received: poll_interval={poll_interval}")
-        self.manager = VersionManager(base_path, model_name, num_versions, version_labels, enable_model_warmup)
+        if (model_config is None) == (base_path is None or model_name is None):
+            raise ValueError(
+                "Give either base_path and model_name, or model_config. "
+                f"Received: base_path={base_path!r}, model_name={model_name!r}, model_config={model_config is not None}"
+            )
+        if model_config is None:
+            model_config = single_model_config(base_path, model_name, num_versions, version_labels)
+        self.models = ModelRegistry(model_config, enable_model_warmup)
         self.host = host
         self.port = port
         self.poll_interval = poll_interval
@@ -218,8 +247,8 @@ class ModelServer:
             ("grpc.so_reuseport", 0),
         ]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
-        self.api = ServingApi(self.manager)
-        self.metrics = ServingMetrics(lambda: {self.manager.model_name: self.manager.version_states()})
+        self.api = ServingApi(self.models)
+        self.metrics = ServingMetrics(self.models.all_states)
         observe = self.metrics.observer("GRPC")
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionServicer(self.api, observe), self._server
@@ -249,7 +278,7 @@ class ModelServer:
         Raises:
             RuntimeError: if the address cannot be bound.
         """
-        self.manager.refresh()
+        self.models.refresh()
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         self.port = self._server.add_insecure_port(address)
         if not self.port:
@@ -259,17 +288,13 @@ class ModelServer:
             self._rest.start()
         self._poller = threading.Thread(target=self._poll, name="serving-version-poller", daemon=True)
         self._poller.start()
-        logger.info(
-            "Serving model %s from %s on %s:%d", self.manager.model_name, self.manager.base_path, self.host, self.port
-        )
+        for name, manager in self.models.managers.items():
+            logger.info("Serving model %s from %s on %s:%d", name, manager.base_path, self.host, self.port)
         return self.port
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_interval):
-            try:
-                self.manager.refresh()
-            except Exception:
-                logger.exception("Scanning %s failed", self.manager.base_path)
+            self.models.refresh()
 
     def stop(self, grace: float = 5.0) -> None:
         """Stops accepting requests, lets in-flight ones finish for `grace` seconds, stops polling."""
@@ -298,7 +323,7 @@ class ModelServer:
 
 
 def start_server(
-    base_path: str, model_name: str, port: int = 0, host: str = "127.0.0.1", **kwargs: Any
+    base_path: str | None = None, model_name: str | None = None, port: int = 0, host: str = "127.0.0.1", **kwargs: Any
 ) -> tuple[ModelServer, int]:
     """Starts a ModelServer (see its arguments) and returns it with its bound port."""
     server = ModelServer(base_path, model_name, host=host, port=port, **kwargs)
@@ -331,8 +356,13 @@ def write_port_file(path: str | os.PathLike, port: int) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-base-path", required=True, help="directory of numbered SavedModel versions")
-    parser.add_argument("--model-name", required=True, help="the name requests use in model_spec.name")
+    parser.add_argument("--model-base-path", help="directory of numbered SavedModel versions")
+    parser.add_argument("--model-name", help="the name requests use in model_spec.name")
+    parser.add_argument(
+        "--model-config-file",
+        help="a ModelServerConfig text proto (model_config_list) of several models, instead of "
+        "--model-base-path and --model-name",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8500, help="gRPC port; 0 picks a free one")
     parser.add_argument(
@@ -368,11 +398,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         labels = parse_version_labels(args.version_labels)
         monitoring = parse_monitoring_config(args.monitoring_config_file) if args.monitoring_config_file else None
-    except (ValueError, OSError, text_format.ParseError) as e:
+        model_config = parse_model_config(args.model_config_file) if args.model_config_file else None
+    except (ValueError, OSError, text_format.ParseError, RequestError) as e:
         parser.error(str(e))
+    single = args.model_base_path is not None and args.model_name is not None
+    if (model_config is None) != single or (model_config is not None and (args.model_base_path or args.model_name)):
+        parser.error("give --model-base-path and --model-name, or --model-config-file")
     server = ModelServer(
         args.model_base_path,
         args.model_name,
+        model_config=model_config,
         host=args.host,
         port=args.port,
         version_labels=labels,
