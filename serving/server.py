@@ -10,7 +10,8 @@ keeps serving, and is tried again once its files change.
     python -m serving.server --model-base-path exports/sharpmask --model-name sharpmask --port 8500
 
 Several models come from a `--model-config-file` (`serving.model_config`); versions are scanned
-and loaded by `serving.versions`, requests checked and run by `serving.predict`; the REST API is `serving.rest`, the Prometheus metrics
+and loaded by `serving.versions`, requests checked and run by `serving.predict`, merged into
+batches by `serving.batching`; the REST API is `serving.rest`, the Prometheus metrics
 `serving.metrics`. This module holds the gRPC servicers, the server's lifecycle and its CLI.
 """
 
@@ -41,6 +42,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from serving.batching import Batcher, BatchOptions, parse_batching_parameters
 from serving.metrics import MonitoringConfig, ServingMetrics, parse_monitoring_config, requested_version
 from serving.model_config import ModelRegistry, ModelServerConfig, parse_model_config, single_model_config
 from serving.predict import RequestError, run_predict
@@ -81,14 +83,19 @@ class ServingApi:
 
     Args:
         models: the served models.
+        batcher: merges concurrent Predict requests into batches; None runs each alone.
     """
 
-    def __init__(self, models: ModelRegistry):
+    def __init__(self, models: ModelRegistry, batcher: Batcher | None = None):
         self._models = models
+        self._batcher = batcher
 
     def predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-        """Runs a PredictRequest on the version its ModelSpec names."""
-        return run_predict(self._models.resolve(request.model_spec), request)
+        """Runs a PredictRequest on the version its ModelSpec names, in a batch if batching."""
+        loaded = self._models.resolve(request.model_spec)
+        if self._batcher is not None:
+            return self._batcher.predict(loaded, request)
+        return run_predict(loaded, request)
 
     def get_model_metadata(
         self, request: get_model_metadata_pb2.GetModelMetadataRequest
@@ -206,6 +213,8 @@ class ModelServer:
             free one (see `rest_api_port` after `start`), None serves none.
         monitoring_config: a MonitoringConfig (`serving.metrics`); with `prometheus_config`
             enabled, the REST port serves the metrics at its path.
+        batching: merge concurrent Predict requests into batches with these options
+            (`serving.batching`); None runs each request alone.
     """
 
     def __init__(
@@ -224,6 +233,7 @@ class ModelServer:
         enable_model_warmup: bool = True,
         rest_api_port: int | None = None,
         monitoring_config: MonitoringConfig | None = None,
+        batching: BatchOptions | None = None,
     ):
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be positive. Received: poll_interval={poll_interval}")
@@ -232,6 +242,9 @@ class ModelServer:
                 "Give either base_path and model_name, or model_config. "
                 f"Received: base_path={base_path!r}, model_name={model_name!r}, model_config={model_config is not None}"
             )
+        prometheus = monitoring_config.prometheus_config if monitoring_config is not None else None
+        if prometheus is not None and prometheus.enable and rest_api_port is None:
+            raise ValueError("Prometheus metrics are served on the REST API's port; give rest_api_port too")
         if model_config is None:
             model_config = single_model_config(base_path, model_name, num_versions, version_labels)
         self.models = ModelRegistry(model_config, enable_model_warmup)
@@ -247,16 +260,14 @@ class ModelServer:
             ("grpc.so_reuseport", 0),
         ]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
-        self.api = ServingApi(self.models)
         self.metrics = ServingMetrics(self.models.all_states)
+        self._batcher = None if batching is None else Batcher(batching, on_batch=self.metrics.observe_batch)
+        self.api = ServingApi(self.models, self._batcher)
         observe = self.metrics.observer("GRPC")
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionServicer(self.api, observe), self._server
         )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusServicer(self.api, observe), self._server)
-        prometheus = monitoring_config.prometheus_config if monitoring_config is not None else None
-        if prometheus is not None and prometheus.enable and rest_api_port is None:
-            raise ValueError("Prometheus metrics are served on the REST API's port; give rest_api_port too")
         self._rest = None
         if rest_api_port is not None:
             routes = {prometheus.path: self.metrics.exposition} if prometheus is not None and prometheus.enable else {}
@@ -302,6 +313,8 @@ class ModelServer:
         if self._rest is not None:
             self._rest.stop()
         self._server.stop(grace).wait()
+        if self._batcher is not None:
+            self._batcher.stop()
         if self._poller is not None:
             self._poller.join()
 
@@ -372,6 +385,11 @@ def _parser() -> argparse.ArgumentParser:
         "--monitoring-config-file",
         help="a MonitoringConfig text proto; prometheus_config { enable: true } serves metrics on the REST port",
     )
+    parser.add_argument("--enable-batching", action="store_true", help="merge concurrent Predict requests into batches")
+    parser.add_argument(
+        "--batching-parameters-file",
+        help="a BatchingParameters text proto (max_batch_size, batch_timeout_micros, ...), with --enable-batching",
+    )
     parser.add_argument(
         "--port-file",
         help="write the bound port to this file once listening (atomically; removed at shutdown). Ours: "
@@ -399,6 +417,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         labels = parse_version_labels(args.version_labels)
         monitoring = parse_monitoring_config(args.monitoring_config_file) if args.monitoring_config_file else None
         model_config = parse_model_config(args.model_config_file) if args.model_config_file else None
+        batching = None
+        if args.enable_batching:
+            batching = (
+                parse_batching_parameters(args.batching_parameters_file)
+                if args.batching_parameters_file
+                else BatchOptions()
+            )
     except (ValueError, OSError, text_format.ParseError, RequestError) as e:
         parser.error(str(e))
     single = args.model_base_path is not None and args.model_name is not None
@@ -418,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         enable_model_warmup=args.enable_model_warmup,
         rest_api_port=args.rest_api_port or None,
         monitoring_config=monitoring,
+        batching=batching,
     )
     server.start()
     stop = threading.Event()
