@@ -128,8 +128,9 @@ class ServingApi:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
         name = request.model_spec.name
         states = self._models.version_states(name)
-        if request.model_spec.HasField("version"):
-            version = request.model_spec.version.value
+        if request.model_spec.HasField("version") or request.model_spec.HasField("version_label"):
+            spec = request.model_spec
+            version = spec.version.value if spec.HasField("version") else self._models.resolve(spec).version
             if version not in states:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, f"Could not find version {version} of model {name}")
             states = {version: states[version]}

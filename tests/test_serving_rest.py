@@ -108,6 +108,10 @@ def test_status_and_metadata_are_the_grpc_answers_as_json(server):
         ]
     }
     assert http(server, "GET", f"/v1/models/{MODEL}/versions/1")[1]["model_version_status"][0]["version"] == "1"
+    assert [
+        s["version"] for s in http(server, "GET", f"/v1/models/{MODEL}/labels/stable")[1]["model_version_status"]
+    ] == ["1"]
+    assert http(server, "GET", f"/v1/models/{MODEL}/labels/nope")[0] == 400
 
     status, body = http(server, "GET", f"/v1/models/{MODEL}/versions/1/metadata")
     assert status == 200
