@@ -274,7 +274,9 @@ class RestServer:
     def start(self) -> int:
         """Binds and starts answering on a background thread; returns the bound port."""
         handler = type("Handler", (_Handler,), {"rest": self})
-        server_class = type("Server", (ThreadingHTTPServer,), {"address_family": _family(self.host)})
+        # socketserver's default backlog of 5 resets connections from a burst of concurrent clients.
+        attributes = {"address_family": _family(self.host), "request_queue_size": 128}
+        server_class = type("Server", (ThreadingHTTPServer,), attributes)
         self._httpd = server_class((self.host, self.port), handler)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="serving-rest", daemon=True)
@@ -329,6 +331,9 @@ def _family(host: str) -> socket.AddressFamily:
 class _Handler(BaseHTTPRequestHandler):
     rest: RestServer
     protocol_version = "HTTP/1.1"
+    # Headers and body are written separately; without TCP_NODELAY, Nagle's algorithm and the
+    # client's delayed ACK hold the body back on a kept-alive connection.
+    disable_nagle_algorithm = True
 
     def log_message(self, format, *args):  # noqa: A002 -- BaseHTTPRequestHandler's signature
         logger.debug("%s " + format, self.address_string(), *args)

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import threading
 import urllib.error
 import urllib.request
 
@@ -176,3 +177,20 @@ def test_a_jpeg_as_b64_gives_the_sharpmask_export_the_same_proposals_as_grpc(tmp
     assert set(row) == set(want)
     for key, value in want.items():
         np.testing.assert_array_equal(np.asarray(row[key], value.dtype), value[0], err_msg=key)
+
+
+def test_a_burst_of_concurrent_clients_each_gets_its_own_answer(server):
+    images = [encode(solid((i, 2 * i, 3 * i)), "PNG") for i in range(32)]
+    results = [None] * len(images)
+
+    def call(i):
+        results[i] = http(server, "POST", f"/v1/models/{MODEL}/versions/1:predict", {"instances": [b64(images[i])]})
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for i, (status, body) in enumerate(results):
+        assert status == 200, body
+        np.testing.assert_allclose(body["predictions"][0]["mean_colour"], [i, 2 * i, 3 * i], err_msg=f"client {i}")
