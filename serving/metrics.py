@@ -58,6 +58,10 @@ BATCH_SIZE_BUCKETS = tuple(2**i for i in range(11))
 StatesFn = Callable[[], Mapping[str, Mapping[int, tuple[int, grpc.StatusCode, str]]]]
 
 
+# Called once per answered request: (model name, requested version, API, gRPC code, seconds).
+RequestObserver = Callable[[str, str, str, grpc.StatusCode, float], None]
+
+
 def requested_version(model_spec) -> str:
     """The `model_version` label of a request: the version or label its ModelSpec names, or ""
     for the newest."""
@@ -131,7 +135,7 @@ class ServingMetrics:
         )
         self.registry.register(_ModelStates(states))
 
-    def observer(self, entrypoint: str) -> Callable[[str, str, str, grpc.StatusCode, float], None]:
+    def observer(self, entrypoint: str) -> RequestObserver:
         """A callback recording one request: (model, version, API, status code, seconds)."""
 
         def observe(model: str, version: str, api: str, code: grpc.StatusCode, seconds: float) -> None:

@@ -38,7 +38,7 @@ from google.protobuf import json_format
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2
 
-from serving.metrics import requested_version
+from serving.metrics import RequestObserver, requested_version
 from serving.predict import RequestError
 from serving.protocol import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_SIGNATURE
 
@@ -72,9 +72,6 @@ _MODEL_URL = re.compile(
     r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
     r"(?P<tail>/metadata|:predict|:classify|:regress)?"
 )
-
-# Called once per answered request: (model name, version or "", API, gRPC code, seconds).
-RequestObserver = Callable[[str, str, str, grpc.StatusCode, float], None]
 
 
 def _invalid(message: str) -> RequestError:

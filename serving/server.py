@@ -43,11 +43,17 @@ from tensorflow_serving.apis import (
 )
 
 from serving.batching import Batcher, BatchOptions, parse_batching_parameters
-from serving.metrics import MonitoringConfig, ServingMetrics, parse_monitoring_config, requested_version
+from serving.metrics import (
+    MonitoringConfig,
+    RequestObserver,
+    ServingMetrics,
+    parse_monitoring_config,
+    requested_version,
+)
 from serving.model_config import ModelRegistry, ModelServerConfig, parse_model_config, single_model_config
 from serving.predict import RequestError, run_predict
 from serving.protocol import DEFAULT_MAX_MESSAGE_BYTES
-from serving.rest import RequestObserver, RestServer
+from serving.rest import RestServer
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +84,8 @@ def _serving_rpc(method):
 
 
 class ServingApi:
-    """Predict, GetModelMetadata and GetModelStatus on request protos, as TF Serving answers them;
-    the gRPC servicers and the REST API (`serving.rest`) both call these.
+    """Predict, GetModelMetadata, GetModelStatus and HandleReloadConfigRequest on request protos,
+    as TF Serving answers them; the gRPC servicers and the REST API (`serving.rest`) call these.
 
     Args:
         models: the served models.
