@@ -11,6 +11,7 @@ setup(
         "keras>=3.15,<3.16",
         "tensorflow-serving-api>=2.21,<2.22",
         "tensorboard>=2.21,<2.22",
+        "prometheus-client>=0.26,<0.27",
         "pycocotools>=2.0.8",
         "numpy",
         "pillow",

@@ -7,6 +7,8 @@
     # export presets with random weights, serve each from a `serving.server` subprocess, and
     # compare gRPC with calling the same exported signature in-process (a Markdown table):
     python -m benchmarks.bench_serving --export-presets small sharpmask_resnet50 --concurrency 1 2
+    # also over the REST API, and with server-side batching (serving/batching_parameters.txt):
+    python -m benchmarks.bench_serving --export-presets small --concurrency 1 4 16 --rest --batching
 
 Without --images it sends random-noise JPEGs of --image-size (e.g. 640x480 or 320). Prints one
 JSON line per concurrency level: requests/s, images/s and latency percentiles in milliseconds.
@@ -15,8 +17,12 @@ JSON line per concurrency level: requests/s, images/s and latency percentiles in
 from __future__ import annotations
 
 import argparse
+import base64
+import http.client
 import io
 import json
+import os
+import socket
 import tempfile
 import threading
 import time
@@ -67,14 +73,56 @@ def summarize(latencies: Sequence[float], elapsed: float, batch: int) -> dict:
     }
 
 
-def run_level(target: str, model_name: str, images: list[bytes], batch: int, concurrency: int, requests: int) -> dict:
-    """Sends `requests` Predict calls of `batch` images from `concurrency` threads, one channel each."""
+class RestPredictor:
+    """Predict over TF Serving's REST API on one kept-alive HTTP connection: the images as b64
+    instances in the row format, the JSON answer parsed as a client would."""
+
+    def __init__(self, target: str, model_name: str, timeout: float = 300.0):
+        host, _, port = target.rpartition(":")
+        self._connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        self._path = f"/v1/models/{model_name}:predict"
+
+    def predict_images(self, images: Sequence[bytes]) -> list:
+        body = json.dumps({"instances": [{"b64": base64.b64encode(image).decode()} for image in images]})
+        self._connection.request("POST", self._path, body, {"Content-Type": "application/json"})
+        response = self._connection.getresponse()
+        answer = json.loads(response.read())
+        if response.status != 200:
+            raise RuntimeError(f"REST predict failed with HTTP {response.status}: {answer}")
+        return answer["predictions"]
+
+    def __enter__(self) -> RestPredictor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._connection.close()
+
+
+def free_port() -> int:
+    """A port nothing listens on right now, for a server subprocess's REST API."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_level(
+    target: str,
+    model_name: str,
+    images: list[bytes],
+    batch: int,
+    concurrency: int,
+    requests: int,
+    rest: bool = False,
+) -> dict:
+    """Sends `requests` Predict calls of `batch` images from `concurrency` threads, one channel
+    (or, with `rest`, one HTTP connection to the REST API at `target`) each."""
     latencies: list[float] = []
     lock = threading.Lock()
     per_thread = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]
+    client_class = RestPredictor if rest else ServingClient
 
     def worker(index: int, count: int) -> None:
-        with ServingClient(target, model_name, timeout=300.0) as client:
+        with client_class(target, model_name, timeout=300.0) as client:
             for j in range(count):
                 start = (index + j) * batch
                 chosen = [images[(start + k) % len(images)] for k in range(batch)]
@@ -133,10 +181,14 @@ def bench_presets(
     requests: int,
     warmup: int,
     overrides: Sequence[str] = (),
+    rest: bool = False,
+    batching: bool = False,
 ) -> list[dict]:
     """Exports each preset (random weights, config `overrides` applied) and serves it from a
     `serving.server` subprocess; measures concurrency 1 paired with in-process calls of the same
-    signature (`run_paired`), then gRPC alone at every other concurrency level."""
+    signature (`run_paired`), then gRPC alone at every other concurrency level. With `rest`, the
+    REST API at every level too; with `batching`, both again from a server batching requests
+    with `serving/batching_parameters.txt`."""
     import keras
     import tensorflow as tf
 
@@ -157,7 +209,7 @@ def bench_presets(
             common = {"preset": label, "top_n": config.export.top_n, "export_s": round(time.perf_counter() - t0, 1)}
             keras.backend.clear_session()
             signature = tf.saved_model.load(str(version_dir)).signatures[SIGNATURE_BYTES]
-            with ServerProcess(version_dir.parent, preset) as server:
+            with ServerProcess(version_dir.parent, preset, rest_api_port=free_port() if rest else None) as server:
                 with ServingClient(server.target, preset) as client:
                     response_bytes = sum(v.nbytes for v in client.predict_images(images[:1]).values())
                 run_paired(signature, server.target, preset, images, warmup)
@@ -172,7 +224,30 @@ def bench_presets(
                     result = run_level(server.target, preset, images, 1, concurrency, requests)
                     rows.append({**common, "mode": "gRPC", "response_bytes": response_bytes, **result})
                     print(json.dumps(rows[-1]), flush=True)
+                if rest:
+                    rows += _levels(server, preset, images, concurrencies, requests, warmup, common, "REST")
+            if batching:
+                parameters = os.path.join(
+                    os.path.dirname(os.path.dirname(__file__)), "serving", "batching_parameters.txt"
+                )
+                flags = ["--enable-batching", "--batching-parameters-file", parameters]
+                port = free_port() if rest else None
+                with ServerProcess(version_dir.parent, preset, rest_api_port=port, extra_args=flags) as server:
+                    for mode in ["gRPC batched", "REST batched"][: 1 + rest]:
+                        rows += _levels(server, preset, images, concurrencies, requests, warmup, common, mode)
             del signature
+    return rows
+
+
+def _levels(server, preset, images, concurrencies, requests, warmup, common, mode) -> list[dict]:
+    """One row per concurrency level of `mode` ("gRPC"/"REST", batched or not) on a ServerProcess."""
+    rest = mode.startswith("REST")
+    target = f"127.0.0.1:{server.rest_api_port}" if rest else server.target
+    run_level(target, preset, images, 1, 1, warmup, rest=rest)
+    rows = []
+    for concurrency in concurrencies:
+        rows.append({**common, "mode": mode, **run_level(target, preset, images, 1, concurrency, requests, rest=rest)})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -216,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--requests", type=int, default=20, help="requests per concurrency level")
     parser.add_argument("--warmup", type=int, default=2, help="requests sent first and not timed")
+    parser.add_argument("--rest", action="store_true", help="with --export-presets: the REST API too")
+    parser.add_argument("--batching", action="store_true", help="with --export-presets: a server batching requests too")
     parser.add_argument(
         "--set",
         action="append",
@@ -233,7 +310,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.export_presets:
         if args.batch != 1:
             parser.error("--export-presets measures one image per request; drop --batch")
-        rows = bench_presets(args.export_presets, images, args.concurrency, args.requests, args.warmup, args.set)
+        rows = bench_presets(
+            args.export_presets,
+            images,
+            args.concurrency,
+            args.requests,
+            args.warmup,
+            args.set,
+            args.rest,
+            args.batching,
+        )
         print(markdown_table(rows))
         return
     server = None

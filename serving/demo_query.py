@@ -38,6 +38,8 @@ class ServerProcess:
         model_name: the name requests use.
         startup_timeout: seconds to wait for the server to load the model and listen.
         poll_interval: the server's seconds between version scans.
+        rest_api_port: serve the REST API on this port too; None serves none.
+        extra_args: more `serving.server` flags (e.g. `--enable-batching`).
 
     Attributes:
         port: the bound port, once started.
@@ -45,9 +47,17 @@ class ServerProcess:
     """
 
     def __init__(
-        self, base_path: str | os.PathLike, model_name: str, startup_timeout: float = 180.0, poll_interval: float = 0.5
+        self,
+        base_path: str | os.PathLike,
+        model_name: str,
+        startup_timeout: float = 180.0,
+        poll_interval: float = 0.5,
+        rest_api_port: int | None = None,
+        extra_args: Sequence[str] = (),
     ):
         self.base_path = str(base_path)
+        self.rest_api_port = rest_api_port
+        self.extra_args = list(extra_args)
         self.model_name = model_name
         self.startup_timeout = startup_timeout
         self.poll_interval = poll_interval
@@ -78,6 +88,8 @@ class ServerProcess:
                 "--port", "0",
                 "--port-file", str(port_file),
                 "--poll-interval", str(self.poll_interval),
+                "--rest-api-port", str(self.rest_api_port or 0),
+                *self.extra_args,
             ]  # fmt: skip
             env = {
                 **os.environ,

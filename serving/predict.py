@@ -14,7 +14,7 @@ import dataclasses
 import math
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -333,6 +333,31 @@ def _input_tensors(
     return tensors
 
 
+def _checked_inputs(
+    loaded: LoadedVersion, request: predict_pb2.PredictRequest, limits: RequestLimits
+) -> tuple[str, Any, dict[str, tf.Tensor]]:
+    """(signature name, SignatureDef, input tensors) of a request that passed every check."""
+    signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    if signature_name not in loaded.signatures:
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{signature_name}" not found.')
+    signature = loaded.signature_defs[signature_name]
+    inputs = _input_tensors(signature_name, signature, request.inputs, limits)
+    # Where decoding would fail: after the request's structure is checked, before any decoding.
+    if INPUT_KEY in inputs and inputs[INPUT_KEY].dtype == tf.string:
+        check_encoded_images(INPUT_KEY, inputs[INPUT_KEY].numpy(), limits)
+    return signature_name, signature, inputs
+
+
+def check_request(loaded: LoadedVersion, request: predict_pb2.PredictRequest, limits: RequestLimits) -> None:
+    """Checks a PredictRequest as `run_predict` does (signature, inputs, limits, image headers)
+    without running it: the batcher holds each request to the limits before merging it.
+
+    Raises:
+        RequestError: with TF Serving's status code for what is wrong.
+    """
+    _checked_inputs(loaded, request, limits)
+
+
 def run_predict(
     loaded: LoadedVersion, request: predict_pb2.PredictRequest, limits: RequestLimits | None = None
 ) -> predict_pb2.PredictResponse:
@@ -346,12 +371,7 @@ def run_predict(
     Raises:
         RequestError: with the status code TF Serving answers a bad request or a failed run with.
     """
-    signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-    if signature_name not in loaded.signatures:
-        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{signature_name}" not found.')
-    signature = loaded.signature_defs[signature_name]
-    limits = limits or RequestLimits()
-    inputs = _input_tensors(signature_name, signature, request.inputs, limits)
+    signature_name, signature, inputs = _checked_inputs(loaded, request, limits or RequestLimits())
     aliases = list(request.output_filter) or sorted(signature.outputs)
     for alias in aliases:
         if alias not in signature.outputs:
@@ -364,9 +384,6 @@ def run_predict(
         raise RequestError(
             grpc.StatusCode.INVALID_ARGUMENT, f"duplicate output tensor alias. Received: output_filter={aliases}"
         )
-    # Where decoding would fail, just before the run: after the request's structure is checked.
-    if INPUT_KEY in inputs and inputs[INPUT_KEY].dtype == tf.string:
-        check_encoded_images(INPUT_KEY, inputs[INPUT_KEY].numpy(), limits)
     try:
         outputs = loaded.signatures[signature_name](**inputs)
     except tf.errors.OpError as e:

@@ -12,6 +12,7 @@ reads it:
 from __future__ import annotations
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
 
 # TF Serving's default signature key: a request naming no signature gets this one. The export's
 # encoded-bytes signature is it.
@@ -59,3 +60,21 @@ def version_number(name: str) -> int | None:
         return None
     number = int(name)
     return number if number <= MAX_VERSION else None
+
+
+def define_messages(file_text: str) -> dict[str, type]:
+    """Message classes for a `.proto` file given as a FileDescriptorProto text proto.
+
+    For the config messages of tensorflow_model_server that tensorflow-serving-api does not ship
+    (MonitoringConfig, BatchingParameters): declared with TF Serving's names and field numbers, so
+    their text files parse with `text_format` exactly as the server parses them. The file may
+    import `google/protobuf/wrappers.proto`. Each call builds a pool of its own.
+
+    Returns:
+        Full message name (e.g. "tensorflow.serving.MonitoringConfig") -> class.
+    """
+    file_proto = text_format.Parse(file_text, descriptor_pb2.FileDescriptorProto())
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(wrappers_pb2.DESCRIPTOR.serialized_pb)
+    pool.Add(file_proto)
+    return message_factory.GetMessageClassesForFiles([file_proto.name], pool)

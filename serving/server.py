@@ -9,77 +9,114 @@ keeps serving, and is tried again once its files change.
 
     python -m serving.server --model-base-path exports/sharpmask --model-name sharpmask --port 8500
 
-Versions are scanned and loaded by `serving.versions`, requests checked and run by
-`serving.predict`; this module holds the gRPC servicers, the server's lifecycle and its CLI.
+Several models come from a `--model-config-file` (`serving.model_config`); versions are scanned
+and loaded by `serving.versions`, requests checked and run by `serving.predict`, merged into
+batches by `serving.batching`; the REST API is `serving.rest`, the Prometheus metrics
+`serving.metrics`. This module holds the gRPC servicers, the server's lifecycle and its CLI.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import text_format
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
+    model_management_pb2,
+    model_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
 )
 
-from serving.predict import RequestError, RequestLimits, run_predict
+from serving.batching import Batcher, BatchOptions, parse_batching_parameters
+from serving.metrics import (
+    MonitoringConfig,
+    RequestObserver,
+    ServingMetrics,
+    parse_monitoring_config,
+    requested_version,
+)
+from serving.model_config import ModelRegistry, ModelServerConfig, parse_model_config, single_model_config
+from serving.predict import RequestError, RequestLimits, check_request, run_predict
 from serving.protocol import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_MESSAGE_BYTES,
     version_number,
 )
-from serving.versions import VersionManager
+from serving.rest import RestServer
 
 logger = logging.getLogger(__name__)
 
 
 def _serving_rpc(method):
-    """Turns a RequestError (or an unexpected exception) into the call's gRPC status."""
+    """Turns a RequestError (or an unexpected exception) into the call's gRPC status, and
+    reports each call to the servicer's `observe` (see `ServingMetrics.observer`)."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
+        started = time.perf_counter()
+        code, message, response = grpc.StatusCode.OK, "", None
         try:
-            return method(self, request)
+            response = method(self, request)
         except RequestError as e:
             code, message = e.code, e.message
         except Exception as e:
             logger.exception("%s failed", method.__name__)
             code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
-        context.abort(code, message)
+        # A ReloadConfigRequest names no model.
+        spec = getattr(request, "model_spec", model_pb2.ModelSpec())
+        self._observe(spec.name, requested_version(spec), method.__name__, code, time.perf_counter() - started)
+        if response is None:
+            context.abort(code, message)
+        return response
 
     return wrapper
 
 
-class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """Predict and GetModelMetadata; Classify, Regress and MultiInference stay UNIMPLEMENTED."""
+class ServingApi:
+    """Predict, GetModelMetadata, GetModelStatus and HandleReloadConfigRequest on request protos,
+    as TF Serving answers them; the gRPC servicers and the REST API (`serving.rest`) call these.
 
-    def __init__(self, manager: VersionManager, limits: RequestLimits):
-        self._manager = manager
-        self._limits = limits
+    Args:
+        models: the served models.
+        batcher: merges concurrent Predict requests into batches; None runs each alone.
+        limits: what one Predict request may ask for (`serving.predict.RequestLimits`); each
+            request is held to them before it joins a batch.
+    """
 
-    @_serving_rpc
-    def Predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-        return run_predict(self._manager.resolve(request.model_spec), request, self._limits)
+    def __init__(self, models: ModelRegistry, batcher: Batcher | None = None, limits: RequestLimits | None = None):
+        self._models = models
+        self._batcher = batcher
+        self._limits = limits or RequestLimits()
 
-    @_serving_rpc
-    def GetModelMetadata(
+    def predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+        """Runs a PredictRequest on the version its ModelSpec names, in a batch if batching."""
+        loaded = self._models.resolve(request.model_spec)
+        if self._batcher is not None:
+            check_request(loaded, request, self._limits)
+            return self._batcher.predict(loaded, request)
+        return run_predict(loaded, request, self._limits)
+
+    def get_model_metadata(
         self, request: get_model_metadata_pb2.GetModelMetadataRequest
     ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        """The SignatureDef map of the version a GetModelMetadataRequest names."""
         if not request.HasField("model_spec"):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
         if not request.metadata_field:
@@ -89,9 +126,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         for field in request.metadata_field:
             if field != "signature_def":
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported")
-        loaded = self._manager.resolve(request.model_spec)
+        loaded = self._models.resolve(request.model_spec)
         response = get_model_metadata_pb2.GetModelMetadataResponse()
-        response.model_spec.name = self._manager.model_name
+        response.model_spec.name = request.model_spec.name
         response.model_spec.version.value = loaded.version
         signature_map = get_model_metadata_pb2.SignatureDefMap()
         for name, signature in loaded.signature_defs.items():
@@ -99,23 +136,17 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.metadata["signature_def"].Pack(signature_map)
         return response
 
-
-class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
-    """GetModelStatus; HandleReloadConfigRequest stays UNIMPLEMENTED."""
-
-    def __init__(self, manager: VersionManager):
-        self._manager = manager
-
-    @_serving_rpc
-    def GetModelStatus(
+    def get_model_status(
         self, request: get_model_status_pb2.GetModelStatusRequest
     ) -> get_model_status_pb2.GetModelStatusResponse:
+        """The state of every version of a model, or of the one version its ModelSpec names."""
         if not request.HasField("model_spec"):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
         name = request.model_spec.name
-        states = self._manager.version_states() if name == self._manager.model_name else {}
-        if request.model_spec.HasField("version"):
-            version = request.model_spec.version.value
+        states = self._models.version_states(name)
+        if request.model_spec.HasField("version") or request.model_spec.HasField("version_label"):
+            spec = request.model_spec
+            version = spec.version.value if spec.HasField("version") else self._models.resolve(spec).version
             if version not in states:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, f"Could not find version {version} of model {name}")
             states = {version: states[version]}
@@ -129,13 +160,62 @@ class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
             status.status.error_message = message
         return response
 
+    def reload_config(
+        self, request: model_management_pb2.ReloadConfigRequest
+    ) -> model_management_pb2.ReloadConfigResponse:
+        """Serves the request's ModelServerConfig instead of the current one (`ModelRegistry.reload`)."""
+        self._models.reload(request.config)
+        return model_management_pb2.ReloadConfigResponse()
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """Predict and GetModelMetadata; Classify, Regress and MultiInference stay UNIMPLEMENTED."""
+
+    def __init__(self, api: ServingApi, observe: RequestObserver):
+        self._api = api
+        self._observe = observe
+
+    @_serving_rpc
+    def Predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+        return self._api.predict(request)
+
+    @_serving_rpc
+    def GetModelMetadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        return self._api.get_model_metadata(request)
+
+
+class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
+    """GetModelStatus and HandleReloadConfigRequest."""
+
+    def __init__(self, api: ServingApi, observe: RequestObserver):
+        self._api = api
+        self._observe = observe
+
+    @_serving_rpc
+    def GetModelStatus(
+        self, request: get_model_status_pb2.GetModelStatusRequest
+    ) -> get_model_status_pb2.GetModelStatusResponse:
+        return self._api.get_model_status(request)
+
+    @_serving_rpc
+    def HandleReloadConfigRequest(
+        self, request: model_management_pb2.ReloadConfigRequest
+    ) -> model_management_pb2.ReloadConfigResponse:
+        return self._api.reload_config(request)
+
 
 class ModelServer:
-    """A gRPC server for one model's SavedModel versions, with a thread following its base path.
+    """A gRPC server for SavedModel versions, with a thread following their base paths: one model
+    (`base_path` and `model_name`) or the list of a ModelServerConfig (`model_config`).
 
     Args:
         base_path: `<base_path>/<version>/saved_model.pb`, e.g. `exports/sharpmask`.
         model_name: the name clients put in `model_spec.name`.
+        model_config: several models with their version policies and labels
+            (`serving.model_config`), instead of base_path, model_name, version_labels and
+            num_versions.
         host: the interface to bind; loopback unless asked otherwise.
         port: the port to bind; 0 picks a free one (see `port` after `start`).
         version_labels: label -> version for `model_spec.version_label`; labelled versions are
@@ -148,13 +228,20 @@ class ModelServer:
             before serving it (TF Serving's default); a version whose warm-up fails is not served.
         limits: what one Predict request may ask for (`serving.predict.RequestLimits`); its
             defaults when None.
+        rest_api_port: serve TF Serving's REST API (`serving.rest`) on this port too; 0 picks a
+            free one (see `rest_api_port` after `start`), None serves none.
+        monitoring_config: a MonitoringConfig (`serving.metrics`); with `prometheus_config`
+            enabled, the REST port serves the metrics at its path.
+        batching: merge concurrent Predict requests into batches with these options
+            (`serving.batching`); None runs each request alone.
     """
 
     def __init__(
         self,
-        base_path: str,
-        model_name: str,
+        base_path: str | None = None,
+        model_name: str | None = None,
         *,
+        model_config: ModelServerConfig | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         version_labels: Mapping[str, int] | None = None,
@@ -163,14 +250,25 @@ class ModelServer:
         max_workers: int = 8,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         enable_model_warmup: bool = True,
+        rest_api_port: int | None = None,
+        monitoring_config: MonitoringConfig | None = None,
+        batching: BatchOptions | None = None,
         limits: RequestLimits | None = None,
     ):
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be positive. Received: poll_interval={poll_interval}")
+        if (model_config is None) == (base_path is None or model_name is None):
+            raise ValueError(
+                "Give either base_path and model_name, or model_config. "
+                f"Received: base_path={base_path!r}, model_name={model_name!r}, model_config={model_config is not None}"
+            )
+        prometheus = monitoring_config.prometheus_config if monitoring_config is not None else None
+        if prometheus is not None and prometheus.enable and rest_api_port is None:
+            raise ValueError("Prometheus metrics are served on the REST API's port; give rest_api_port too")
+        if model_config is None:
+            model_config = single_model_config(base_path, model_name, num_versions, version_labels)
         self.limits = limits or RequestLimits()
-        self.manager = VersionManager(
-            base_path, model_name, num_versions, version_labels, enable_model_warmup, self.limits
-        )
+        self.models = ModelRegistry(model_config, enable_model_warmup, self.limits)
         self.host = host
         self.port = port
         self.poll_interval = poll_interval
@@ -183,10 +281,33 @@ class ModelServer:
             ("grpc.so_reuseport", 0),
         ]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+        self.metrics = ServingMetrics(self.models.all_states)
+        self._batcher = None
+        if batching is not None:
+            # Each request is checked alone against `limits` first; a merged batch may hold up to
+            # the batching's max_batch_size rows.
+            merged = dataclasses.replace(
+                self.limits, max_batch_size=max(self.limits.max_batch_size, batching.max_batch_size)
+            )
+            run = functools.partial(run_predict, limits=merged)
+            self._batcher = Batcher(batching, run=run, on_batch=self.metrics.observe_batch)
+        self.api = ServingApi(self.models, self._batcher)
+        observe = self.metrics.observer("GRPC")
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.manager, self.limits), self._server
+            PredictionServicer(self.api, observe), self._server
         )
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusServicer(self.manager), self._server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusServicer(self.api, observe), self._server)
+        self._rest = None
+        if rest_api_port is not None:
+            routes = {prometheus.path: self.metrics.exposition} if prometheus is not None and prometheus.enable else {}
+            self._rest = RestServer(
+                self.api,
+                host=host,
+                port=rest_api_port,
+                max_body_bytes=max_message_bytes,
+                observe=self.metrics.observer("REST"),
+                extra_routes=routes,
+            )
 
     def start(self) -> int:
         """Loads the current versions, starts answering and following the base path.
@@ -197,32 +318,39 @@ class ModelServer:
         Raises:
             RuntimeError: if the address cannot be bound.
         """
-        self.manager.refresh()
+        self.models.refresh()
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         self.port = self._server.add_insecure_port(address)
         if not self.port:
             raise RuntimeError(f"Could not bind the gRPC server. Received: address={address!r}")
         self._server.start()
+        if self._rest is not None:
+            self._rest.start()
         self._poller = threading.Thread(target=self._poll, name="serving-version-poller", daemon=True)
         self._poller.start()
-        logger.info(
-            "Serving model %s from %s on %s:%d", self.manager.model_name, self.manager.base_path, self.host, self.port
-        )
+        for name, manager in self.models.managers.items():
+            logger.info("Serving model %s from %s on %s:%d", name, manager.base_path, self.host, self.port)
         return self.port
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_interval):
-            try:
-                self.manager.refresh()
-            except Exception:
-                logger.exception("Scanning %s failed", self.manager.base_path)
+            self.models.refresh()
 
     def stop(self, grace: float = 5.0) -> None:
         """Stops accepting requests, lets in-flight ones finish for `grace` seconds, stops polling."""
         self._stop.set()
+        if self._rest is not None:
+            self._rest.stop()
         self._server.stop(grace).wait()
+        if self._batcher is not None:
+            self._batcher.stop()
         if self._poller is not None:
             self._poller.join()
+
+    @property
+    def rest_api_port(self) -> int | None:
+        """The REST API's port (bound once started), or None when it is not served."""
+        return None if self._rest is None else self._rest.port
 
     def wait(self) -> None:
         """Blocks until the server has stopped."""
@@ -237,7 +365,7 @@ class ModelServer:
 
 
 def start_server(
-    base_path: str, model_name: str, port: int = 0, host: str = "127.0.0.1", **kwargs: Any
+    base_path: str | None = None, model_name: str | None = None, port: int = 0, host: str = "127.0.0.1", **kwargs: Any
 ) -> tuple[ModelServer, int]:
     """Starts a ModelServer (see its arguments) and returns it with its bound port."""
     server = ModelServer(base_path, model_name, host=host, port=port, **kwargs)
@@ -271,10 +399,27 @@ def write_port_file(path: str | os.PathLike, port: int) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-base-path", required=True, help="directory of numbered SavedModel versions")
-    parser.add_argument("--model-name", required=True, help="the name requests use in model_spec.name")
+    parser.add_argument("--model-base-path", help="directory of numbered SavedModel versions")
+    parser.add_argument("--model-name", help="the name requests use in model_spec.name")
+    parser.add_argument(
+        "--model-config-file",
+        help="a ModelServerConfig text proto (model_config_list) of several models, instead of "
+        "--model-base-path and --model-name",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8500, help="gRPC port; 0 picks a free one")
+    parser.add_argument(
+        "--rest-api-port", type=int, default=8501, help="TF Serving's REST API port; 0 serves no REST API"
+    )
+    parser.add_argument(
+        "--monitoring-config-file",
+        help="a MonitoringConfig text proto; prometheus_config { enable: true } serves metrics on the REST port",
+    )
+    parser.add_argument("--enable-batching", action="store_true", help="merge concurrent Predict requests into batches")
+    parser.add_argument(
+        "--batching-parameters-file",
+        help="a BatchingParameters text proto (max_batch_size, batch_timeout_micros, ...), with --enable-batching",
+    )
     parser.add_argument(
         "--port-file",
         help="write the bound port to this file once listening (atomically; removed at shutdown). Ours: "
@@ -314,11 +459,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         labels = parse_version_labels(args.version_labels)
         limits = RequestLimits(max_batch_size=args.max_batch_size, max_image_pixels=args.max_image_pixels)
-    except ValueError as e:
+        monitoring = parse_monitoring_config(args.monitoring_config_file) if args.monitoring_config_file else None
+        model_config = parse_model_config(args.model_config_file) if args.model_config_file else None
+        batching = None
+        if args.enable_batching:
+            batching = (
+                parse_batching_parameters(args.batching_parameters_file)
+                if args.batching_parameters_file
+                else BatchOptions()
+            )
+    except (ValueError, OSError, text_format.ParseError, RequestError) as e:
         parser.error(str(e))
+    single = args.model_base_path is not None and args.model_name is not None
+    if (model_config is None) != single or (model_config is not None and (args.model_base_path or args.model_name)):
+        parser.error("give --model-base-path and --model-name, or --model-config-file")
     server = ModelServer(
         args.model_base_path,
         args.model_name,
+        model_config=model_config,
         host=args.host,
         port=args.port,
         version_labels=labels,
@@ -328,6 +486,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_message_bytes=args.max_message_bytes,
         enable_model_warmup=args.enable_model_warmup,
         limits=limits,
+        rest_api_port=args.rest_api_port or None,
+        monitoring_config=monitoring,
+        batching=batching,
     )
     server.start()
     stop = threading.Event()

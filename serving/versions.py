@@ -8,7 +8,7 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import grpc
@@ -158,9 +158,10 @@ class VersionManager:
     """Keeps the servable versions of one model loaded, following the directories under its base path.
 
     The newest `num_versions` loadable versions are kept (TF Serving's `latest` policy, whose
-    default is 1), plus every version a label points at. An entry of the base path whose name is
-    not a version (ASCII digits within int64), a plain file, or a symbolic link that leads out of
-    the base path is ignored with a warning, once. A version directory without
+    default is 1), or the `specific_versions` (its `specific` policy), plus every version a
+    label points at. An entry of the base path whose name is not a version (ASCII digits within
+    int64), a plain file, or a symbolic link that leads out of the base path is ignored with a
+    warning, once. A version directory without
     `saved_model.pb` is not a candidate yet; one that fails to load is logged, reported as END
     with its error by GetModelStatus, and tried again once its files change.
 
@@ -171,6 +172,7 @@ class VersionManager:
         version_labels: label -> version, for `model_spec.version_label`.
         enable_model_warmup: replay each version's warm-up requests before serving it.
         limits: the request limits warm-up requests are held to, as clients' are.
+        specific_versions: keep exactly these versions (when present) instead of the newest.
     """
 
     def __init__(
@@ -181,6 +183,7 @@ class VersionManager:
         version_labels: Mapping[str, int] | None = None,
         enable_model_warmup: bool = True,
         limits: RequestLimits | None = None,
+        specific_versions: Collection[int] | None = None,
     ):
         if num_versions < 1:
             raise ValueError(f"num_versions must be positive. Received: num_versions={num_versions}")
@@ -190,6 +193,7 @@ class VersionManager:
         self.version_labels = dict(version_labels or {})
         self.enable_model_warmup = enable_model_warmup
         self.limits = limits
+        self.specific_versions = None if specific_versions is None else frozenset(specific_versions)
         self._lock = threading.Lock()
         self._loaded: dict[int, LoadedVersion] = {}
         # Versions that are not loaded any more, or failed to: version -> (code, message).
@@ -242,7 +246,10 @@ class VersionManager:
         keep: set[int] = set()
         latest_kept = 0
         for version in sorted(ready, reverse=True):
-            in_latest = latest_kept < self.num_versions
+            if self.specific_versions is None:
+                in_latest = latest_kept < self.num_versions
+            else:
+                in_latest = version in self.specific_versions
             if (in_latest or version in labelled) and self._ensure_loaded(version, ready[version]):
                 keep.add(version)
                 latest_kept += in_latest

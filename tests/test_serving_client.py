@@ -185,6 +185,8 @@ def test_command_lines_serve_predict_as_json_and_stop_on_sigterm(base_path, imag
             MODEL,
             "--port",
             "0",
+            "--rest-api-port",
+            "0",
         ],
         stderr=subprocess.PIPE,
         text=True,

@@ -397,6 +397,7 @@ def test_cli_writes_the_bound_port_to_the_port_file_and_removes_it_at_shutdown(b
         "--model-base-path", str(base_path),
         "--model-name", MODEL,
         "--port", "0",
+        "--rest-api-port", "0",
         "--port-file", str(port_file),
     ]  # fmt: skip
     with open(log, "w") as stderr:
