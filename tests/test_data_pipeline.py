@@ -141,7 +141,9 @@ def reference_batch(config, stage, seed, index, patches_per_image=1):
     d = config.data
     sampler = PatchSampler.from_config(CocoDataset(d.train_annotations, d.train_images), config, stage)
     rng = np.random.default_rng([seed, pipeline._TRAIN_STREAM, 0, stage, index])
-    kind = "score" if rng.random() < (d.score_frequency if stage == 1 else 0.0) else "mask"
+    # One replica: batch `index` is global step `index`, whose kind has a stream of its own.
+    kind_draw = np.random.default_rng([seed, pipeline._KIND_STREAM, stage, index]).random()
+    kind = "score" if kind_draw < (d.score_frequency if stage == 1 else 0.0) else "mask"
     windows = sampler.draw_windows(rng, kind, config.training.batch_size, patches_per_image)
     images, masks = [], []
     for w in windows:
