@@ -291,7 +291,7 @@ class ModelServer:
             )
             run = functools.partial(run_predict, limits=merged)
             self._batcher = Batcher(batching, run=run, on_batch=self.metrics.observe_batch)
-        self.api = ServingApi(self.models, self._batcher)
+        self.api = ServingApi(self.models, self._batcher, self.limits)
         observe = self.metrics.observer("GRPC")
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionServicer(self.api, observe), self._server
