@@ -218,7 +218,7 @@ def test_the_papers_module_is_a_conv_of_the_concat_of_mask_and_skip_features(pad
 def test_the_papers_skip_features_and_their_linear_conv():
     # S_i has k_s^i = k / 2^(i-1) channels after a ReLU; the term added to the vertical conv is a
     # linear conv of it to k_m^(i+1) channels, so it takes negative values too.
-    model = build_model(get_config("sharpmask_resnet50"))
+    model = build_model(get_config("sharpmask_resnet50"), trunk_weights=False)
     skip = model.get_layer("skip")
     for i, channels in enumerate((32, 16, 8, 4), start=1):
         features = skip.get_layer(f"refine{i}_skip_conv2")
@@ -251,7 +251,7 @@ def _padded_conv_shapes(layers, padding):
 def test_the_reference_layout_is_sharpmask_lua():
     # SharpMask.lua with km = ks = 32: createHorizontal, createVertical, the final conv, and
     # the parameter count it prints (nh + nv), from its formulas.
-    model = build_model(get_config("sharpmask_resnet50", REFERENCE))
+    model = build_model(get_config("sharpmask_resnet50", REFERENCE), trunk_weights=False)
     skip, refine = model.get_layer("skip"), model.get_layer("refine")
     km = ks = 32
     nh = nv = 0
