@@ -12,6 +12,7 @@ from data_testing import (
     write_image,
     write_json,
 )
+from strategies import two_cpus
 
 from sharpmask_tf.data import DatasetError, make_dataset, make_validation_patches, pipeline
 from sharpmask_tf.data.coco import CocoDataset
@@ -83,7 +84,7 @@ def test_two_input_pipelines_see_distinct_streams(crowded):
 
 def test_feeds_a_mirrored_strategy(crowded):
     config = config_for(*crowded)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_cpus()
     distributed = strategy.distribute_datasets_from_function(
         lambda context: make_dataset(config, batch_size=8, input_context=context)
     )

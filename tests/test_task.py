@@ -1,12 +1,11 @@
 """The per-stage task: the stage-2 trainable split, the schedule, the stage-number boundary to the
 data module, the replica train step and the validation step."""
 
-import functools
-
 import numpy as np
 import pytest
 import tensorflow as tf
 import test_train_fakes as fakes
+from strategies import two_cpus
 
 from sharpmask_tf.config import get_config
 from sharpmask_tf.deepmask import dtype_policy_scope
@@ -156,13 +155,6 @@ def test_stage2_is_plain_sgd_on_its_schedule():
     assert task.learning_rate() == pytest.approx(5e-4)
 
 
-@functools.cache
-def _two_cpus():
-    """One MirroredStrategy over the two logical CPUs for the module: with a second one made in the
-    same process, its first all-reduce failed here ("Shape mismatch in the collective instance")."""
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-
-
 def _known_patches(config, n):
     """n patches with both kinds of sample weight, so one step exercises both loss terms."""
     batch = fakes._batch(config, "train", 1, n, tf.constant([3, 1], tf.int64), 0.0)
@@ -200,7 +192,7 @@ def test_train_step_takes_the_reference_step_for_the_global_batch(replicas):
     if replicas == 1:
         strategy = tf.distribute.get_strategy()
     else:
-        strategy = _two_cpus()
+        strategy = two_cpus()
     with strategy.scope():
         task = StageTask(config, "deepmask", num_replicas=replicas, **DATA)
     mask_grad, score_grad = _hand_gradients(config, task.model, batch)
@@ -227,7 +219,7 @@ def test_mixed_precision_skips_a_step_that_overflows_on_one_replica():
     # Replica 0's share carries no loss (finite, zero gradients); replica 1's overflows float16 at a
     # huge loss scale. The first replica's check alone would apply the summed, non-finite gradients.
     config = _tiny("training.mixed_precision=true", "model.dropout=0.0")
-    strategy = _two_cpus()
+    strategy = two_cpus()
     with dtype_policy_scope("mixed_float16"), strategy.scope():
         task = StageTask(config, "deepmask", num_replicas=2, **DATA)
     batch = _known_patches(config, config.training.batch_size)

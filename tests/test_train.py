@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import test_train_fakes as fakes
+from strategies import two_cpus
 
 from sharpmask_tf.config import get_config
 from sharpmask_tf.task import stage_model
@@ -48,7 +49,7 @@ def test_mirrored_two_devices_equal_one_device(tmp_path):
     config = _tiny("model.dropout=0.0")
     data = dict(make_dataset=_pooled_dataset, make_validation_patches=fakes.make_validation_patches)
     single = train(config, str(tmp_path / "one"), strategy="default", progress=False, **data)
-    mirrored_strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    mirrored_strategy = two_cpus()
     assert mirrored_strategy.num_replicas_in_sync == 2
     mirrored = train(config, str(tmp_path / "two"), strategy=mirrored_strategy, progress=False, **data)
     assert mirrored["deepmask"]["train_loss"] == pytest.approx(single["deepmask"]["train_loss"], rel=1e-4)
@@ -232,7 +233,7 @@ def test_every_global_batch_is_one_kind_on_two_replicas(tmp_path):
             "training.batch_size=4",
         ],
     )
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_cpus()
     trainer = Trainer(config, str(tmp_path / "m"), strategy, progress=False)
     task = trainer.build_task("deepmask")
     iterator = trainer.train_iterator(task, seed=5)

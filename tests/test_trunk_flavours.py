@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import test_train_fakes as fakes
+from strategies import two_cpus
 
 from sharpmask_tf import sharpmask
 from sharpmask_tf.backbone import (
@@ -257,7 +258,7 @@ def test_a_trunk_from_scratch_learns_batch_statistics_in_stage_one_only(tmp_path
 
 
 def test_synchronised_batch_norm_uses_the_global_batch():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_cpus()
     keras.utils.set_random_seed(0)
     with strategy.scope():
         mirrored = resnet_trunk((1, 1, 1), 8, frozen_batch_norm=False)
@@ -298,7 +299,7 @@ def test_torch_flavour_survives_a_keras_round_trip(tmp_path):
 def test_xla_steps_refuse_synchronised_batch_norm_over_replicas(tmp_path):
     from sharpmask_tf.trainer import Trainer
 
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = two_cpus()
     config = get_config("small", [*TINY, "training.jit=true"])
     trainer = Trainer(config, str(tmp_path), strategy, progress=False, **DATA)
     with pytest.raises(ValueError, match="training.jit=true, model.trunk_weights=None"):
