@@ -23,6 +23,8 @@ RESNET50_WIDTH = 64
 BN_MOMENTUM = 0.9
 # The file `ResNet50(weights="imagenet", include_top=False)` downloads into ~/.keras/models/.
 KERAS_RESNET50_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+# The trunk weights a conversion of the authors' files writes into its run directory.
+TRUNK_WEIGHTS_FILE = "trunk.weights.h5"
 _NEEDS_RESNET50 = (
     f"ImageNet weights need the ResNet-50 geometry (model.trunk_blocks={RESNET50_BLOCKS}, "
     f"model.trunk_width={RESNET50_WIDTH})."
@@ -37,6 +39,10 @@ class TrunkFlavour:
     conv_bias: bool  # convolutions have biases
     bn_epsilon: float  # BatchNorm's epsilon
     normalization: str  # the input transform the weights were trained on (an ImageNormalization mode)
+    # BatchNorm follows the residual addition (`{block}_out_bn`) instead of ending the branch and
+    # the shortcut (fb.resnet.torch's released ResNet-50, its pretrained/README.md)
+    bn_after_add: bool = False
+    stem_padding: str | None = None  # the 7x7 conv's padding mode, if not the trunk's `padding`
 
 
 FLAVOURS = {
@@ -45,6 +51,16 @@ FLAVOURS = {
     # torchvision's ResNet-50 and fb.resnet.torch's bottleneck: stride on the 3x3, no conv biases,
     # ImageNet mean/std RGB input.
     "torch": TrunkFlavour(stride_on_3x3=True, conv_bias=False, bn_epsilon=1e-5, normalization="torch"),
+    # The authors' release (resnet-50.t7, and the DeepMask / SharpMask model.t7 built on it): the
+    # torch layout with biased convs and BatchNorm after every addition.
+    "reference": TrunkFlavour(
+        stride_on_3x3=True, conv_bias=True, bn_epsilon=1e-5, normalization="torch", bn_after_add=True
+    ),
+    # The PyTorch port's DeepMask (foolwood/deepmask-pytorch): torchvision's layout with a
+    # symmetric-padded 7x7 conv (its 3x3 convs reflect-pad: model.padding=reflect).
+    "deepmask_pytorch": TrunkFlavour(
+        stride_on_3x3=True, conv_bias=False, bn_epsilon=1e-5, normalization="torch", stem_padding="symmetric"
+    ),
 }
 
 
@@ -75,11 +91,11 @@ class _Builder:
     def __init__(self, flavour: TrunkFlavour, padding: str, frozen_batch_norm: bool):
         self.flavour, self.padding, self.frozen_batch_norm = flavour, padding, frozen_batch_norm
 
-    def conv(self, x, filters: int, kernel: int, name: str, strides: int = 1):
+    def conv(self, x, filters: int, kernel: int, name: str, strides: int = 1, padding: str | None = None):
         """A convolution whose spatial padding (for kernels > 1) is an explicit mirror/zero pad."""
         if kernel > 1:
             pad_name = f"{name}_pad" if name != "conv1_conv" else "conv1_pad"
-            x = MirrorPad2D(kernel // 2, self.padding, name=pad_name)(x)
+            x = MirrorPad2D(kernel // 2, padding or self.padding, name=pad_name)(x)
         return keras.layers.Conv2D(
             filters, kernel, strides=strides, padding="valid", use_bias=self.flavour.conv_bias, name=name
         )(x)
@@ -94,8 +110,10 @@ class _Builder:
 
     def block(self, x, filters: int, stride: int, shortcut_conv: bool, name: str):
         """The bottleneck block, Keras ResNet50's layer names whatever the flavour."""
+        post_add = self.flavour.bn_after_add
         if shortcut_conv:
-            shortcut = self.bn(self.conv(x, 4 * filters, 1, f"{name}_0_conv", strides=stride), f"{name}_0_bn")
+            shortcut = self.conv(x, 4 * filters, 1, f"{name}_0_conv", strides=stride)
+            shortcut = shortcut if post_add else self.bn(shortcut, f"{name}_0_bn")
         else:
             shortcut = x
         first, middle = (1, stride) if self.flavour.stride_on_3x3 else (stride, 1)
@@ -103,8 +121,9 @@ class _Builder:
         x = keras.layers.Activation("relu", name=f"{name}_1_relu")(self.bn(x, f"{name}_1_bn"))
         x = self.conv(x, filters, 3, f"{name}_2_conv", strides=middle)
         x = keras.layers.Activation("relu", name=f"{name}_2_relu")(self.bn(x, f"{name}_2_bn"))
-        x = self.bn(self.conv(x, 4 * filters, 1, f"{name}_3_conv"), f"{name}_3_bn")
-        x = keras.layers.Add(name=f"{name}_add")([shortcut, x])
+        x = self.conv(x, 4 * filters, 1, f"{name}_3_conv")
+        x = keras.layers.Add(name=f"{name}_add")([shortcut, x if post_add else self.bn(x, f"{name}_3_bn")])
+        x = self.bn(x, f"{name}_out_bn") if post_add else x
         return keras.layers.Activation("relu", name=f"{name}_out")(x)
 
 
@@ -123,7 +142,8 @@ def resnet_trunk(
         width: conv1 filters; stage widths are width, 2*width, 4*width (x4 at block outputs).
         padding: `reflect`, `symmetric` or `zero` for every 3x3/7x7 convolution and the pool.
         flavour: a name in `config.TRUNK_FLAVOURS` (see `FLAVOURS`): `keras` (Keras ResNet50's
-            layout) or `torch` (torchvision's). Its input is what `input_normalization(flavour)`
+            layout), `torch` (torchvision's), `reference` (the authors' resnet-50.t7) or
+            `deepmask_pytorch` (the PyTorch port's). Its input is what `input_normalization(flavour)`
             makes of RGB in [0, 1].
         frozen_batch_norm: BatchNorm is a fixed affine transform of its moving statistics
             (`FrozenBatchNormalization`, for pretrained weights); False: BatchNorm normalises with
@@ -141,7 +161,7 @@ def resnet_trunk(
     """
     build = _Builder(trunk_flavour(flavour), padding, frozen_batch_norm)
     inputs = keras.Input((None, None, 3), name="trunk_input")
-    x = build.conv(inputs, width, 7, "conv1_conv", strides=2)
+    x = build.conv(inputs, width, 7, "conv1_conv", strides=2, padding=build.flavour.stem_padding)
     x = keras.layers.Activation("relu", name="conv1_relu")(build.bn(x, "conv1_bn"))
     conv1 = x
     x = MirrorPad2D(1, padding, name="pool1_pad")(x)
@@ -162,7 +182,9 @@ def load_trunk_weights(trunk: keras.Model, weights: str, flavour: str) -> list[s
     Args:
         trunk: a model from `resnet_trunk(flavour=flavour)` with the ResNet-50 geometry.
         weights: for `keras`, "imagenet" or a Keras ResNet50 weights file (`load_imagenet_weights`);
-            for `torch`, a torchvision-format state-dict file (`load_torchvision_weights`).
+            for `torch`, a torchvision-format state-dict file (`load_torchvision_weights`); for
+            `reference` and `deepmask_pytorch`, the trunk's Keras weights file (`TRUNK_WEIGHTS_FILE`)
+            that `python -m sharpmask_tf.convert` writes from the authors' files.
         flavour: the trunk's flavour.
 
     Returns:
@@ -171,7 +193,10 @@ def load_trunk_weights(trunk: keras.Model, weights: str, flavour: str) -> list[s
     trunk_flavour(flavour)
     if flavour == "keras":
         return load_imagenet_weights(trunk, weights)
-    return load_torchvision_weights(trunk, weights)
+    if flavour == "torch":
+        return load_torchvision_weights(trunk, weights)
+    trunk.load_weights(weights)
+    return [layer.name for layer in trunk.layers if layer.weights]
 
 
 def _set_layer_weights(layer: keras.layers.Layer, values: list[np.ndarray], source: str) -> None:

@@ -24,7 +24,11 @@ REFINEMENT_LAYOUTS = ("paper", "reference")
 ON_BAD_ANNOTATION = ("error", "skip")
 # Trunk flavours (sharpmask_tf.backbone.FLAVOURS): each fixes the ResNet-50 layout, the input
 # transform and the weights format of one family of pretrained weights.
-TRUNK_FLAVOURS = ("keras", "torch")
+TRUNK_FLAVOURS = ("keras", "torch", "reference", "deepmask_pytorch")
+# Where SharpMask cuts a patch's window out of the skip path: after the horizontal nets (they run
+# on whole maps, so full-image inference shares them across windows) or before them (SharpMask.lua's
+# training net, whose nets then pad at the window's edge).
+SKIP_CROPS = ("after", "before")
 
 # The trunk's four feature taps and their strides, finest first (conv1 .. conv4 of ResNet).
 TAP_STRIDES = {"conv1": 2, "conv2": 4, "conv3": 8, "conv4": 16}
@@ -62,7 +66,9 @@ class ModelConfig:
     trunk_blocks: tuple[int, int, int] = (3, 4, 6)  # residual blocks in conv2_x, conv3_x, conv4_x
     trunk_width: int = 64  # conv1 filters; every stage scales from it as in ResNet-50
     padding: str = "reflect"  # padding of every 3x3/7x7 trunk conv: reflect | symmetric | zero
-    trunk_flavour: str = "keras"  # keras: Keras ResNet50's layout | torch: torchvision's ResNet-50's
+    # keras: Keras ResNet50's layout | torch: torchvision's ResNet-50's | reference: the authors'
+    # resnet-50.t7 | deepmask_pytorch: the PyTorch port's (see backbone.FLAVOURS)
+    trunk_flavour: str = "keras"
     # None (from scratch); keras flavour: "imagenet" or a Keras ResNet50 weights file (.h5);
     # torch flavour: a torchvision ResNet-50 state-dict file (.pth)
     trunk_weights: str | None = None
@@ -77,6 +83,7 @@ class ModelConfig:
     refine_skip_hidden_last: int = 32  # horizontal net's first conv width at the finest stage (R4)
     upsampling: str = "bilinear"  # refinement upsampling; the reference used nearest
     refinement_layout: str = "paper"  # vertical nets: paper (one linear conv) | reference (SharpMask.lua's two)
+    skip_crop: str = "after"  # window cut after the horizontal nets | before them (SharpMask.lua's patch net)
 
     def __post_init__(self) -> None:
         s = "model"
@@ -115,6 +122,8 @@ class ModelConfig:
             _fail(s, "upsampling", self.upsampling, f"must be one of {UPSAMPLING_MODES}")
         if self.refinement_layout not in REFINEMENT_LAYOUTS:
             _fail(s, "refinement_layout", self.refinement_layout, f"must be one of {REFINEMENT_LAYOUTS}")
+        if self.skip_crop not in SKIP_CROPS:
+            _fail(s, "skip_crop", self.skip_crop, f"must be one of {SKIP_CROPS}")
         object.__setattr__(self, "trunk_blocks", tuple(int(b) for b in self.trunk_blocks))
 
     @property

@@ -5,7 +5,15 @@ from __future__ import annotations
 import keras
 
 from sharpmask_tf.backbone import load_trunk_weights
-from sharpmask_tf.config import REFINEMENT_LAYOUTS, TAP_STRIDES, TRUNK_STRIDE, Config, ModelConfig, refine_channels
+from sharpmask_tf.config import (
+    REFINEMENT_LAYOUTS,
+    SKIP_CROPS,
+    TAP_STRIDES,
+    TRUNK_STRIDE,
+    Config,
+    ModelConfig,
+    refine_channels,
+)
 from sharpmask_tf.deepmask import DeepMask, deepmask_graph, dtype_policy_scope
 from sharpmask_tf.layers import CenterCrop2D, MirrorPad2D, Upsample2D
 
@@ -153,13 +161,17 @@ class SharpMask(DeepMask):
         refinement_layout: the vertical nets, `paper` (one linear conv per module, Fig. 7b) or
             `reference` (SharpMask.lua's two convs; with padding `symmetric` and upsampling
             `nearest` the release's refinement exactly).
+        skip_crop: where a patch's window is cut from the skip path: `after` the horizontal nets
+            (they run on the whole context-padded maps, as full-image inference runs them) or
+            `before` them (SharpMask.lua's patch net: the taps are cropped, the nets pad at the
+            window's edge).
         name: the model's name.
         dtype: the dtype policy its layers are built with (None: the global policy); the three
             outputs are float32 under any policy.
 
     Raises:
         ValueError: if refine_k is not a positive multiple of 16, or for an unknown
-            refinement_layout.
+            refinement_layout or skip_crop.
     """
 
     ARGUMENTS = DeepMask.ARGUMENTS + (
@@ -168,6 +180,7 @@ class SharpMask(DeepMask):
         "refine_skip_hidden_last",
         "upsampling",
         "refinement_layout",
+        "skip_crop",
     )
 
     def __init__(
@@ -189,11 +202,14 @@ class SharpMask(DeepMask):
         trunk_flavour: str = "keras",
         pretrained_trunk: bool = True,
         refinement_layout: str = "paper",
+        skip_crop: str = "after",
         name: str = "sharpmask",
         dtype: str | None = None,
         **kwargs,
     ):
         channels = refine_channels(refine_k)
+        if skip_crop not in SKIP_CROPS:
+            raise ValueError(f"skip_crop must be one of {SKIP_CROPS}. Received: skip_crop={skip_crop!r}")
         with dtype_policy_scope(dtype):
             inputs, taps, object_vector, head = deepmask_graph(
                 patch_size,
@@ -211,11 +227,15 @@ class SharpMask(DeepMask):
             )
             tap_channels = {t: int(taps[t].shape[-1]) for t in REFINE_TAPS}
             skip = skip_network(tap_channels, channels, refine_skip_hidden, refine_skip_hidden_last, padding, SKIP_NET)
-            skips = skip(taps)
-            windows = [
-                CenterCrop2D(context // TAP_STRIDES[tap], name=f"refine{i}_skip_crop")(skips[f"skip{i}"])
-                for i, tap in enumerate(REFINE_TAPS, start=1)
-            ]
+            if skip_crop == "before":
+                skips = skip({t: CenterCrop2D(context // TAP_STRIDES[t], name=f"{t}_window")(taps[t]) for t in taps})
+                windows = [skips[f"skip{i}"] for i in range(1, len(REFINE_TAPS) + 1)]
+            else:
+                skips = skip(taps)
+                windows = [
+                    CenterCrop2D(context // TAP_STRIDES[tap], name=f"refine{i}_skip_crop")(skips[f"skip{i}"])
+                    for i, tap in enumerate(REFINE_TAPS, start=1)
+                ]
             refine = refine_network(
                 object_dim, patch_size // TRUNK_STRIDE, channels, padding, upsampling, refinement_layout, REFINE_NET
             )
@@ -244,6 +264,7 @@ class SharpMask(DeepMask):
             refine_skip_hidden_last=refine_skip_hidden_last,
             upsampling=upsampling,
             refinement_layout=refinement_layout,
+            skip_crop=skip_crop,
         )
         # Where stage 2's gradients stop: the object vector and the trunk's taps in this graph.
         self._refinement_features = [object_vector, *(taps[t] for t in TAP_STRIDES)]
