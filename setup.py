@@ -26,6 +26,7 @@ setup(
             "sharpmask-evaluate=sharpmask_tf.evaluation:main",
             "sharpmask-serve=serving.server:main",
             "sharpmask-client=serving.client:main",
+            "sharpmask-convert=sharpmask_tf.convert.__main__:main",
         ]
     },
 )

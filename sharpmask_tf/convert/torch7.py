@@ -319,8 +319,18 @@ def _sequential(module: Any, path: str, batch: int) -> ir.Sequential:
     return node
 
 
-def read_deepmask_t7(path: str | os.PathLike) -> ir.DeepMaskRecord:
+def is_deepmask_file(root: Any) -> bool:
+    """Whether a `read_torch7` root is a reference trainer's save {model = nn.DeepMask | nn.SharpMask, ...}."""
+    model = _get(root, "model", "file", None) if isinstance(root, dict) else None
+    return model is not None and _type(model) in ("nn.DeepMask", "nn.SharpMask")
+
+
+def read_deepmask_t7(path: str | os.PathLike, root: Any = None) -> ir.DeepMaskRecord:
     """Reads a DeepMask or SharpMask `model.t7` of the reference release (training layout).
+
+    Args:
+        path: the file.
+        root: its `read_torch7` result, if already read.
 
     Returns:
         The record; for SharpMask, `refinements` are refs[0..4] and `skip_layers` the 0-based
@@ -329,13 +339,14 @@ def read_deepmask_t7(path: str | os.PathLike) -> ir.DeepMaskRecord:
     Raises:
         ValueError: if the file is not such a model or holds an unknown module.
     """
-    root = read_torch7(path)
-    model = _get(root, "model", "file", None) if isinstance(root, dict) else None
-    kind = _type(model) if model is not None else _type(root)
-    if kind not in ("nn.DeepMask", "nn.SharpMask"):
+    root = read_torch7(path) if root is None else root
+    if not is_deepmask_file(root):
+        kind = _type(_get(root, "model", "file", None) if isinstance(root, dict) else root)
         raise ValueError(
             f"{os.fspath(path)}: expected {{model = nn.DeepMask | nn.SharpMask, config = ...}}. Received: {kind}"
         )
+    model = _get(root, "model", "file")
+    kind = _type(model)
     config = _plain(_get(root, "config", "file", {}))
     batch = config.get("batch") if isinstance(config, dict) else None
     if not isinstance(batch, int):
@@ -361,3 +372,31 @@ def read_deepmask_t7(path: str | os.PathLike) -> ir.DeepMaskRecord:
         skip_layers=tuple(p - 1 for p in skip_positions),
         config=config,
     )
+
+
+# fb.resnet.torch's ImageNet ResNet: conv1, its BatchNorm, ReLU, max pool, then the stages
+# conv2_x .. conv5_x, average pool, View, Linear. DeepMask keeps the first seven modules.
+RESNET_TRUNK_MODULES = 7
+
+
+def read_resnet_t7(path: str | os.PathLike, root: Any = None) -> tuple[ir.Node, ...]:
+    """Reads conv1 .. conv4 (modules 1..7) of an fb.resnet.torch ImageNet ResNet (`resnet-50.t7`).
+
+    Args:
+        path: the file.
+        root: its `read_torch7` result, if already read.
+
+    Raises:
+        ValueError: if the file is not an nn.Sequential of at least seven modules, or one of
+            those is unknown.
+    """
+    root = read_torch7(path) if root is None else root
+    if _type(root) != "nn.Sequential":
+        raise ValueError(f"{os.fspath(path)}: expected an ImageNet ResNet (nn.Sequential). Received: {_type(root)}")
+    modules = _sequence(_get(root, "modules", "model"), "model.modules")
+    if len(modules) < RESNET_TRUNK_MODULES:
+        raise ValueError(
+            f"{os.fspath(path)}: expected conv1, BatchNorm, ReLU, max pool and the ResNet stages. "
+            f"Received: {len(modules)} modules"
+        )
+    return tuple(module_ir(m, f"model.modules[{i}]") for i, m in enumerate(modules[:RESNET_TRUNK_MODULES], start=1))
