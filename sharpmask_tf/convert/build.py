@@ -121,8 +121,8 @@ def _matrix(node: ir.Dense | ir.Conv2D) -> np.ndarray:
 
 
 def chw_to_hwc(weight: np.ndarray, channels: int, side: int) -> np.ndarray:
-    """Reorders the input columns of a (out, C*H*W) matrix, read from a (C, H, W) flattening,
-    to Keras' (H, W, C) flattening."""
+    """Reorders the columns of a (rows, C*H*W) matrix that index a (C, H, W) flattening (Torch's)
+    to index Keras' (H, W, C) flattening."""
     out = weight.shape[0]
     return weight.reshape(out, channels, side, side).transpose(0, 2, 3, 1).reshape(out, -1)
 
@@ -329,8 +329,9 @@ def _refinement(record: ir.DeepMaskRecord, crop: int, paddings: list) -> tuple[d
     if len(view.shape) != 3 or view.shape[1] != view.shape[2]:
         _fail(view, "", f"expected View(km, fSz, fSz); found {_found(view)}")
     k, side = view.shape[0], view.shape[1]
-    rows = linear.weight.reshape(k, side, side, -1).transpose(1, 2, 0, 3).reshape(k * side * side, -1)
-    weights = {"refine_m1": [rows.T, linear.bias.reshape(k, side, side).transpose(1, 2, 0).reshape(-1)]}
+    # View(km, fSz, fSz) reads the Linear's outputs as (C, H, W); our Reshape as (H, W, C).
+    kernel = chw_to_hwc(linear.weight.T, k, side)
+    weights = {"refine_m1": [kernel, chw_to_hwc(linear.bias[None], k, side)[0]]}
     taps = {_STEM_LAYERS - 2: ("conv1", 0)}
     taps.update({_STEM_LAYERS + i: (f"conv{i + 2}", 0) for i in range(_STAGES)})
     taps[_STEM_LAYERS + _STAGES] = ("conv4", crop)  # the head's crop of conv4
@@ -440,8 +441,8 @@ def convert_record(record: ir.DeepMaskRecord, trunk_weights: str) -> Conversion:
         refine, refine_config = _refinement(record, geometry["context"] // TRUNK_STRIDE, paddings)
         weights.update(refine)
         fields.update(refine_config)
-    for path, mode, _ in paddings:
-        if mode != padding:
+    for path, mode, stem in paddings:
+        if not stem and mode != padding:
             _fail(None, path, f"pads {mode} where the trunk pads {padding}: our model has one padding mode")
     patch = record.config.get("iSz")
     if patch is not None and patch != geometry["patch_size"]:
