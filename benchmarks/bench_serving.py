@@ -7,8 +7,10 @@
     # export presets with random weights, serve each from a `serving.server` subprocess, and
     # compare gRPC with calling the same exported signature in-process (a Markdown table):
     python -m benchmarks.bench_serving --export-presets small sharpmask_resnet50 --concurrency 1 2
-    # also over the REST API, and with server-side batching (serving/batching_parameters.txt):
-    python -m benchmarks.bench_serving --export-presets small --concurrency 1 4 16 --rest --batching
+    # also over the REST API, and with server-side batching (serving/batching_parameters.txt),
+    # 32 timed requests a level for the small preset and 16 for ResNet-50:
+    python -m benchmarks.bench_serving --export-presets small sharpmask_resnet50 --image-size 160 \
+        --concurrency 1 4 16 --requests 32 16 --rest --batching
 
 Without --images it sends random-noise JPEGs of --image-size (e.g. 640x480 or 320). Prints one
 JSON line per concurrency level: requests/s, images/s and latency percentiles in milliseconds.
@@ -21,12 +23,13 @@ import base64
 import http.client
 import io
 import json
-import os
 import socket
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -174,104 +177,167 @@ def run_paired(signature, target: str, model_name: str, images: list[bytes], req
     )
 
 
+# Seconds a server subprocess may take to load and warm up an export: ResNet-50 on a loaded machine.
+STARTUP_TIMEOUT = 600.0
+
+
+class Plan(NamedTuple):
+    """What is measured at each level: `requests` timed calls after `warmup` untimed ones."""
+
+    concurrencies: Sequence[int]
+    requests: int
+    warmup: int
+
+
+def export_preset(preset: str, overrides: Sequence[str], base: str) -> tuple[Path, dict]:
+    """Exports a preset with random weights (no trunk download: `trunk_weights=False`) under `base`.
+
+    Returns:
+        (the version directory, the columns every row of this preset carries).
+    """
+    import keras
+
+    from serving.export import export_model
+    from sharpmask_tf.config import get_config
+    from sharpmask_tf.sharpmask import build_model
+
+    config = get_config(preset, list(overrides))
+    keras.utils.set_random_seed(0)
+    t0 = time.perf_counter()
+    version_dir = export_model(build_model(config, trunk_weights=False), config, base, model_name=preset)
+    keras.backend.clear_session()
+    label = " ".join([preset, *overrides])
+    return version_dir, {"preset": label, "top_n": config.export.top_n, "export_s": round(time.perf_counter() - t0, 1)}
+
+
+def bench_unbatched(version_dir: Path, images: list[bytes], plan: Plan, common: dict, rest: bool) -> list[dict]:
+    """One server subprocess without batching: concurrency 1 paired with in-process calls of
+    the same signature (`run_paired`), gRPC at every other level, and with `rest` the REST API
+    at every level."""
+    import tensorflow as tf
+
+    from serving.demo_query import ServerProcess
+    from serving.protocol import SIGNATURE_BYTES
+
+    model_name = version_dir.parent.name
+    signature = tf.saved_model.load(str(version_dir)).signatures[SIGNATURE_BYTES]
+    rows = []
+    port = free_port() if rest else None
+    with ServerProcess(version_dir.parent, model_name, STARTUP_TIMEOUT, rest_api_port=port) as server:
+        with ServingClient(server.target, model_name) as client:
+            response_bytes = sum(v.nbytes for v in client.predict_images(images[:1]).values())
+        run_paired(signature, server.target, model_name, images, plan.warmup)
+        local, remote, overhead = run_paired(signature, server.target, model_name, images, plan.requests)
+        grpc_common = {**common, "mode": "gRPC", "response_bytes": response_bytes}
+        rows += [{**common, "mode": "in-process", **local}, {**grpc_common, "paired_overhead": overhead, **remote}]
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        for concurrency in (c for c in plan.concurrencies if c != 1):
+            rows.append({**grpc_common, **run_level(server.target, model_name, images, 1, concurrency, plan.requests)})
+            print(json.dumps(rows[-1]), flush=True)
+        if rest:
+            rows += _levels(server, images, plan, common, "REST")
+    return rows
+
+
+def bench_batched(version_dir: Path, images: list[bytes], plan: Plan, common: dict, rest: bool) -> list[dict]:
+    """One server subprocess batching requests with `serving/batching_parameters.txt`: gRPC (and
+    with `rest` the REST API) at every level."""
+    from serving.demo_query import REPO_ROOT, ServerProcess
+
+    parameters = REPO_ROOT / "serving" / "batching_parameters.txt"
+    flags = ["--enable-batching", "--batching-parameters-file", str(parameters)]
+    port = free_port() if rest else None
+    rows = []
+    with ServerProcess(
+        version_dir.parent, version_dir.parent.name, STARTUP_TIMEOUT, rest_api_port=port, extra_args=flags
+    ) as server:
+        for mode in ["gRPC batched", "REST batched"][: 1 + rest]:
+            rows += _levels(server, images, plan, common, mode)
+    return rows
+
+
+def requests_per_preset(presets: Sequence[str], requests: Sequence[int]) -> list[int]:
+    """`--requests` as one number per preset: a single number serves every preset.
+
+    Raises:
+        ValueError: for neither one number nor one per preset.
+    """
+    if len(requests) == 1:
+        return list(requests) * len(presets)
+    if len(requests) != len(presets):
+        raise ValueError(
+            f"Give one --requests or one per preset. Received: requests={list(requests)}, presets={list(presets)}"
+        )
+    return list(requests)
+
+
 def bench_presets(
     presets: Sequence[str],
     images: list[bytes],
     concurrencies: Sequence[int],
-    requests: int,
+    requests: Sequence[int],
     warmup: int,
     overrides: Sequence[str] = (),
     rest: bool = False,
     batching: bool = False,
 ) -> list[dict]:
-    """Exports each preset (random weights, config `overrides` applied) and serves it from a
-    `serving.server` subprocess; measures concurrency 1 paired with in-process calls of the same
-    signature (`run_paired`), then gRPC alone at every other concurrency level. With `rest`, the
-    REST API at every level too; with `batching`, both again from a server batching requests
-    with `serving/batching_parameters.txt`."""
-    import keras
-    import tensorflow as tf
+    """Exports each preset (random weights, config `overrides` applied) and serves it from
+    `serving.server` subprocesses: without batching (`bench_unbatched`) and, with `batching`,
+    from a batching server too (`bench_batched`).
 
-    from serving.demo_query import ServerProcess
-    from serving.export import export_model
-    from serving.protocol import SIGNATURE_BYTES
-    from sharpmask_tf.config import get_config
-    from sharpmask_tf.sharpmask import build_model
-
+    Args:
+        requests: timed requests per level, one number per preset (`requests_per_preset`).
+    """
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_serving_") as base:
-        for preset in presets:
-            config = get_config(preset, list(overrides))
-            keras.utils.set_random_seed(0)
-            t0 = time.perf_counter()
-            version_dir = export_model(build_model(config, trunk_weights=False), config, base, model_name=preset)
-            label = " ".join([preset, *overrides])
-            common = {"preset": label, "top_n": config.export.top_n, "export_s": round(time.perf_counter() - t0, 1)}
-            keras.backend.clear_session()
-            signature = tf.saved_model.load(str(version_dir)).signatures[SIGNATURE_BYTES]
-            with ServerProcess(version_dir.parent, preset, rest_api_port=free_port() if rest else None) as server:
-                with ServingClient(server.target, preset) as client:
-                    response_bytes = sum(v.nbytes for v in client.predict_images(images[:1]).values())
-                run_paired(signature, server.target, preset, images, warmup)
-                local, remote, overhead = run_paired(signature, server.target, preset, images, requests)
-                rows.append({**common, "mode": "in-process", **local})
-                rows.append(
-                    {**common, "mode": "gRPC", "response_bytes": response_bytes, "paired_overhead": overhead, **remote}
-                )
-                for row in rows[-2:]:
-                    print(json.dumps(row), flush=True)
-                for concurrency in (c for c in concurrencies if c != 1):
-                    result = run_level(server.target, preset, images, 1, concurrency, requests)
-                    rows.append({**common, "mode": "gRPC", "response_bytes": response_bytes, **result})
-                    print(json.dumps(rows[-1]), flush=True)
-                if rest:
-                    rows += _levels(server, preset, images, concurrencies, requests, warmup, common, "REST")
+        for preset, count in zip(presets, requests, strict=True):
+            version_dir, common = export_preset(preset, overrides, base)
+            plan = Plan(concurrencies, count, warmup)
+            rows += bench_unbatched(version_dir, images, plan, common, rest)
             if batching:
-                parameters = os.path.join(
-                    os.path.dirname(os.path.dirname(__file__)), "serving", "batching_parameters.txt"
-                )
-                flags = ["--enable-batching", "--batching-parameters-file", parameters]
-                port = free_port() if rest else None
-                with ServerProcess(version_dir.parent, preset, rest_api_port=port, extra_args=flags) as server:
-                    for mode in ["gRPC batched", "REST batched"][: 1 + rest]:
-                        rows += _levels(server, preset, images, concurrencies, requests, warmup, common, mode)
-            del signature
+                rows += bench_batched(version_dir, images, plan, common, rest)
     return rows
 
 
-def _levels(server, preset, images, concurrencies, requests, warmup, common, mode) -> list[dict]:
+def _levels(server, images: list[bytes], plan: Plan, common: dict, mode: str) -> list[dict]:
     """One row per concurrency level of `mode` ("gRPC"/"REST", batched or not) on a ServerProcess."""
     rest = mode.startswith("REST")
     target = f"127.0.0.1:{server.rest_api_port}" if rest else server.target
-    run_level(target, preset, images, 1, 1, warmup, rest=rest)
+    run_level(target, server.model_name, images, 1, 1, plan.warmup, rest=rest)
     rows = []
-    for concurrency in concurrencies:
-        rows.append({**common, "mode": mode, **run_level(target, preset, images, 1, concurrency, requests, rest=rest)})
+    for concurrency in plan.concurrencies:
+        result = run_level(target, server.model_name, images, 1, concurrency, plan.requests, rest=rest)
+        rows.append({**common, "mode": mode, **result})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
-    """The preset rows as a Markdown table. Overhead: gRPC against in-process at concurrency 1,
-    as the median of the paired per-request ratios and as the ratio of mean latencies."""
-    baseline = {r["preset"]: r for r in rows if r["mode"] == "in-process"}
+    """The preset rows as a Markdown table, with speeds as ratios measured in the same run:
+    req/s against the in-process calls of the same signature, and a batched row's req/s against
+    the unbatched row of its API and concurrency. Overhead: gRPC against in-process at
+    concurrency 1, the median of the paired per-request ratios."""
+    by_key = {(r["preset"], r["mode"], r["concurrency"]): r for r in rows}
     lines = [
-        "| preset | mode | concurrency | requests | req/s | p50 ms | p99 ms | overhead (paired) | overhead (means) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| preset | mode | concurrency | requests | req/s | x in-process | batched / unbatched "
+        "| p50 ms | p99 ms | gRPC overhead (paired) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        over_paired = over_mean = ""
-        if "paired_overhead" in r:
-            over_paired = f"{100 * r['paired_overhead']:+.1f}%"
-            over_mean = f"{100 * (baseline[r['preset']]['requests_per_s'] / r['requests_per_s'] - 1):+.1f}%"
+        baseline = by_key[(r["preset"], "in-process", 1)]
+        unbatched = by_key.get((r["preset"], r["mode"].removesuffix(" batched"), r["concurrency"]))
+        batched = f"{r['requests_per_s'] / unbatched['requests_per_s']:.2f}" if r["mode"].endswith("batched") else ""
+        overhead = f"{100 * r['paired_overhead']:+.1f}%" if "paired_overhead" in r else ""
         lines.append(
             f"| {r['preset']} | {r['mode']} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f} "
-            f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {over_paired} | {over_mean} |"
+            f"| {r['requests_per_s'] / baseline['requests_per_s']:.2f} | {batched} "
+            f"| {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {overhead} |"
         )
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--server", help="host:port of a running server")
@@ -289,7 +355,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--batch", type=int, default=1, help="images per request")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--requests", type=int, default=20, help="requests per concurrency level")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        nargs="+",
+        default=[20],
+        help="requests per concurrency level; with --export-presets one number per preset may be given",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="requests sent first and not timed")
     parser.add_argument("--rest", action="store_true", help="with --export-presets: the REST API too")
     parser.add_argument("--batching", action="store_true", help="with --export-presets: a server batching requests too")
@@ -300,41 +372,52 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="SECTION.FIELD=VALUE",
         help="config overrides for --export-presets",
     )
-    args = parser.parse_args(argv)
+    return parser
 
-    images = []
-    for path in args.images:
-        with open(path, "rb") as f:
-            images.append(f.read())
-    images = images or random_jpegs(8, args.image_size)
+
+def bench_server(
+    target: str,
+    model_name: str,
+    images: list[bytes],
+    batch: int,
+    concurrencies: Sequence[int],
+    requests: int,
+    warmup: int,
+) -> None:
+    """Prints one JSON line per concurrency level of gRPC Predict calls to a running server."""
+    if warmup:
+        run_level(target, model_name, images, batch, 1, warmup)
+    for concurrency in concurrencies:
+        print(json.dumps(run_level(target, model_name, images, batch, concurrency, requests)))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    images = [Path(path).read_bytes() for path in args.images] or random_jpegs(8, args.image_size)
     if args.export_presets:
         if args.batch != 1:
             parser.error("--export-presets measures one image per request; drop --batch")
+        try:
+            requests = requests_per_preset(args.export_presets, args.requests)
+        except ValueError as e:
+            parser.error(str(e))
         rows = bench_presets(
-            args.export_presets,
-            images,
-            args.concurrency,
-            args.requests,
-            args.warmup,
-            args.set,
-            args.rest,
-            args.batching,
+            args.export_presets, images, args.concurrency, requests, args.warmup, args.set, args.rest, args.batching
         )
         print(markdown_table(rows))
         return
-    server = None
-    target = args.server
-    if args.model_base_path:
-        server, port = start_server(args.model_base_path, args.model_name)
-        target = f"127.0.0.1:{port}"
+    if len(args.requests) != 1:
+        parser.error(f"one --requests against a server. Received: {args.requests}")
+    if args.server:
+        bench_server(args.server, args.model_name, images, args.batch, args.concurrency, args.requests[0], args.warmup)
+        return
+    server, port = start_server(args.model_base_path, args.model_name)
     try:
-        if args.warmup:
-            run_level(target, args.model_name, images, args.batch, 1, args.warmup)
-        for concurrency in args.concurrency:
-            print(json.dumps(run_level(target, args.model_name, images, args.batch, concurrency, args.requests)))
+        target = f"127.0.0.1:{port}"
+        bench_server(target, args.model_name, images, args.batch, args.concurrency, args.requests[0], args.warmup)
     finally:
-        if server is not None:
-            server.stop()
+        server.stop()
 
 
 if __name__ == "__main__":

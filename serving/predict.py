@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
@@ -288,18 +288,31 @@ def check_encoded_images(key: str, images: np.ndarray, limits: RequestLimits) ->
             )
 
 
+def _check_aliases(kind: str, aliases: Iterable[str], known: Iterable[str]) -> None:
+    """Refuses the first of `aliases` that is not a `kind` ("input" or "output") of the signature,
+    in TF Serving's words.
+
+    Raises:
+        RequestError: INVALID_ARGUMENT naming the alias and the ones the signature has.
+    """
+    known = sorted(known)
+    for alias in aliases:
+        if alias not in known:
+            # TF Serving ends the input message's first sentence with a period, the output's without.
+            stop = "." if kind == "input" else ""
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{kind} tensor alias not found in signature: {alias}{stop} "
+                f"{kind.capitalize()}s expected to be in the set {{{','.join(known)}}}.",
+            )
+
+
 def _input_tensors(
     signature_name: str, signature: meta_graph_pb2.SignatureDef, inputs, limits: RequestLimits
 ) -> dict[str, tf.Tensor]:
     """Checks a request's inputs against a SignatureDef and the limits, and converts them to tensors."""
     expected = sorted(signature.inputs)
-    for key in inputs:
-        if key not in signature.inputs:
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"input tensor alias not found in signature: {key}. "
-                f"Inputs expected to be in the set {{{','.join(expected)}}}.",
-            )
+    _check_aliases("input", inputs, expected)
     missing = [key for key in expected if key not in inputs]
     if missing:
         raise RequestError(
@@ -373,13 +386,7 @@ def run_predict(
     """
     signature_name, signature, inputs = _checked_inputs(loaded, request, limits or RequestLimits())
     aliases = list(request.output_filter) or sorted(signature.outputs)
-    for alias in aliases:
-        if alias not in signature.outputs:
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"output tensor alias not found in signature: {alias} "
-                f"Outputs expected to be in the set {{{','.join(sorted(signature.outputs))}}}.",
-            )
+    _check_aliases("output", aliases, signature.outputs)
     if len(set(aliases)) != len(aliases):
         raise RequestError(
             grpc.StatusCode.INVALID_ARGUMENT, f"duplicate output tensor alias. Received: output_filter={aliases}"

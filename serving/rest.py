@@ -43,7 +43,7 @@ from serving.predict import RequestError
 from serving.protocol import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_SIGNATURE
 
 if TYPE_CHECKING:
-    from serving.server import ServingApi
+    from serving.api import ServingApi
 
 logger = logging.getLogger(__name__)
 

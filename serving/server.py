@@ -11,8 +11,9 @@ keeps serving, and is tried again once its files change.
 
 Several models come from a `--model-config-file` (`serving.model_config`); versions are scanned
 and loaded by `serving.versions`, requests checked and run by `serving.predict`, merged into
-batches by `serving.batching`; the REST API is `serving.rest`, the Prometheus metrics
-`serving.metrics`. This module holds the gRPC servicers, the server's lifecycle and its CLI.
+batches by `serving.batching`, answered by `serving.api` (gRPC servicers here, the REST API in
+`serving.rest`); the Prometheus metrics are `serving.metrics`. This module holds the server's
+lifecycle and its CLI.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
@@ -33,26 +33,13 @@ from typing import Any
 
 import grpc
 from google.protobuf import text_format
-from tensorflow_serving.apis import (
-    get_model_metadata_pb2,
-    get_model_status_pb2,
-    model_management_pb2,
-    model_pb2,
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+from serving.api import ModelStatusServicer, PredictionServicer, ServingApi
 from serving.batching import Batcher, BatchOptions, parse_batching_parameters
-from serving.metrics import (
-    MonitoringConfig,
-    RequestObserver,
-    ServingMetrics,
-    parse_monitoring_config,
-    requested_version,
-)
+from serving.metrics import MonitoringConfig, ServingMetrics, parse_monitoring_config
 from serving.model_config import ModelRegistry, ModelServerConfig, parse_model_config, single_model_config
-from serving.predict import RequestError, RequestLimits, check_request, run_predict
+from serving.predict import RequestError, RequestLimits, run_predict
 from serving.protocol import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -62,148 +49,6 @@ from serving.protocol import (
 from serving.rest import RestServer
 
 logger = logging.getLogger(__name__)
-
-
-def _serving_rpc(method):
-    """Turns a RequestError (or an unexpected exception) into the call's gRPC status, and
-    reports each call to the servicer's `observe` (see `ServingMetrics.observer`)."""
-
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        started = time.perf_counter()
-        code, message, response = grpc.StatusCode.OK, "", None
-        try:
-            response = method(self, request)
-        except RequestError as e:
-            code, message = e.code, e.message
-        except Exception as e:
-            logger.exception("%s failed", method.__name__)
-            code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
-        # A ReloadConfigRequest names no model.
-        spec = getattr(request, "model_spec", model_pb2.ModelSpec())
-        self._observe(spec.name, requested_version(spec), method.__name__, code, time.perf_counter() - started)
-        if response is None:
-            context.abort(code, message)
-        return response
-
-    return wrapper
-
-
-class ServingApi:
-    """Predict, GetModelMetadata, GetModelStatus and HandleReloadConfigRequest on request protos,
-    as TF Serving answers them; the gRPC servicers and the REST API (`serving.rest`) call these.
-
-    Args:
-        models: the served models.
-        batcher: merges concurrent Predict requests into batches; None runs each alone.
-        limits: what one Predict request may ask for (`serving.predict.RequestLimits`); each
-            request is held to them before it joins a batch.
-    """
-
-    def __init__(self, models: ModelRegistry, batcher: Batcher | None = None, limits: RequestLimits | None = None):
-        self._models = models
-        self._batcher = batcher
-        self._limits = limits or RequestLimits()
-
-    def predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-        """Runs a PredictRequest on the version its ModelSpec names, in a batch if batching."""
-        loaded = self._models.resolve(request.model_spec)
-        if self._batcher is not None:
-            check_request(loaded, request, self._limits)
-            return self._batcher.predict(loaded, request)
-        return run_predict(loaded, request, self._limits)
-
-    def get_model_metadata(
-        self, request: get_model_metadata_pb2.GetModelMetadataRequest
-    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
-        """The SignatureDef map of the version a GetModelMetadataRequest names."""
-        if not request.HasField("model_spec"):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
-        if not request.metadata_field:
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT, "GetModelMetadataRequest must specify at least one metadata_field"
-            )
-        for field in request.metadata_field:
-            if field != "signature_def":
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported")
-        loaded = self._models.resolve(request.model_spec)
-        response = get_model_metadata_pb2.GetModelMetadataResponse()
-        response.model_spec.name = request.model_spec.name
-        response.model_spec.version.value = loaded.version
-        signature_map = get_model_metadata_pb2.SignatureDefMap()
-        for name, signature in loaded.signature_defs.items():
-            signature_map.signature_def[name].CopyFrom(signature)
-        response.metadata["signature_def"].Pack(signature_map)
-        return response
-
-    def get_model_status(
-        self, request: get_model_status_pb2.GetModelStatusRequest
-    ) -> get_model_status_pb2.GetModelStatusResponse:
-        """The state of every version of a model, or of the one version its ModelSpec names."""
-        if not request.HasField("model_spec"):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
-        name = request.model_spec.name
-        states = self._models.version_states(name)
-        if request.model_spec.HasField("version") or request.model_spec.HasField("version_label"):
-            spec = request.model_spec
-            version = spec.version.value if spec.HasField("version") else self._models.resolve(spec).version
-            if version not in states:
-                raise RequestError(grpc.StatusCode.NOT_FOUND, f"Could not find version {version} of model {name}")
-            states = {version: states[version]}
-        elif not states:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}")
-        response = get_model_status_pb2.GetModelStatusResponse()
-        for version in sorted(states):
-            state, code, message = states[version]
-            status = response.model_version_status.add(version=version, state=state)
-            status.status.error_code = code.value[0]
-            status.status.error_message = message
-        return response
-
-    def reload_config(
-        self, request: model_management_pb2.ReloadConfigRequest
-    ) -> model_management_pb2.ReloadConfigResponse:
-        """Serves the request's ModelServerConfig instead of the current one (`ModelRegistry.reload`)."""
-        self._models.reload(request.config)
-        return model_management_pb2.ReloadConfigResponse()
-
-
-class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """Predict and GetModelMetadata; Classify, Regress and MultiInference stay UNIMPLEMENTED."""
-
-    def __init__(self, api: ServingApi, observe: RequestObserver):
-        self._api = api
-        self._observe = observe
-
-    @_serving_rpc
-    def Predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-        return self._api.predict(request)
-
-    @_serving_rpc
-    def GetModelMetadata(
-        self, request: get_model_metadata_pb2.GetModelMetadataRequest
-    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
-        return self._api.get_model_metadata(request)
-
-
-class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
-    """GetModelStatus and HandleReloadConfigRequest."""
-
-    def __init__(self, api: ServingApi, observe: RequestObserver):
-        self._api = api
-        self._observe = observe
-
-    @_serving_rpc
-    def GetModelStatus(
-        self, request: get_model_status_pb2.GetModelStatusRequest
-    ) -> get_model_status_pb2.GetModelStatusResponse:
-        return self._api.get_model_status(request)
-
-    @_serving_rpc
-    def HandleReloadConfigRequest(
-        self, request: model_management_pb2.ReloadConfigRequest
-    ) -> model_management_pb2.ReloadConfigResponse:
-        return self._api.reload_config(request)
 
 
 class ModelServer:
@@ -262,9 +107,7 @@ class ModelServer:
                 "Give either base_path and model_name, or model_config. "
                 f"Received: base_path={base_path!r}, model_name={model_name!r}, model_config={model_config is not None}"
             )
-        prometheus = monitoring_config.prometheus_config if monitoring_config is not None else None
-        if prometheus is not None and prometheus.enable and rest_api_port is None:
-            raise ValueError("Prometheus metrics are served on the REST API's port; give rest_api_port too")
+        metrics_path = _metrics_path(monitoring_config, rest_api_port)
         if model_config is None:
             model_config = single_model_config(base_path, model_name, num_versions, version_labels)
         self.limits = limits or RequestLimits()
@@ -274,32 +117,13 @@ class ModelServer:
         self.poll_interval = poll_interval
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
-        options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            # Two servers must not share a port: a stale test server would answer instead.
-            ("grpc.so_reuseport", 0),
-        ]
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
         self.metrics = ServingMetrics(self.models.all_states)
-        self._batcher = None
-        if batching is not None:
-            # Each request is checked alone against `limits` first; a merged batch may hold up to
-            # the batching's max_batch_size rows.
-            merged = dataclasses.replace(
-                self.limits, max_batch_size=max(self.limits.max_batch_size, batching.max_batch_size)
-            )
-            run = functools.partial(run_predict, limits=merged)
-            self._batcher = Batcher(batching, run=run, on_batch=self.metrics.observe_batch)
+        self._batcher = None if batching is None else self._make_batcher(batching)
         self.api = ServingApi(self.models, self._batcher, self.limits)
-        observe = self.metrics.observer("GRPC")
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.api, observe), self._server
-        )
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusServicer(self.api, observe), self._server)
+        self._server = _grpc_server(self.api, self.metrics, max_workers, max_message_bytes)
         self._rest = None
         if rest_api_port is not None:
-            routes = {prometheus.path: self.metrics.exposition} if prometheus is not None and prometheus.enable else {}
+            routes = {} if metrics_path is None else {metrics_path: self.metrics.exposition}
             self._rest = RestServer(
                 self.api,
                 host=host,
@@ -308,6 +132,14 @@ class ModelServer:
                 observe=self.metrics.observer("REST"),
                 extra_routes=routes,
             )
+
+    def _make_batcher(self, batching: BatchOptions) -> Batcher:
+        # Each request is checked alone against `limits` first; a merged batch may hold up to
+        # the batching's max_batch_size rows.
+        merged = dataclasses.replace(
+            self.limits, max_batch_size=max(self.limits.max_batch_size, batching.max_batch_size)
+        )
+        return Batcher(batching, run=functools.partial(run_predict, limits=merged), on_batch=self.metrics.observe_batch)
 
     def start(self) -> int:
         """Loads the current versions, starts answering and following the base path.
@@ -362,6 +194,35 @@ class ModelServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _metrics_path(monitoring_config: MonitoringConfig | None, rest_api_port: int | None) -> str | None:
+    """The REST path of the Prometheus metrics, or None when they are not enabled.
+
+    Raises:
+        ValueError: for metrics enabled without a REST port to serve them on.
+    """
+    prometheus = monitoring_config.prometheus_config if monitoring_config is not None else None
+    if prometheus is None or not prometheus.enable:
+        return None
+    if rest_api_port is None:
+        raise ValueError("Prometheus metrics are served on the REST API's port; give rest_api_port too")
+    return prometheus.path
+
+
+def _grpc_server(api: ServingApi, metrics: ServingMetrics, max_workers: int, max_message_bytes: int) -> grpc.Server:
+    """A grpcio server (not bound yet) with both servicers answering through `api`."""
+    options = [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # Two servers must not share a port: a stale test server would answer instead.
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+    observe = metrics.observer("GRPC")
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(api, observe), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusServicer(api, observe), server)
+    return server
 
 
 def start_server(
@@ -452,44 +313,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        labels = parse_version_labels(args.version_labels)
-        limits = RequestLimits(max_batch_size=args.max_batch_size, max_image_pixels=args.max_image_pixels)
-        monitoring = parse_monitoring_config(args.monitoring_config_file) if args.monitoring_config_file else None
-        model_config = parse_model_config(args.model_config_file) if args.model_config_file else None
-        batching = None
-        if args.enable_batching:
-            batching = (
-                parse_batching_parameters(args.batching_parameters_file)
-                if args.batching_parameters_file
-                else BatchOptions()
-            )
-    except (ValueError, OSError, text_format.ParseError, RequestError) as e:
-        parser.error(str(e))
+def _server_from_args(args: argparse.Namespace) -> ModelServer:
+    """The ModelServer the CLI's flags describe, its config files read.
+
+    Raises:
+        ValueError, OSError, text_format.ParseError, RequestError: for a flag or file it refuses.
+    """
+    model_config = parse_model_config(args.model_config_file) if args.model_config_file else None
     single = args.model_base_path is not None and args.model_name is not None
     if (model_config is None) != single or (model_config is not None and (args.model_base_path or args.model_name)):
-        parser.error("give --model-base-path and --model-name, or --model-config-file")
-    server = ModelServer(
+        raise ValueError("give --model-base-path and --model-name, or --model-config-file")
+    batching = None
+    if args.enable_batching and args.batching_parameters_file:
+        batching = parse_batching_parameters(args.batching_parameters_file)
+    elif args.enable_batching:
+        batching = BatchOptions()
+    return ModelServer(
         args.model_base_path,
         args.model_name,
         model_config=model_config,
         host=args.host,
         port=args.port,
-        version_labels=labels,
+        version_labels=parse_version_labels(args.version_labels),
         num_versions=args.num_versions,
         poll_interval=args.poll_interval,
         max_workers=args.max_workers,
         max_message_bytes=args.max_message_bytes,
         enable_model_warmup=args.enable_model_warmup,
-        limits=limits,
+        limits=RequestLimits(max_batch_size=args.max_batch_size, max_image_pixels=args.max_image_pixels),
         rest_api_port=args.rest_api_port or None,
-        monitoring_config=monitoring,
+        monitoring_config=parse_monitoring_config(args.monitoring_config_file) if args.monitoring_config_file else None,
         batching=batching,
     )
+
+
+def _serve_until_signalled(server: ModelServer, port_file: str | None) -> None:
+    """Starts the server and serves until SIGTERM or SIGINT, with the port in `port_file` meanwhile."""
     server.start()
     stop = threading.Event()
 
@@ -500,12 +359,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # Written once the signals are handled too, so whoever reads it may send SIGTERM at once.
-    if args.port_file:
-        write_port_file(args.port_file, server.port)
+    if port_file:
+        write_port_file(port_file, server.port)
     stop.wait()
     server.stop()
-    if args.port_file:
-        Path(args.port_file).unlink(missing_ok=True)
+    if port_file:
+        Path(port_file).unlink(missing_ok=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        server = _server_from_args(args)
+    except (ValueError, OSError, text_format.ParseError, RequestError) as e:
+        parser.error(str(e))
+    _serve_until_signalled(server, args.port_file)
     logger.info("Stopped")
     return 0
 

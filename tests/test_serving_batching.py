@@ -3,29 +3,34 @@ each getting its own rows, over gRPC and REST on loopback; the queue limit; TF S
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 
 import grpc
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from google.protobuf import text_format
+from serving_testing import (
+    HANG_GUARD,
+    MODEL,
+    REPO,
+    b64,
+    cli_server,
+    encode,
+    eventually,
+    export_small_sharpmask,
+    http,
+    predict_request,
+    save_stats_model,
+    solid,
+)
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-from test_serving_rest import b64, http
-from test_serving_server import MODEL, encode, eventually, predict_request, save_stats_model, solid
 
 from serving.batching import QUEUE_FULL, Batcher, BatchingParameters, BatchOptions, parse_batching_parameters
 from serving.client import ServingClient
-from serving.export import export_model
 from serving.predict import RequestError
 from serving.server import start_server
-from sharpmask_tf.config import get_config
-from sharpmask_tf.sharpmask import build_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Batches run only once full: the tests know exactly which requests share one.
 NEVER = 600_000_000
 
@@ -61,7 +66,7 @@ def in_threads(calls) -> list:
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=HANG_GUARD)
     return results
 
 
@@ -75,7 +80,7 @@ def test_sixteen_callers_over_grpc_and_rest_share_one_batch_and_each_gets_its_ow
             predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
 
             def grpc_call(image):
-                response = predict(predict_request({"images": [image]}), timeout=120)
+                response = predict(predict_request({"images": [image]}), timeout=HANG_GUARD)
                 return {k: tf.make_ndarray(v)[0].tolist() for k, v in response.outputs.items()}
 
             def rest_call(image):
@@ -98,7 +103,7 @@ def test_a_bad_image_in_a_merged_batch_fails_only_its_caller(base_path):
     server, port = start_server(str(base_path), MODEL, batching=options, max_workers=4)
     images = [encode(solid((i, i, i)), "PNG") for i in (10, 20, 30)] + [b"not an image"]
     try:
-        with ServingClient(f"127.0.0.1:{port}", MODEL, max_attempts=1) as client:
+        with ServingClient(f"127.0.0.1:{port}", MODEL, max_attempts=1, timeout=HANG_GUARD) as client:
             results = in_threads([lambda im=im: client.predict_images([im]) for im in images])
     finally:
         server.stop()
@@ -113,7 +118,7 @@ def test_requests_of_several_rows_are_split_back_by_their_own_sizes(base_path):
     server, port = start_server(str(base_path), MODEL, batching=options, max_workers=4)
     groups = [[encode(solid((v, v, v)), "PNG") for v in values] for values in ([1, 2, 3], [4], [5, 6])]
     try:
-        with ServingClient(f"127.0.0.1:{port}", MODEL) as client:
+        with ServingClient(f"127.0.0.1:{port}", MODEL, timeout=HANG_GUARD) as client:
             results = in_threads([lambda g=g: client.predict_images(g) for g in groups])
             with pytest.raises(Exception, match="Task size 7 is larger than maximum input batch size 6"):
                 client.predict_images(groups[0] * 2 + groups[1])
@@ -129,7 +134,7 @@ def test_a_full_queue_answers_unavailable():
 
     def run(loaded, request):
         entered.set()
-        release.wait(timeout=60)
+        release.wait(timeout=HANG_GUARD)
         response = predict_pb2.PredictResponse()
         response.outputs["echo"].CopyFrom(request.inputs["x"])
         return response
@@ -141,7 +146,7 @@ def test_a_full_queue_answers_unavailable():
     try:
         first = threading.Thread(target=lambda: batcher.predict("version", request[0]))
         first.start()
-        assert entered.wait(timeout=60)
+        assert entered.wait(timeout=HANG_GUARD)
         # The worker is busy: one of the next two is queued, the other finds the queue full.
         results = []
         threads = [
@@ -152,7 +157,7 @@ def test_a_full_queue_answers_unavailable():
         eventually(lambda: any(isinstance(r, RequestError) for r in results))
         release.set()
         for t in threads + [first]:
-            t.join(timeout=60)
+            t.join(timeout=HANG_GUARD)
     finally:
         release.set()
         batcher.stop()
@@ -187,9 +192,7 @@ def test_the_shipped_batching_parameters_parse_as_tf_servings_message():
 
 @pytest.mark.slow
 def test_sixteen_different_images_get_their_own_sharpmask_proposals(tmp_path):
-    config = get_config("small", ["export.top_n=5", "export.warmup_requests=0"])
-    keras.utils.set_random_seed(0)
-    version_dir = export_model(build_model(config), config, tmp_path, model_name="sharpmask")
+    version_dir = export_small_sharpmask(tmp_path)
     rng = np.random.default_rng(2)
     images = [encode(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8), "JPEG") for _ in range(16)]
     signature = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
@@ -197,7 +200,7 @@ def test_sixteen_different_images_get_their_own_sharpmask_proposals(tmp_path):
     options = BatchOptions(max_batch_size=16, batch_timeout_micros=NEVER, num_batch_threads=1)
     server, port = start_server(str(version_dir.parent), "sharpmask", batching=options, max_workers=16)
     try:
-        with ServingClient(f"127.0.0.1:{port}", "sharpmask", timeout=300) as client:
+        with ServingClient(f"127.0.0.1:{port}", "sharpmask", timeout=HANG_GUARD) as client:
             results = in_threads([lambda im=im: client.predict_images([im]) for im in images])
         registry = server.metrics.registry
         name = ":tensorflow:serving:batching_session:processed_batch_size_sum"
@@ -212,27 +215,14 @@ def test_sixteen_different_images_get_their_own_sharpmask_proposals(tmp_path):
 
 @pytest.mark.slow
 def test_the_cli_batches_with_the_shipped_parameters_file(base_path, tmp_path):
-    port_file = tmp_path / "port"
-    command = [
-        sys.executable, "-m", "serving.server",
-        "--model-base-path", str(base_path), "--model-name", MODEL,
-        "--port", "0", "--rest-api-port", "0", "--port-file", str(port_file),
-        "--enable-batching", "--batching-parameters-file", os.path.join(REPO, "serving", "batching_parameters.txt"),
-    ]  # fmt: skip
-    log = tmp_path / "server.log"
-    with open(log, "w") as stderr:
-        server = subprocess.Popen(command, stderr=stderr, env={**os.environ, "PYTHONPATH": REPO}, cwd=REPO)
-    try:
-        eventually(lambda: port_file.is_file() or server.poll() is not None, timeout=120)
-        assert server.poll() is None, log.read_text()
+    parameters = os.path.join(REPO, "serving", "batching_parameters.txt")
+    flags = ["--model-base-path", str(base_path), "--model-name", MODEL, "--rest-api-port", "0"]
+    flags += ["--enable-batching", "--batching-parameters-file", parameters]
+    with cli_server(flags, tmp_path) as server:
         images = [encode(solid((v, v, v)), "PNG") for v in (40, 80, 120, 160)]
-        with ServingClient(f"127.0.0.1:{int(port_file.read_text())}", MODEL) as client:
+        with ServingClient(f"127.0.0.1:{server.port}", MODEL, timeout=HANG_GUARD) as client:
             results = in_threads([lambda im=im: client.predict_images([im]) for im in images])
         for v, result in zip((40, 80, 120, 160), results):
             np.testing.assert_allclose(result["mean_colour"], [[v + 0.5] * 3])
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(timeout=30)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=HANG_GUARD) == 0

@@ -2,12 +2,9 @@
 
 import json
 import os
-import queue
 import shlex
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,12 +12,10 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_serving_server import MODEL, encode, save_stats_model, solid
+from serving_testing import HANG_GUARD, MODEL, REPO, cli_server, encode, run_module, save_stats_model, solid
 
 from serving.client import ServingClient, ServingError
 from serving.server import start_server
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +99,7 @@ def test_client_retries_until_a_late_server_comes_up(base_path, images):
     assert caller.is_alive(), "the client gave up before the server started"
     server, _ = start_server(str(base_path), MODEL, port=port)
     try:
-        caller.join(timeout=30)
+        caller.join(timeout=HANG_GUARD)
     finally:
         server.stop()
 
@@ -137,110 +132,36 @@ def test_the_readmes_client_command_runs_as_written(server, images, tmp_path):
     assert set(replace) <= set(argv), argv
     (tmp_path / "photo.jpg").write_bytes(images[0])
 
-    result = subprocess.run(
-        [sys.executable, *[replace.get(arg, arg) for arg in argv[1:]]],
-        check=False,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": REPO},
-        cwd=REPO,
-        timeout=120,
-    )
+    result = run_module([replace.get(arg, arg) for arg in argv[1:]])
 
     assert result.returncode == 0, result.stderr
     outputs = json.loads((tmp_path / "proposals.json").read_text())
-    with ServingClient(f"127.0.0.1:{server.port}", MODEL) as direct:
+    with ServingClient(f"127.0.0.1:{server.port}", MODEL, timeout=HANG_GUARD) as direct:
         expected = direct.predict_images(images[:1])
     for key, value in expected.items():
         np.testing.assert_array_equal(np.asarray(outputs[key], value.dtype), value)
 
 
-def _wait_for_line(lines: queue.Queue, needle: str, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=deadline - time.monotonic())
-        except queue.Empty:
-            break
-        if line is None:
-            break
-        seen.append(line)
-        if needle in line:
-            return line
-    raise AssertionError(f"{needle!r} not logged. Received:\n{''.join(seen[-20:])}")
-
-
 @pytest.mark.slow
 def test_command_lines_serve_predict_as_json_and_stop_on_sigterm(base_path, images, tmp_path):
-    env = {**os.environ, "PYTHONPATH": REPO}
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serving.server",
-            "--model-base-path",
-            str(base_path),
-            "--model-name",
-            MODEL,
-            "--port",
-            "0",
-            "--rest-api-port",
-            "0",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
-    lines: queue.Queue = queue.Queue()
-
-    def pump():
-        for line in server.stderr:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        port = int(_wait_for_line(lines, f"Serving model {MODEL}").rsplit(":", 1)[1])
+    flags = ["--model-base-path", str(base_path), "--model-name", MODEL, "--rest-api-port", "0"]
+    with cli_server(flags, tmp_path) as server:
         paths = []
         for i, data in enumerate(images):
             paths.append(tmp_path / f"image{i}")
             paths[-1].write_bytes(data)
         out = tmp_path / "outputs.json"
-        client = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "serving.client",
-                "predict",
-                *map(str, paths),
-                "--server",
-                f"127.0.0.1:{port}",
-                "--model-name",
-                MODEL,
-                "--output",
-                str(out),
-            ],
-            check=False,
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=REPO,
-            timeout=120,
-        )
+        target = f"127.0.0.1:{server.port}"
+        command = ["-m", "serving.client", "predict", *map(str, paths), "--server", target]
+        client = run_module([*command, "--model-name", MODEL, "--output", str(out)])
         assert client.returncode == 0, client.stderr
         outputs = json.loads(out.read_text())
-        with ServingClient(f"127.0.0.1:{port}", MODEL) as direct:
+        with ServingClient(target, MODEL, timeout=HANG_GUARD) as direct:
             expected = direct.predict_images(images)
         assert set(outputs) == set(expected)
         for key, value in expected.items():
             np.testing.assert_array_equal(np.asarray(outputs[key], value.dtype), value)
 
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0
-        _wait_for_line(lines, "Stopped")
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=HANG_GUARD) == 0
+        assert "Stopped" in server.log_text()

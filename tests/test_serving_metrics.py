@@ -7,9 +7,8 @@ import grpc
 import pytest
 from google.protobuf import text_format
 from prometheus_client.parser import text_string_to_metric_families
+from serving_testing import HANG_GUARD, MODEL, b64, encode, http, predict_request, save_stats_model, solid
 from tensorflow_serving.apis import prediction_service_pb2_grpc
-from test_serving_rest import b64, http
-from test_serving_server import MODEL, encode, predict_request, save_stats_model, solid
 
 from serving.metrics import DEFAULT_METRICS_PATH, parse_monitoring_config
 from serving.server import start_server
@@ -30,7 +29,7 @@ def server(tmp_path_factory):
 
 def scrape(server) -> dict:
     """{(sample name, frozen labels): value} of the whole page."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.rest_api_port}{PATH}", timeout=30) as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.rest_api_port}{PATH}", timeout=HANG_GUARD) as response:
         assert response.headers["Content-Type"].startswith("text/plain")
         text = response.read().decode()
     return {
@@ -51,9 +50,9 @@ def test_requests_are_counted_by_model_version_api_entrypoint_and_status(server)
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
         for _ in range(3):
-            predict(predict_request({"images": [image]}), timeout=30)
+            predict(predict_request({"images": [image]}), timeout=HANG_GUARD)
         with pytest.raises(grpc.RpcError):
-            predict(predict_request({"images": [image]}, version=7), timeout=30)
+            predict(predict_request({"images": [image]}, version=7), timeout=HANG_GUARD)
     assert http(server, "POST", f"/v1/models/{MODEL}:predict", {"instances": [b64(image)]})[0] == 200
     assert http(server, "POST", f"/v1/models/{MODEL}:predict", b"{")[0] == 400
     assert http(server, "GET", f"/v1/models/{MODEL}/versions/1")[0] == 200
@@ -102,7 +101,7 @@ def test_metrics_need_the_rest_port_and_are_not_served_unless_enabled(tmp_path):
     server, _ = start_server(str(tmp_path / MODEL), MODEL, rest_api_port=0)
     try:
         with pytest.raises(urllib.error.HTTPError) as error:
-            urllib.request.urlopen(f"http://127.0.0.1:{server.rest_api_port}{DEFAULT_METRICS_PATH}", timeout=30)
+            urllib.request.urlopen(f"http://127.0.0.1:{server.rest_api_port}{DEFAULT_METRICS_PATH}", timeout=HANG_GUARD)
         assert error.value.code == 404
     finally:
         server.stop()

@@ -3,26 +3,33 @@ HandleReloadConfigRequest over real gRPC on loopback; the shipped serving/models
 
 import os
 import signal
-import subprocess
-import sys
 
 import grpc
 import pytest
 import tensorflow as tf
 from google.protobuf import text_format
+from serving_testing import (
+    AVAILABLE,
+    HANG_GUARD,
+    REPO,
+    cli_server,
+    encode,
+    predict_request,
+    run_module,
+    save_stats_model,
+    solid,
+    version_states,
+)
 from tensorflow_serving.apis import (
-    get_model_status_pb2,
     model_management_pb2,
     model_service_pb2_grpc,
     prediction_service_pb2_grpc,
 )
-from test_serving_server import AVAILABLE, encode, eventually, predict_request, save_stats_model, solid
 
 from serving.model_config import ModelServerConfig, parse_model_config
 from serving.predict import RequestError
 from serving.server import start_server
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = encode(solid((100, 100, 100)), "PNG")
 
 
@@ -68,27 +75,20 @@ def server(root):
 def offset(channel, name, **spec) -> float:
     """Which version answered: the stats model's offset (mean colour minus the image's)."""
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-    response = stub.Predict(predict_request({"images": [IMAGE]}, name=name, **spec), timeout=30)
+    response = stub.Predict(predict_request({"images": [IMAGE]}, name=name, **spec), timeout=HANG_GUARD)
     return float(tf.make_ndarray(response.outputs["mean_colour"])[0, 0]) - 100.0
-
-
-def versions(channel, name) -> dict[int, int]:
-    request = get_model_status_pb2.GetModelStatusRequest()
-    request.model_spec.name = name
-    status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(request, timeout=30)
-    return {s.version: s.state for s in status.model_version_status}
 
 
 def reload(channel, text: str) -> model_management_pb2.ReloadConfigResponse:
     request = model_management_pb2.ReloadConfigRequest()
     text_format.Parse(text, request.config)
-    return model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(request, timeout=120)
+    return model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(request, timeout=HANG_GUARD)
 
 
 def test_two_models_with_their_policies_and_labels(server):
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        assert versions(channel, "cats") == {1: AVAILABLE, 3: AVAILABLE}
-        assert versions(channel, "dogs") == {2: AVAILABLE}
+        assert version_states(channel, "cats") == {1: AVAILABLE, 3: AVAILABLE}
+        assert version_states(channel, "dogs") == {2: AVAILABLE}
         assert offset(channel, "cats") == 3.0
         assert offset(channel, "cats", label="stable") == 1.0
         assert offset(channel, "dogs") == 200.0
@@ -106,7 +106,7 @@ def test_reload_swaps_the_list_without_a_restart(server, root):
         response = reload(channel, config_text(root, cats_policy="all {}", extra=bird))
         assert response.status.error_code == 0
 
-        assert versions(channel, "cats") == {1: AVAILABLE, 2: AVAILABLE, 3: AVAILABLE}
+        assert version_states(channel, "cats") == {1: AVAILABLE, 2: AVAILABLE, 3: AVAILABLE}
         assert offset(channel, "cats", version=2) == 2.0
         assert offset(channel, "birds") == 500.0
         assert offset(channel, "dogs") == 200.0
@@ -148,7 +148,7 @@ def test_latest_n_keeps_the_newest_versions(root, tmp_path):
     server, port = start_server(model_config=parse_model_config(tmp_path / "models.config"))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            assert versions(channel, "cats") == {2: AVAILABLE, 3: AVAILABLE}
+            assert version_states(channel, "cats") == {2: AVAILABLE, 3: AVAILABLE}
     finally:
         server.stop()
 
@@ -163,37 +163,22 @@ def test_the_shipped_models_config_parses_with_tf_servings_message():
 
 @pytest.mark.slow
 def test_the_cli_serves_the_shipped_models_config_as_is(tmp_path):
-    port_file = tmp_path / "port"
-    command = [
-        sys.executable, "-m", "serving.server",
-        "--model-config-file", os.path.join(REPO, "serving", "models.config"),
-        "--port", "0", "--rest-api-port", "0", "--port-file", str(port_file),
-    ]  # fmt: skip
-    log = tmp_path / "server.log"
-    with open(log, "w") as stderr:
-        server = subprocess.Popen(command, stderr=stderr, env={**os.environ, "PYTHONPATH": REPO}, cwd=REPO)
-    try:
-        eventually(lambda: port_file.is_file() or server.poll() is not None, timeout=120)
-        assert server.poll() is None, log.read_text()
-        assert "Serving model sharpmask from /models/sharpmask" in log.read_text()
-        with grpc.insecure_channel(f"127.0.0.1:{int(port_file.read_text())}") as channel:
+    flags = ["--model-config-file", os.path.join(REPO, "serving", "models.config"), "--rest-api-port", "0"]
+    with cli_server(flags, tmp_path) as server:
+        assert "Serving model sharpmask from /models/sharpmask" in server.log_text()
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             # /models/sharpmask is the Docker mount of the config; here it holds no versions yet.
             with pytest.raises(grpc.RpcError) as error:
-                versions(channel, "sharpmask")
+                version_states(channel, "sharpmask")
         assert error.value.code() == grpc.StatusCode.NOT_FOUND
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(timeout=30)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=HANG_GUARD) == 0
 
 
 def test_the_cli_refuses_a_config_file_together_with_a_base_path(root):
-    result = subprocess.run(
-        [sys.executable, "-m", "serving.server", "--model-config-file", str(root / "models.config"),
-         "--model-base-path", str(root / "cats"), "--model-name", "cats"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": REPO}, cwd=REPO,
+    result = run_module(
+        ["-m", "serving.server", "--model-config-file", str(root / "models.config"),
+         "--model-base-path", str(root / "cats"), "--model-name", "cats"]
     )  # fmt: skip
     assert result.returncode == 2
     assert "--model-config-file" in result.stderr

@@ -1,33 +1,32 @@
 """TF Serving's REST API (serving.rest) over real HTTP on loopback, against the gRPC answers."""
 
-import base64
-import json
 import threading
-import urllib.error
-import urllib.request
 
 import grpc
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from serving_testing import (
+    HANG_GUARD,
+    MODEL,
+    b64,
+    encode,
+    export_small_sharpmask,
+    http,
+    predict_request,
+    save_stats_versions,
+    solid,
+)
 from tensorflow_serving.apis import prediction_service_pb2_grpc
-from test_serving_server import MODEL, encode, predict_request, save_stats_model, solid
 
 from serving.client import ServingClient
-from serving.export import export_model
 from serving.rest import HTTP_STATUS
 from serving.server import start_server
-from sharpmask_tf.config import get_config
-from sharpmask_tf.sharpmask import build_model
 
 
 @pytest.fixture(scope="module")
 def base_path(tmp_path_factory):
-    base = tmp_path_factory.mktemp("models") / MODEL
-    save_stats_model(base / "1", offset=0.0)
-    save_stats_model(base / "2", offset=10.0)
-    return base
+    return save_stats_versions(tmp_path_factory.mktemp("models") / MODEL, {1: 0.0, 2: 10.0})
 
 
 @pytest.fixture(scope="module")
@@ -45,25 +44,10 @@ def images():
     return [encode(solid((200, 40, 10)), "PNG"), encode(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8), "JPEG")]
 
 
-def http(server, method, path, body=None) -> tuple[int, dict]:
-    """Sends one request; returns (HTTP status, parsed JSON body) for successes and errors alike."""
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{server.rest_api_port}{path}", data=data, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def b64(data: bytes) -> dict:
-    return {"b64": base64.b64encode(data).decode()}
-
-
 def grpc_outputs(server, inputs, **kwargs) -> dict:
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
-            predict_request(inputs, **kwargs), timeout=30
+            predict_request(inputs, **kwargs), timeout=HANG_GUARD
         )
     return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
 
@@ -160,15 +144,13 @@ def test_http_status_follows_tf_serving_for_every_grpc_code():
 
 @pytest.mark.slow
 def test_a_jpeg_as_b64_gives_the_sharpmask_export_the_same_proposals_as_grpc(tmp_path):
-    config = get_config("small", ["export.top_n=5", "export.warmup_requests=0"])
-    keras.utils.set_random_seed(0)
-    version_dir = export_model(build_model(config), config, tmp_path, model_name="sharpmask")
+    version_dir = export_small_sharpmask(tmp_path)
     rng = np.random.default_rng(1)
     jpeg = encode(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), "JPEG")
     server, _ = start_server(str(version_dir.parent), "sharpmask", rest_api_port=0)
     try:
         status, body = http(server, "POST", "/v1/models/sharpmask:predict", {"instances": [b64(jpeg)]})
-        with ServingClient(f"127.0.0.1:{server.port}", "sharpmask") as client:
+        with ServingClient(f"127.0.0.1:{server.port}", "sharpmask", timeout=HANG_GUARD) as client:
             want = client.predict_images([jpeg])
     finally:
         server.stop()
@@ -190,7 +172,7 @@ def test_a_burst_of_concurrent_clients_each_gets_its_own_answer(server):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=HANG_GUARD)
     for i, (status, body) in enumerate(results):
         assert status == 200, body
         np.testing.assert_allclose(body["predictions"][0]["mean_colour"], [i, 2 * i, 3 * i], err_msg=f"client {i}")

@@ -1,24 +1,27 @@
-"""The local PredictionService/ModelService server, over real gRPC on loopback.
+"""The local PredictionService/ModelService server, over real gRPC on loopback, answering the
+ImageStats fixture SavedModels (`serving_testing`)."""
 
-The fixture SavedModels decode real PNG/JPEG bytes with tf.io.decode_image and return each image's
-mean colour (plus a per-version offset, so versions are told apart) and size, so every answer can
-be checked.
-"""
-
-import io
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
 from google.protobuf import text_format
-from PIL import Image
+from serving_testing import (
+    AVAILABLE,
+    HANG_GUARD,
+    MODEL,
+    cli_server,
+    encode,
+    predict_request,
+    save_stats_model,
+    save_stats_versions,
+    solid,
+    version_states,
+)
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (
@@ -35,89 +38,10 @@ from serving.protocol import DEFAULT_MAX_BATCH_SIZE
 from serving.server import parse_version_labels, start_server
 from sharpmask_tf.config import ExportConfig
 
-MODEL = "stats"
-AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-END = get_model_status_pb2.ModelVersionStatus.END
-
-
-class ImageStats(tf.Module):
-    """Per-image mean RGB colour (+ offset) and (height, width), from encoded bytes or pixels.
-
-    `channels` goes to tf.io.decode_image: 0 keeps the file's channels, as the export decodes.
-    """
-
-    def __init__(self, offset: float, channels: int = 3):
-        super().__init__()
-        self.offset = tf.Variable(offset, dtype=tf.float32)
-        self.channels = channels
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
-    def from_bytes(self, images):
-        tf.debugging.assert_positive(tf.size(images), message="images must hold at least one encoded image")
-
-        def stats(data):
-            image = tf.io.decode_image(data, channels=self.channels, expand_animations=False)
-            return tf.reduce_mean(tf.cast(image, tf.float32), axis=[0, 1]), tf.shape(image)[:2]
-
-        mean, size = tf.map_fn(
-            stats, images, fn_output_signature=(tf.TensorSpec([3], tf.float32), tf.TensorSpec([2], tf.int32))
-        )
-        return {"mean_colour": mean + self.offset, "image_size": size}
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
-    def from_pixels(self, images):
-        mean = tf.reduce_mean(tf.cast(images, tf.float32), axis=[1, 2]) + self.offset
-        size = tf.tile(tf.shape(images)[None, 1:3], [tf.shape(images)[0], 1])
-        return {"mean_colour": mean, "image_size": size}
-
-
-def save_stats_model(path, offset: float = 0.0, channels: int = 3) -> str:
-    """Writes an ImageStats SavedModel with `serving_default` (bytes) and `serving_images` (uint8)."""
-    module = ImageStats(offset, channels)
-    tf.saved_model.save(
-        module, str(path), signatures={"serving_default": module.from_bytes, "serving_images": module.from_pixels}
-    )
-    return str(path)
-
-
-def encode(pixels: np.ndarray, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def solid(colour, height=12, width=20) -> np.ndarray:
-    return np.broadcast_to(np.asarray(colour, np.uint8), (height, width, 3)).copy()
-
-
-def predict_request(inputs, signature="", version=None, label=None, name=MODEL, output_filter=()):
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = name
-    request.model_spec.signature_name = signature
-    if version is not None:
-        request.model_spec.version.value = version
-    if label is not None:
-        request.model_spec.version_label = label
-    for key, value in inputs.items():
-        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
-    request.output_filter.extend(output_filter)
-    return request
-
-
-def eventually(condition, timeout=20.0):
-    """Waits for `condition()` to hold; fails the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
 
 @pytest.fixture(scope="module")
 def base_path(tmp_path_factory):
-    base = tmp_path_factory.mktemp("models") / MODEL
-    save_stats_model(base / "1", offset=0.0)
-    save_stats_model(base / "2", offset=10.0)
-    return base
+    return save_stats_versions(tmp_path_factory.mktemp("models") / MODEL, {1: 0.0, 2: 10.0})
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +70,7 @@ def images():
 
 
 def test_round_trip_matches_the_signature_called_in_process(predict, base_path, images):
-    response = predict(predict_request({"images": images}), timeout=30)
+    response = predict(predict_request({"images": images}), timeout=HANG_GUARD)
 
     local = tf.saved_model.load(str(base_path / "2")).signatures["serving_default"](images=tf.constant(images))
     assert set(response.outputs) == {"mean_colour", "image_size"}
@@ -209,11 +133,11 @@ def test_specific_versions_and_labels(predict, images):
 )
 def test_bad_requests_get_tf_serving_status_codes_and_the_server_keeps_answering(predict, images, kwargs, code, detail):
     with pytest.raises(grpc.RpcError) as error:
-        predict(predict_request(**kwargs), timeout=30)
+        predict(predict_request(**kwargs), timeout=HANG_GUARD)
 
     assert error.value.code() == code
     assert detail in error.value.details()
-    response = predict(predict_request({"images": images[:1]}), timeout=30)
+    response = predict(predict_request({"images": images[:1]}), timeout=HANG_GUARD)
     np.testing.assert_allclose(tf.make_ndarray(response.outputs["mean_colour"]), [[210, 50, 20]])
 
 
@@ -233,12 +157,12 @@ def test_a_hundred_byte_request_cannot_ask_for_a_hundred_images(predict, images)
     assert len(request.SerializeToString()) < 200
 
     with pytest.raises(grpc.RpcError) as error:
-        predict(request, timeout=30)
+        predict(request, timeout=HANG_GUARD)
 
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "shape (100,) declares 100 elements of string" in error.value.details()
     assert "Received: 1 values" in error.value.details()
-    response = predict(predict_request({"images": images[:1]}), timeout=30)
+    response = predict(predict_request({"images": images[:1]}), timeout=HANG_GUARD)
     np.testing.assert_allclose(tf.make_ndarray(response.outputs["mean_colour"]), [[210, 50, 20]])
 
 
@@ -252,12 +176,12 @@ def test_a_pixel_tensor_must_provide_every_pixel_it_declares(predict, images, va
     assert len(request.SerializeToString()) < 400
 
     with pytest.raises(grpc.RpcError) as error:
-        predict(request, timeout=30)
+        predict(request, timeout=HANG_GUARD)
 
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"declares {8000 * 8000 * 3} elements of uint8" in error.value.details()
     assert f"Received: {received}" in error.value.details()
-    response = predict(predict_request({"images": images[:1]}), timeout=30)
+    response = predict(predict_request({"images": images[:1]}), timeout=HANG_GUARD)
     np.testing.assert_allclose(tf.make_ndarray(response.outputs["mean_colour"]), [[210, 50, 20]])
 
 
@@ -265,12 +189,12 @@ def test_a_png_bomb_is_refused_from_its_header_with_resource_exhausted(predict, 
     bomb = png_bomb(16000)
 
     with pytest.raises(grpc.RpcError) as error:
-        predict(predict_request({"images": [images[0], bomb]}), timeout=30)
+        predict(predict_request({"images": [images[0], bomb]}), timeout=HANG_GUARD)
 
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "images[1] is a PNG of 16000x16000 = 256000000 pixels" in error.value.details()
     assert "--max-image-pixels" in error.value.details()
-    response = predict(predict_request({"images": images[:1]}), timeout=30)
+    response = predict(predict_request({"images": images[:1]}), timeout=HANG_GUARD)
     np.testing.assert_allclose(tf.make_ndarray(response.outputs["mean_colour"]), [[210, 50, 20]])
 
 
@@ -278,13 +202,13 @@ def test_a_batch_over_the_default_maximum_is_refused(predict, images):
     batch = [images[0]] * (DEFAULT_MAX_BATCH_SIZE + 1)
 
     with pytest.raises(grpc.RpcError) as error:
-        predict(predict_request({"images": batch}), timeout=30)
+        predict(predict_request({"images": batch}), timeout=HANG_GUARD)
 
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"batch of {DEFAULT_MAX_BATCH_SIZE + 1}, over this server's maximum of {DEFAULT_MAX_BATCH_SIZE}" in (
         error.value.details()
     )
-    response = predict(predict_request({"images": [images[0]] * DEFAULT_MAX_BATCH_SIZE}), timeout=60)
+    response = predict(predict_request({"images": [images[0]] * DEFAULT_MAX_BATCH_SIZE}), timeout=HANG_GUARD)
     assert tf.make_ndarray(response.outputs["mean_colour"]).shape == (DEFAULT_MAX_BATCH_SIZE, 3)
 
 
@@ -306,7 +230,7 @@ def test_concurrent_clients_all_get_their_own_correct_answers(server):
                 colour, height, width = (i * 30, j * 10, 7), 5 + i, 5 + j
                 try:
                     image = encode(solid(colour, height, width), "PNG")
-                    response = predict(predict_request({"images": [image]}), timeout=60)
+                    response = predict(predict_request({"images": [image]}), timeout=HANG_GUARD)
                     mean = tf.make_ndarray(response.outputs["mean_colour"])[0]
                     size = tf.make_ndarray(response.outputs["image_size"])[0]
                     if not (np.allclose(mean, np.add(colour, 10)) and list(size) == [height, width]):
@@ -388,40 +312,17 @@ def test_example_model_server_config_parses_and_labels_point_at_served_versions(
 
 @pytest.mark.slow
 def test_cli_writes_the_bound_port_to_the_port_file_and_removes_it_at_shutdown(base_path, tmp_path):
-    port_file = tmp_path / "run" / "port"
-    port_file.parent.mkdir()
-    log = tmp_path / "server.log"
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    command = [
-        sys.executable, "-m", "serving.server",
-        "--model-base-path", str(base_path),
-        "--model-name", MODEL,
-        "--port", "0",
-        "--rest-api-port", "0",
-        "--port-file", str(port_file),
-    ]  # fmt: skip
-    with open(log, "w") as stderr:
-        server = subprocess.Popen(command, stderr=stderr, env={**os.environ, "PYTHONPATH": repo}, cwd=repo)
-    try:
-        eventually(lambda: port_file.is_file() or server.poll() is not None, timeout=120)
-        assert server.poll() is None, log.read_text()
-        port = int(port_file.read_text())
+    flags = ["--model-base-path", str(base_path), "--model-name", MODEL, "--rest-api-port", "0"]
+    with cli_server(flags, tmp_path) as server:
         # The file is the whole port (no staging file left beside it), the one the log line shows.
-        assert os.listdir(port_file.parent) == ["port"]
-        assert f"Serving model {MODEL} from {base_path} on 127.0.0.1:{port}" in log.read_text()
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            request = get_model_status_pb2.GetModelStatusRequest()
-            request.model_spec.name = MODEL
-            status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(request, timeout=30)
-        assert [s.version for s in status.model_version_status] == [2]
+        assert os.listdir(server.port_file.parent) == ["port"]
+        assert f"Serving model {MODEL} from {base_path} on 127.0.0.1:{server.port}" in server.log_text()
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            assert list(version_states(channel)) == [2]
 
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0
-        assert not port_file.exists()
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=HANG_GUARD) == 0
+        assert not server.port_file.exists()
 
 
 @pytest.mark.slow
@@ -430,18 +331,8 @@ def test_cli_limit_flags_refuse_requests_over_them_and_the_server_keeps_answerin
     # animated WebP, killing the server unless it is refused first.
     base_path = tmp_path / MODEL
     save_stats_model(base_path / "1", channels=0)
-    port_file = tmp_path / "port"
-    log = tmp_path / "server.log"
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    command = [
-        sys.executable, "-m", "serving.server",
-        "--model-base-path", str(base_path),
-        "--model-name", MODEL,
-        "--port", "0",
-        "--port-file", str(port_file),
-        "--max-batch-size", "2",
-        "--max-image-pixels", "400",
-    ]  # fmt: skip
+    flags = ["--model-base-path", str(base_path), "--model-name", MODEL, "--max-batch-size", "2"]
+    flags += ["--max-image-pixels", "400"]
     small, large = solid((20, 30, 40), 20, 20), solid((20, 30, 40), 20, 21)
     refused = [
         (predict_request({"images": [encode(small, "PNG")] * 3}), grpc.StatusCode.INVALID_ARGUMENT, "batch of 3"),
@@ -458,26 +349,18 @@ def test_cli_limit_flags_refuse_requests_over_them_and_the_server_keeps_answerin
             "animated WebP",
         ),
     ]
-    with open(log, "w") as stderr:
-        server = subprocess.Popen(command, stderr=stderr, env={**os.environ, "PYTHONPATH": repo}, cwd=repo)
-    try:
-        eventually(lambda: port_file.is_file() or server.poll() is not None, timeout=120)
-        assert server.poll() is None, log.read_text()
-        with grpc.insecure_channel(f"127.0.0.1:{int(port_file.read_text())}") as channel:
+    with cli_server(flags, tmp_path) as server:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
             for request, code, detail in refused:
                 with pytest.raises(grpc.RpcError) as error:
-                    predict(request, timeout=30)
+                    predict(request, timeout=HANG_GUARD)
                 assert (error.value.code(), detail in error.value.details()) == (code, True), error.value.details()
-            response = predict(predict_request({"images": [encode(small, "PNG")] * 2}), timeout=30)
+            response = predict(predict_request({"images": [encode(small, "PNG")] * 2}), timeout=HANG_GUARD)
         np.testing.assert_allclose(tf.make_ndarray(response.outputs["mean_colour"]), [[20, 30, 40]] * 2)
 
-        server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=HANG_GUARD) == 0
 
 
 @pytest.mark.parametrize("flag", ["--max-batch-size", "--max-image-pixels"])

@@ -9,6 +9,18 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from serving_testing import (
+    AVAILABLE,
+    END,
+    HANG_GUARD,
+    MODEL,
+    encode,
+    eventually,
+    predict_request,
+    save_stats_model,
+    solid,
+    version_states,
+)
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_status_pb2,
@@ -16,7 +28,6 @@ from tensorflow_serving.apis import (
     prediction_log_pb2,
     prediction_service_pb2_grpc,
 )
-from test_serving_server import AVAILABLE, END, MODEL, encode, eventually, predict_request, save_stats_model, solid
 
 from serving.predict import RequestError, RequestLimits
 from serving.protocol import WARMUP_FILE
@@ -38,16 +49,13 @@ def test_new_versions_are_served_without_restart_and_half_written_ones_are_not(t
         grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
         predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
-        status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus
-        status_request = get_model_status_pb2.GetModelStatusRequest()
-        status_request.model_spec.name = MODEL
 
         def served():
-            response = predict(predict_request({"images": images[:1]}))
+            response = predict(predict_request({"images": images[:1]}), timeout=HANG_GUARD)
             return response.model_spec.version.value, float(tf.make_ndarray(response.outputs["mean_colour"])[0, 0])
 
         def states():
-            return {s.version: s.state for s in status(status_request).model_version_status}
+            return version_states(channel)
 
         # Version 3 is still being written: variables but no saved_model.pb.
         shutil.copytree(os.path.join(staged, "variables"), base / "3" / "variables")
@@ -198,18 +206,15 @@ def test_names_that_are_not_versions_are_ignored_with_a_warning_and_the_server_k
         grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
         predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
-        status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus
-        status_request = get_model_status_pb2.GetModelStatusRequest()
-        status_request.model_spec.name = MODEL
 
         def states():
-            return {s.version: s.state for s in status(status_request, timeout=30).model_version_status}
+            return version_states(channel)
 
         assert states() == {1: AVAILABLE}
         # A new version still loads while the bad names are there; the largest int64 is a version.
         save_stats_model(base / "9223372036854775807", offset=20.0)
         eventually(lambda: states() == {1: END, 2**63 - 1: AVAILABLE})
-        response = predict(predict_request({"images": images[:1]}), timeout=30)
+        response = predict(predict_request({"images": images[:1]}), timeout=HANG_GUARD)
         assert response.model_spec.version.value == 2**63 - 1
         assert float(tf.make_ndarray(response.outputs["mean_colour"])[0, 0]) == 220.0
 
