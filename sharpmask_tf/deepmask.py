@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import keras
 
 from sharpmask_tf.backbone import input_normalization, resnet_trunk
-from sharpmask_tf.config import TRUNK_STRIDE
+from sharpmask_tf.config import TAP_STRIDES, TRUNK_STRIDE
 from sharpmask_tf.layers import CenterCrop2D
 
 # Layers of head C, by role. Inference rebuilds them as convolutions from these names.
@@ -138,40 +138,28 @@ class DeepMask(keras.Model):
         dtype: str | None = None,
         **kwargs,
     ):
+        # A subclass passes its own `ARGUMENTS` through kwargs; they are stored with these.
+        given = {**locals(), **kwargs}
+        arguments = {key: given[key] for key in self.ARGUMENTS}
+        arguments["trunk_blocks"] = tuple(trunk_blocks)
+        arguments["pretrained_trunk"] = bool(pretrained_trunk)
+        kwargs = {key: value for key, value in kwargs.items() if key not in arguments}
         with dtype_policy_scope(dtype):
-            inputs, _, _, outputs = deepmask_graph(
-                patch_size,
-                context,
-                trunk_blocks,
-                trunk_width,
-                padding,
-                head_channels,
-                object_dim,
-                mask_size,
-                score_hidden,
-                dropout,
-                trunk_flavour,
-                pretrained_trunk,
-            )
+            inputs, outputs, features = self._graph(arguments)
             super().__init__(inputs, outputs, name=name, **kwargs)
-        self._store_arguments(
-            patch_size=patch_size,
-            context=context,
-            trunk_blocks=tuple(trunk_blocks),
-            trunk_width=trunk_width,
-            padding=padding,
-            head_channels=head_channels,
-            object_dim=object_dim,
-            mask_size=mask_size,
-            score_hidden=score_hidden,
-            dropout=dropout,
-            trunk_flavour=trunk_flavour,
-            pretrained_trunk=bool(pretrained_trunk),
-        )
-
-    def _store_arguments(self, **arguments) -> None:
         for key, value in arguments.items():
             setattr(self, key, value)
+        # Where stage 2's gradients stop: the object vector and the trunk's taps in this graph.
+        self._head_features = features
+
+    def _graph(self, arguments: dict):
+        """The layers and functional graph of the model `arguments` describe.
+
+        Returns:
+            (inputs, outputs, [object vector, trunk taps conv1..conv4]).
+        """
+        inputs, taps, object_vector, outputs = deepmask_graph(**{key: arguments[key] for key in DeepMask.ARGUMENTS})
+        return inputs, outputs, [object_vector, *(taps[t] for t in TAP_STRIDES)]
 
     def get_config(self) -> dict:
         return {

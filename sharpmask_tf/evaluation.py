@@ -13,7 +13,12 @@ before anything is evaluated or inferred: a record pycocotools would hang or cra
 whose counts overrun the image, a polygon of two points, an `iscrowd` of "no") is a counted skip,
 or a `DatasetError` with `on_bad_annotation="error"`. Evaluation is class-agnostic by
 construction: every ground-truth object and every proposal is given category 1, so neither the
-categories list nor the category ids change the result.
+categories list nor the category ids change the result. The COCO formats themselves (results
+entries, ground truth, checked results) are `sharpmask_tf.coco_format`'s.
+
+This file is over 400 lines because it holds one concept whole: how good proposals are, as the
+paper measures it (average recall, its curve, the run over a split, its table, plot and CLI) and
+as training validates it (per-patch IoU, the one function the trainer also calls).
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import copy
 import io
 import json
 import logging
@@ -34,166 +38,17 @@ from typing import Any
 
 import numpy as np
 
+from sharpmask_tf.coco_format import checked_results, class_agnostic, coco_results, ground_truth
 from sharpmask_tf.config import ON_BAD_ANNOTATION, Config, load_run_config
-from sharpmask_tf.data.coco import CocoDataset, DatasetError, indexed_coco, segmentation_problem, segmentation_to_rle
+from sharpmask_tf.data.coco import DatasetError
 from sharpmask_tf.losses import iou_summary, mask_iou, resize_logits
 
 logger = logging.getLogger(__name__)
 
 MAX_DETS = (1, 10, 100, 1000)
 CURVE_MAX = 1000
-# The single category of class-agnostic evaluation.
-AGNOSTIC_CATEGORY = {"id": 1, "name": "object"}
 IOU_TYPES = ("segm", "bbox")
 AREAS = ("all", "small", "medium", "large")
-
-
-def coco_results(proposals: dict[str, np.ndarray], image_id: int) -> list[dict[str, Any]]:
-    """COCO results entries (class-agnostic, category_id 1) for one image's proposals.
-
-    A proposal whose binarised mask is empty (on a tiny image, or where no pixel of its window
-    reaches `mask_threshold`) covers nothing and has no box; it is left out, so the results hold
-    only masks of at least one pixel, in their ranked order.
-
-    Args:
-        proposals: the numpy dict of `ProposalGenerator.propose` (needs "masks").
-        image_id: the COCO image id.
-
-    Returns:
-        A list of {"image_id", "category_id", "segmentation" (RLE, counts as str), "bbox"
-        ([x, y, w, h] of the tight box), "score"} dicts, best first.
-    """
-    from pycocotools import mask as mask_utils
-
-    masks = np.asarray(proposals["masks"])
-    keep = np.flatnonzero(masks.any(axis=(1, 2)))
-    if keep.size == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(np.transpose(masks[keep], (1, 2, 0)).astype(np.uint8)))
-    results = []
-    for rle, box, score in zip(rles, np.asarray(proposals["boxes"])[keep], np.asarray(proposals["scores"])[keep]):
-        x0, y0, x1, y1 = (float(v) for v in box)
-        results.append(
-            {
-                "image_id": int(image_id),
-                "category_id": 1,
-                "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
-                "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "score": float(score),
-            }
-        )
-    return results
-
-
-def ground_truth(
-    annotations: str | os.PathLike | dict | Any,
-    images_dir: str | os.PathLike | None = None,
-    on_bad_annotation: str = "skip",
-) -> CocoDataset:
-    """Ground truth validated as the training loader validates it (`CocoDataset`).
-
-    Args:
-        annotations: a COCO annotations JSON path, its parsed dict, a pycocotools COCO object
-            (its dataset is validated) or a `CocoDataset` (returned as is).
-        images_dir: the split's image folder: each image's header is checked (exists, decodes,
-            within Pillow's decompression-bomb limit, the size the JSON claims). None checks the
-            records only (for evaluating a results file).
-        on_bad_annotation: "skip" drops and counts bad records (`CocoDataset.skipped`), "error"
-            raises at the first.
-
-    Raises:
-        DatasetError: for a file that is not a COCO instances file, or the first bad record
-            with `on_bad_annotation="error"`.
-    """
-    from pycocotools.coco import COCO
-
-    if isinstance(annotations, CocoDataset):
-        return annotations
-    if isinstance(annotations, COCO):
-        annotations = annotations.dataset
-    return CocoDataset(
-        annotations,
-        images_dir if images_dir is not None else ".",
-        on_bad_annotation=on_bad_annotation,
-        check_image_files=images_dir is not None,
-    )
-
-
-def class_agnostic(dataset: CocoDataset, image_ids: Iterable[int] | None = None):
-    """A pycocotools COCO index of validated ground truth with every object in one category.
-
-    Annotations without an `area` get their mask's (what COCO's area is for segmentations).
-
-    Args:
-        dataset: validated ground truth.
-        image_ids: the images to keep (all if None).
-    """
-    keep = set(dataset.image_ids if image_ids is None else image_ids)
-    images = [image for image in dataset.coco.dataset["images"] if image["id"] in keep]
-    anns = [
-        {**a, "category_id": AGNOSTIC_CATEGORY["id"], "area": a.get("area", dataset.mask_area[a["id"]])}
-        for a in dataset.coco.dataset["annotations"]
-        if a["image_id"] in keep
-    ]
-    return indexed_coco({"images": images, "annotations": anns, "categories": [AGNOSTIC_CATEGORY]})
-
-
-def load_coco(annotations: str | os.PathLike | dict | Any, on_bad_annotation: str = "skip"):
-    """The class-agnostic pycocotools COCO index (`class_agnostic`) of validated ground truth
-    (`ground_truth` of a path, dict, COCO object or CocoDataset)."""
-    return class_agnostic(ground_truth(annotations, on_bad_annotation=on_bad_annotation))
-
-
-def _results_for(results: list[dict], iou_type: str, gt) -> list[dict]:
-    """Results on `gt`'s images, checked and restricted to the field `iou_type` evaluates
-    (loadRes would otherwise take a detection's area from its box when both are present), in
-    category 1, masks as compressed RLE.
-
-    Raises:
-        ValueError: naming the first result that lacks the field or that pycocotools could not
-            evaluate safely (an RLE not of its image's size, counts overrunning it, a box that is
-            not four numbers).
-    """
-    key = "segmentation" if iou_type == "segm" else "bbox"
-    out = []
-    for r in results:
-        if not isinstance(r, dict) or key not in r or "image_id" not in r or "score" not in r:
-            raise ValueError(
-                f"{iou_type} evaluation needs image_id, score and {key!r} in every result. Received: {r!r}"[:300]
-            )
-        image = gt.imgs.get(r["image_id"]) if isinstance(r["image_id"], int) else None
-        if image is None:
-            continue
-        value = r[key]
-        if iou_type == "segm":
-            h, w = image["height"], image["width"]
-            problem = "not an RLE dict" if not isinstance(value, dict) else segmentation_problem(value, h, w)
-            if problem is None:
-                value = segmentation_to_rle(value, h, w)
-        else:
-            ok = isinstance(value, (list, tuple)) and len(value) == 4
-            problem = None if ok and all(_finite(v) for v in value) else "bbox is not four finite numbers"
-        if problem is None and not _finite(r["score"]):
-            problem = "score is not a finite number"
-        if problem:
-            raise ValueError(f"Result on image {r['image_id']} cannot be evaluated: {problem}. Received: {r!r}"[:300])
-        out.append(
-            {
-                "image_id": r["image_id"],
-                "category_id": AGNOSTIC_CATEGORY["id"],
-                "score": r["score"],
-                key: copy.deepcopy(value),
-            }
-        )
-    return out
-
-
-def _finite(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, bool)
-        and bool(np.isfinite(value))
-    )
 
 
 def proposal_count_warnings(proposals_per_image: int) -> list[str]:
@@ -244,8 +99,6 @@ def average_recall(
             could not be evaluated safely.
         DatasetError: if `annotations` is not a COCO instances file.
     """
-    from pycocotools.cocoeval import COCOeval
-
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be one of {IOU_TYPES}. Received: iou_type={iou_type!r}")
     dataset = ground_truth(annotations)
@@ -254,24 +107,15 @@ def average_recall(
     ids = sorted(gt.getImgIds())
     if not isinstance(results, list):
         results = json.loads(Path(results).read_text())
-    results = _results_for(results, iou_type, gt)
+    results = checked_results(results, iou_type, gt)
     counts = collections.Counter(r["image_id"] for r in results)
-    max_proposals = max(counts.values(), default=0)
     num_objects = len(gt.getAnnIds(imgIds=ids, iscrowd=False))
-    extra = {"num_objects": num_objects, "max_proposals": max_proposals}
-    if num_objects == 0:
-        nan = float("nan")
-        return {**_table(lambda *_: nan), "AUC": nan, "curve": [nan] * CURVE_MAX, **extra}
-    if not results:
-        return {**_table(lambda *_: 0.0), "AUC": 0.0, "curve": [0.0] * CURVE_MAX, **extra}
-    with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(results)
-        evaluator = COCOeval(gt, dt, iou_type)
-        evaluator.params.useCats = 0
-        evaluator.params.imgIds = ids
-        evaluator.params.maxDets = list(MAX_DETS)
-        evaluator.evaluate()
-        evaluator.accumulate()
+    extra = {"num_objects": num_objects, "max_proposals": max(counts.values(), default=0)}
+    if num_objects == 0 or not results:
+        # No objects: recall is undefined; no results: nothing is recalled.
+        value = float("nan") if num_objects == 0 else 0.0
+        return {**_table(lambda *_: value), "AUC": value, "curve": [value] * CURVE_MAX, **extra}
+    evaluator = _evaluated(gt, results, iou_type, ids)
     recall = evaluator.eval["recall"]  # (T, K=1, A, M)
 
     def ar(area: str, max_dets: int) -> float:
@@ -281,6 +125,21 @@ def average_recall(
 
     curve = recall_curve(evaluator)
     return {**_table(ar), "AUC": float(np.mean(curve)), "curve": curve.tolist(), **extra}
+
+
+def _evaluated(gt, results: list[dict], iou_type: str, image_ids: list[int]):
+    """pycocotools' class-agnostic COCOeval of checked results on `image_ids`, after `evaluate`
+    and `accumulate` (their printing silenced)."""
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(gt, gt.loadRes(results), iou_type)
+        evaluator.params.useCats = 0
+        evaluator.params.imgIds = image_ids
+        evaluator.params.maxDets = list(MAX_DETS)
+        evaluator.evaluate()
+        evaluator.accumulate()
+    return evaluator
 
 
 def _table(ar) -> dict[str, float]:
@@ -387,8 +246,27 @@ def evaluate_model(
         DatasetError: for annotations that are not a COCO instances file, or the first bad
             record or image with `on_bad_annotation="error"`.
     """
-    from sharpmask_tf.images import load_image
+    _check_options(generator, on_bad_annotation)
+    dataset = ground_truth(annotations_json, images_dir, on_bad_annotation)
+    skipped = collections.Counter(dataset.skipped)
+    image_ids = sorted(dataset.image_ids)[:max_images]
+    results, evaluated, seconds = _propose_all(
+        generator, dataset, image_ids, skipped, on_bad_annotation, annotations_json
+    )
+    metrics = {
+        **{t: average_recall(dataset, results, t, evaluated) for t in IOU_TYPES},
+        "num_images": len(evaluated),
+        "seconds_per_image": seconds / max(len(evaluated), 1),
+        "top_n": generator.config.top_n,
+        "skipped": dict(skipped),
+        "warnings": _logged(proposal_count_warnings(generator.config.top_n)),
+    }
+    if out_dir is not None:
+        write_outputs(out_dir, metrics, results, title=Path(annotations_json).name)
+    return metrics
 
+
+def _check_options(generator, on_bad_annotation: str) -> None:
     if not generator.full_masks:
         raise ValueError(
             "Mask average recall needs the masks at image size: build the ProposalGenerator with "
@@ -398,17 +276,26 @@ def evaluate_model(
         raise ValueError(
             f"on_bad_annotation must be one of {ON_BAD_ANNOTATION}. Received: on_bad_annotation={on_bad_annotation!r}"
         )
-    dataset = ground_truth(annotations_json, images_dir, on_bad_annotation)
-    skipped = collections.Counter(dataset.skipped)
+
+
+def _propose_all(generator, dataset, image_ids, skipped: collections.Counter, on_bad_annotation: str, source):
+    """COCO results of the generator's proposals on each image of `image_ids` that decodes
+    (the others counted in `skipped`, or the first raising with on_bad_annotation="error"); `source`
+    names the annotations in messages.
+
+    Returns:
+        (results, the ids of the images evaluated, seconds spent proposing).
+    """
+    from sharpmask_tf.images import load_image
+
     results, evaluated, seconds = [], [], 0.0
-    for image_id in sorted(dataset.image_ids)[:max_images]:
-        path = dataset.image_path(image_id)
+    for image_id in image_ids:
         try:
-            image = load_image(path)
+            image = load_image(dataset.image_path(image_id))
         except ValueError as err:
             if on_bad_annotation == "error":
-                raise DatasetError(f"Image {image_id} of {annotations_json} does not decode: {err}") from err
-            logger.warning("Skipping image %s of %s: %s", image_id, annotations_json, err)
+                raise DatasetError(f"Image {image_id} of {source} does not decode: {err}") from err
+            logger.warning("Skipping image %s of %s: %s", image_id, source, err)
             skipped["image file undecodable"] += 1
             continue
         start = time.perf_counter()
@@ -416,25 +303,26 @@ def evaluate_model(
         seconds += time.perf_counter() - start
         results.extend(coco_results(proposals, image_id))
         evaluated.append(image_id)
-    top_n = generator.config.top_n
-    metrics = {
-        "segm": average_recall(dataset, results, "segm", evaluated),
-        "bbox": average_recall(dataset, results, "bbox", evaluated),
-        "num_images": len(evaluated),
-        "seconds_per_image": seconds / max(len(evaluated), 1),
-        "top_n": top_n,
-        "skipped": dict(skipped),
-        "warnings": proposal_count_warnings(top_n),
-    }
-    for message in metrics["warnings"]:
+    return results, evaluated, seconds
+
+
+def _logged(warnings: list[str]) -> list[str]:
+    for message in warnings:
         logger.warning(message)
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    return warnings
+
+
+def write_outputs(
+    out_dir: str | os.PathLike, metrics: dict[str, Any], results: list[dict] | None = None, title: str = ""
+) -> None:
+    """Writes an evaluation's metrics.json (without the curves), recall.png and, if given, the
+    results.json it was measured on into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if results is not None:
         (out / "results.json").write_text(json.dumps(results))
-        (out / "metrics.json").write_text(json.dumps(_without_curves(metrics), indent=2))
-        plot_recall({t: metrics[t]["curve"] for t in IOU_TYPES}, out / "recall.png", title=Path(annotations_json).name)
-    return metrics
+    (out / "metrics.json").write_text(json.dumps(_without_curves(metrics), indent=2))
+    plot_recall({t: metrics[t]["curve"] for t in IOU_TYPES}, out / "recall.png", title=title)
 
 
 def _without_curves(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -501,8 +389,7 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: average recall of a model over a COCO split, or of a results JSON."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sharpmask_tf.evaluation",
         description="Class-agnostic COCO average recall of object proposals (masks and boxes).",
@@ -532,38 +419,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="config overrides of the model's config.json (or the defaults), e.g. inference.max_side=800 (with --model)",
     )
     parser.add_argument("--out", help="folder for results.json, metrics.json and recall.png")
+    return parser
+
+
+def _model_metrics(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """--model: the model's proposals on the split, `max(MAX_DETS)` of them per image unless
+    --top-n or --set inference.top_n says otherwise."""
+    if not args.images:
+        parser.error("--model needs --images")
+    top_n_set = any(item.partition("=")[0].strip() == "inference.top_n" for item in args.set)
+    top_n = args.top_n if args.top_n is not None or top_n_set else MAX_DETS[-1]
+    overrides = [*args.set, *([f"inference.top_n={top_n}"] if top_n is not None else [])]
+    try:
+        config = (load_run_config(args.model) or Config()).override(overrides)
+    except ValueError as err:
+        parser.error(str(err))
+    from sharpmask_tf.inference import ProposalGenerator
+
+    generator = ProposalGenerator.from_saved(args.model, config.inference)
+    return evaluate_model(generator, args.annotations, args.images, args.max_images, args.out, args.on_bad_annotation)
+
+
+def _results_metrics(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """--results: the average recall of an existing results file."""
+    if args.set:
+        parser.error("--set configures the proposals of --model; it has no effect on --results")
+    dataset = ground_truth(args.annotations, on_bad_annotation=args.on_bad_annotation)
+    ids = sorted(dataset.image_ids)[: args.max_images]
+    metrics = {t: average_recall(dataset, args.results, t, ids) for t in IOU_TYPES}
+    metrics["skipped"] = dict(dataset.skipped)
+    metrics["warnings"] = _logged(proposal_count_warnings(metrics["segm"]["max_proposals"]))
+    if args.out:
+        write_outputs(args.out, metrics)
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: average recall of a model over a COCO split, or of a results JSON."""
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
-        if args.model:
-            if not args.images:
-                parser.error("--model needs --images")
-            top_n_set = any(item.partition("=")[0].strip() == "inference.top_n" for item in args.set)
-            top_n = args.top_n if args.top_n is not None or top_n_set else MAX_DETS[-1]
-            overrides = [*args.set, *([f"inference.top_n={top_n}"] if top_n is not None else [])]
-            try:
-                config = (load_run_config(args.model) or Config()).override(overrides)
-            except ValueError as err:
-                parser.error(str(err))
-            from sharpmask_tf.inference import ProposalGenerator
-
-            generator = ProposalGenerator.from_saved(args.model, config.inference)
-            metrics = evaluate_model(
-                generator, args.annotations, args.images, args.max_images, args.out, args.on_bad_annotation
-            )
-        else:
-            if args.set:
-                parser.error("--set configures the proposals of --model; it has no effect on --results")
-            dataset = ground_truth(args.annotations, on_bad_annotation=args.on_bad_annotation)
-            ids = sorted(dataset.image_ids)[: args.max_images]
-            metrics = {t: average_recall(dataset, args.results, t, ids) for t in IOU_TYPES}
-            metrics["skipped"] = dict(dataset.skipped)
-            metrics["warnings"] = proposal_count_warnings(metrics["segm"]["max_proposals"])
-            for message in metrics["warnings"]:
-                logger.warning(message)
-            if args.out:
-                Path(args.out).mkdir(parents=True, exist_ok=True)
-                (Path(args.out) / "metrics.json").write_text(json.dumps(_without_curves(metrics), indent=2))
-                plot_recall({t: metrics[t]["curve"] for t in IOU_TYPES}, Path(args.out) / "recall.png")
+        metrics = (_model_metrics if args.model else _results_metrics)(args, parser)
     except DatasetError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(format_table(metrics))

@@ -25,12 +25,15 @@ Coordinates are image pixels of the input image, x to the right, y down, pixel (
 `ProposalGenerator.propose_tensors` is graph-mode TensorFlow on a dynamic image size with
 fixed-size outputs, so a SavedModel signature can wrap it whole; `ProposalGenerator.propose` is
 the numpy API.
+
+This file is a little over 400 lines: `ProposalGenerator` (its graph in named steps) and the thin
+CLI that `python -m sharpmask_tf.inference` runs; the geometry, mask operations, BatchNorm folding
+and COCO results format it uses are their own modules (pyramid, masks, fold, coco_format).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import math
 import os
@@ -43,9 +46,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from sharpmask_tf.coco_format import coco_results, image_ids_by_name, image_map_path
 from sharpmask_tf.config import COMPUTE_DTYPES, TRUNK_STRIDE, Config, InferenceConfig, load_run_config
 from sharpmask_tf.deepmask import HEAD_OBJECT, HEAD_REDUCE, MASK_LOGITS, SCORE_HIDDEN, SCORE_LOGITS
-from sharpmask_tf.evaluation import coco_results
 from sharpmask_tf.fast_refine import fast_refine
 from sharpmask_tf.fold import fold_batch_norm
 from sharpmask_tf.images import check_image, list_images, load_image, to_rgb
@@ -352,33 +355,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def image_map_path(results_path: str | os.PathLike) -> Path:
-    """Where the CLI writes the image map of a results JSON: `<stem>.images.json` beside it."""
-    path = Path(results_path)
-    return path.with_name(f"{path.stem}.images.json")
-
-
-def _ids_by_name(annotations: str) -> dict[str, int]:
-    """Image ids of a COCO annotations JSON by file name (the name only, not its folders).
-
-    Raises:
-        ValueError: naming the file when it is not JSON with an "images" list of {"id",
-            "file_name"} records, or when two records share a file name.
-    """
-    try:
-        images = json.loads(Path(annotations).read_text())["images"]
-        pairs = [(Path(im["file_name"]).name, int(im["id"])) for im in images]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{annotations} is not a COCO annotations file with an 'images' list: {err!r}") from err
-    ids = dict(pairs)
-    if len(ids) != len(pairs):
-        shared = sorted(name for name, n in collections.Counter(n for n, _ in pairs).items() if n > 1)
-        raise ValueError(
-            f"{annotations}: image file names must be unique to match images by name. Received: {shared[:5]}"
-        )
-    return ids
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: proposals for images or folders, written as COCO results JSON, an image map
     (`image_map_path`: the id, file and size of every image, and its picture) and PNG pictures."""
@@ -388,24 +364,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run = load_run_config(args.model)
         config = Config(inference=run.inference if run else InferenceConfig()).override(overrides).inference
-        ids_by_name = _ids_by_name(args.annotations) if args.annotations else {}
+        ids_by_name = image_ids_by_name(args.annotations) if args.annotations else {}
         files = list_images(args.inputs)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     generator = ProposalGenerator.from_saved(args.model, config, coarse=args.coarse)
+    start = time.perf_counter()
+    results, images, failed = _propose_files(generator, files, ids_by_name, args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results))
+    image_map_path(args.out).write_text(json.dumps({"images": images}, indent=1))
+    done = len(files) - len(failed)
+    seconds = time.perf_counter() - start
+    print(f"{done} images, {len(results)} proposals -> {args.out} ({seconds:.1f} s); {len(failed)} skipped")
+    return 1 if failed and not done else 0
+
+
+def _propose_files(generator: ProposalGenerator, files: list[Path], ids_by_name: dict[str, int], args):
+    """The CLI's proposals for each image file (ids from `ids_by_name`, else 1, 2, ... in order),
+    with pictures if args.visualize; a file without an id of its own, or that does not decode,
+    is skipped with a message.
+
+    Returns:
+        (COCO results, image map records, the paths skipped).
+    """
     from sharpmask_tf.visualize import picture_names, save_proposals
 
     pictures = picture_names(files)
-    results, images, failed, start = [], [], [], time.perf_counter()
+    results, images, failed = [], [], []
     used: dict[int, Path] = {}
     for index, path in enumerate(files):
         image_id = ids_by_name.get(path.name) if ids_by_name else index + 1
-        if image_id is None or image_id in used:
-            why = f"not in {args.annotations}" if image_id is None else f"image id {image_id} is {used[image_id]}'s"
-            print(f"skipping {path}: {why}", file=sys.stderr)
-            failed.append(str(path))
-            continue
         try:
+            if image_id is None or image_id in used:
+                raise ValueError(
+                    f"not in {args.annotations}" if image_id is None else f"image id {image_id} is {used[image_id]}'s"
+                )
             image = load_image(path)
         except ValueError as err:
             print(f"skipping {path}: {err}", file=sys.stderr)
@@ -419,13 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_proposals(Path(args.visualize) / pictures[index], image, proposals, max_draw=args.draw)
             record["picture"] = pictures[index]
         images.append(record)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results))
-    image_map_path(args.out).write_text(json.dumps({"images": images}, indent=1))
-    done = len(files) - len(failed)
-    seconds = time.perf_counter() - start
-    print(f"{done} images, {len(results)} proposals -> {args.out} ({seconds:.1f} s); {len(failed)} skipped")
-    return 1 if failed and not done else 0
+    return results, images, failed
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from sharpmask_tf.config import (
     ModelConfig,
     refine_channels,
 )
-from sharpmask_tf.deepmask import DeepMask, deepmask_graph, dtype_policy_scope
+from sharpmask_tf.deepmask import DeepMask
 from sharpmask_tf.layers import CenterCrop2D, MirrorPad2D, Upsample2D
 
 # Module i (1 = coarsest) refines with the tap at this position, coarse to fine: every tap, deepest first.
@@ -151,9 +151,6 @@ class SharpMask(DeepMask):
     mask_size)}; the coarse DeepMask masks stay available beside the refined ones.
 
     Args:
-        patch_size, context, trunk_blocks, trunk_width, padding, head_channels, object_dim,
-            mask_size, score_hidden, dropout, trunk_flavour, pretrained_trunk: as for
-            `sharpmask_tf.deepmask.DeepMask`.
         refine_k: mask channels entering R1 (k), halved by every module; a multiple of 16.
         refine_skip_hidden: width of the horizontal nets' first convolution (R1..R3).
         refine_skip_hidden_last: width of that convolution at the finest stage (R4).
@@ -166,8 +163,10 @@ class SharpMask(DeepMask):
             `before` them (SharpMask.lua's patch net: the taps are cropped, the nets pad at the
             window's edge).
         name: the model's name.
-        dtype: the dtype policy its layers are built with (None: the global policy); the three
-            outputs are float32 under any policy.
+        **kwargs: `sharpmask_tf.deepmask.DeepMask`'s arguments (patch_size, context, trunk_blocks,
+            trunk_width, padding, head_channels, object_dim, mask_size, score_hidden, dropout,
+            trunk_flavour, pretrained_trunk, dtype: the three outputs are float32 under any
+            policy) and keras.Model's.
 
     Raises:
         ValueError: if refine_k is not a positive multiple of 16, or for an unknown
@@ -185,89 +184,67 @@ class SharpMask(DeepMask):
 
     def __init__(
         self,
-        patch_size: int = 160,
-        context: int = 16,
-        trunk_blocks: tuple[int, int, int] = (3, 4, 6),
-        trunk_width: int = 64,
-        padding: str = "reflect",
-        head_channels: int = 128,
-        object_dim: int = 512,
-        mask_size: int = 56,
-        score_hidden: int = 1024,
-        dropout: float = 0.5,
         refine_k: int = 32,
         refine_skip_hidden: int = 64,
         refine_skip_hidden_last: int = 32,
         upsampling: str = "bilinear",
-        trunk_flavour: str = "keras",
-        pretrained_trunk: bool = True,
         refinement_layout: str = "paper",
         skip_crop: str = "after",
         name: str = "sharpmask",
-        dtype: str | None = None,
         **kwargs,
     ):
-        channels = refine_channels(refine_k)
         if skip_crop not in SKIP_CROPS:
             raise ValueError(f"skip_crop must be one of {SKIP_CROPS}. Received: skip_crop={skip_crop!r}")
-        with dtype_policy_scope(dtype):
-            inputs, taps, object_vector, head = deepmask_graph(
-                patch_size,
-                context,
-                trunk_blocks,
-                trunk_width,
-                padding,
-                head_channels,
-                object_dim,
-                mask_size,
-                score_hidden,
-                dropout,
-                trunk_flavour,
-                pretrained_trunk,
-            )
-            tap_channels = {t: int(taps[t].shape[-1]) for t in REFINE_TAPS}
-            skip = skip_network(tap_channels, channels, refine_skip_hidden, refine_skip_hidden_last, padding, SKIP_NET)
-            if skip_crop == "before":
-                skips = skip({t: CenterCrop2D(context // TAP_STRIDES[t], name=f"{t}_window")(taps[t]) for t in taps})
-                windows = [skips[f"skip{i}"] for i in range(1, len(REFINE_TAPS) + 1)]
-            else:
-                skips = skip(taps)
-                windows = [
-                    CenterCrop2D(context // TAP_STRIDES[tap], name=f"refine{i}_skip_crop")(skips[f"skip{i}"])
-                    for i, tap in enumerate(REFINE_TAPS, start=1)
-                ]
-            refine = refine_network(
-                object_dim, patch_size // TRUNK_STRIDE, channels, padding, upsampling, refinement_layout, REFINE_NET
-            )
-            masks = keras.layers.Activation("linear", dtype="float32", name="refined_masks")(
-                refine([object_vector, *windows])
-            )
-            outputs = {"masks": masks, "scores": head["scores"], "coarse_masks": head["masks"]}
-            # The graph extends DeepMask's instead of being DeepMask's finished one: skip
-            # DeepMask.__init__ and make the functional model from this graph.
-            super(DeepMask, self).__init__(inputs, outputs, name=name, **kwargs)
-        self._store_arguments(
-            patch_size=patch_size,
-            context=context,
-            trunk_blocks=tuple(trunk_blocks),
-            trunk_width=trunk_width,
-            padding=padding,
-            head_channels=head_channels,
-            object_dim=object_dim,
-            mask_size=mask_size,
-            score_hidden=score_hidden,
-            dropout=dropout,
-            trunk_flavour=trunk_flavour,
-            pretrained_trunk=bool(pretrained_trunk),
+        super().__init__(
             refine_k=refine_k,
             refine_skip_hidden=refine_skip_hidden,
             refine_skip_hidden_last=refine_skip_hidden_last,
             upsampling=upsampling,
             refinement_layout=refinement_layout,
             skip_crop=skip_crop,
+            name=name,
+            **kwargs,
         )
-        # Where stage 2's gradients stop: the object vector and the trunk's taps in this graph.
-        self._refinement_features = [object_vector, *(taps[t] for t in TAP_STRIDES)]
+
+    def _graph(self, arguments: dict):
+        """DeepMask's graph with the horizontal nets on its taps and the vertical path on its
+        object vector; the coarse masks stay an output."""
+        inputs, head, features = super()._graph(arguments)
+        object_vector, taps = features[0], dict(zip(TAP_STRIDES, features[1:]))
+        channels = refine_channels(arguments["refine_k"])
+        padding, context = arguments["padding"], arguments["context"]
+        tap_channels = {t: int(taps[t].shape[-1]) for t in REFINE_TAPS}
+        skip = skip_network(
+            tap_channels,
+            channels,
+            arguments["refine_skip_hidden"],
+            arguments["refine_skip_hidden_last"],
+            padding,
+            SKIP_NET,
+        )
+        if arguments["skip_crop"] == "before":
+            skips = skip({t: CenterCrop2D(context // TAP_STRIDES[t], name=f"{t}_window")(taps[t]) for t in taps})
+            windows = [skips[f"skip{i}"] for i in range(1, len(REFINE_TAPS) + 1)]
+        else:
+            skips = skip(taps)
+            windows = [
+                CenterCrop2D(context // TAP_STRIDES[tap], name=f"refine{i}_skip_crop")(skips[f"skip{i}"])
+                for i, tap in enumerate(REFINE_TAPS, start=1)
+            ]
+        feature_size = arguments["patch_size"] // TRUNK_STRIDE
+        refine = refine_network(
+            arguments["object_dim"],
+            feature_size,
+            channels,
+            padding,
+            arguments["upsampling"],
+            arguments["refinement_layout"],
+            REFINE_NET,
+        )
+        masks = keras.layers.Activation("linear", dtype="float32", name="refined_masks")(
+            refine([object_vector, *windows])
+        )
+        return inputs, {"masks": masks, "scores": head["scores"], "coarse_masks": head["masks"]}, features
 
 
 def refinement_split(model: keras.Model) -> tuple[keras.Model, keras.Model]:
@@ -287,7 +264,7 @@ def refinement_split(model: keras.Model) -> tuple[keras.Model, keras.Model]:
             f"refinement_split needs a SharpMask (build_model with model.refinement=true). "
             f"Received: {type(model).__name__} {model.name!r}"
         )
-    features = model._refinement_features
+    features = model._head_features
     frozen = keras.Model(model.input, features, name="frozen_trunk_and_head")
     refinement = keras.Model(features, model.output["masks"], name="refinement")
     return frozen, refinement

@@ -7,16 +7,15 @@ import pytest
 import tensorflow as tf
 from pycocotools import mask as mask_utils
 
+from sharpmask_tf.coco_format import coco_results, load_coco
 from sharpmask_tf.config import CONFIG_FILE, InferenceConfig, get_config
 from sharpmask_tf.data.coco import DatasetError
 from sharpmask_tf.evaluation import (
     MAX_DETS,
     average_recall,
-    coco_results,
     evaluate_model,
     evaluate_patches,
     format_table,
-    load_coco,
     main,
 )
 from sharpmask_tf.inference import ProposalGenerator

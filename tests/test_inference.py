@@ -335,15 +335,24 @@ def test_from_saved_run_directory_uses_its_config(sharpmask, tmp_path):
         ProposalGenerator.from_saved(tmp_path / "no_such")
 
 
-def test_cli_writes_coco_results_and_pictures(deepmask, tmp_path):
+def _cli_model_and_images(deepmask, folder):
+    """Saves `deepmask` with a 6-proposal config.json in `folder` (a run directory for the CLI);
+    returns `folder/images` holding one 50x70 a.png."""
     from PIL import Image
 
     config = get_config("small", ["model.refinement=false", "inference.top_n=6"])
-    deepmask.save(tmp_path / "deepmask.keras")
-    (tmp_path / "config.json").write_text(config.to_json())
-    images = tmp_path / "images"
+    deepmask.save(folder / "deepmask.keras")
+    (folder / "config.json").write_text(config.to_json())
+    images = folder / "images"
     images.mkdir()
     Image.fromarray(smooth_image(50, 70)).save(images / "a.png")
+    return images
+
+
+def test_cli_writes_coco_results_and_pictures(deepmask, tmp_path):
+    from PIL import Image
+
+    images = _cli_model_and_images(deepmask, tmp_path)
     Image.fromarray(smooth_image(40, 30, seed=1)[..., 0]).save(images / "b.png")  # grayscale
     (images / "c.jpg").write_bytes(b"corrupt")
     annotations = {
@@ -391,14 +400,9 @@ def test_cli_keeps_going_names_every_picture_apart_and_maps_the_ids(deepmask, tm
     from PIL import Image
     from pycocotools import mask as mask_utils
 
-    from sharpmask_tf.inference import image_map_path
+    from sharpmask_tf.coco_format import image_map_path
 
-    config = get_config("small", ["model.refinement=false", "inference.top_n=6"])
-    deepmask.save(tmp_path / "deepmask.keras")
-    (tmp_path / "config.json").write_text(config.to_json())
-    images = tmp_path / "images"
-    images.mkdir()
-    Image.fromarray(smooth_image(50, 70)).save(images / "a.png")
+    images = _cli_model_and_images(deepmask, tmp_path)
     Image.fromarray(smooth_image(40, 30, seed=1)).save(images / "a.jpg")
     Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(images / "tiny.png")
     (images / "bomb.png").write_bytes(bomb_png())
@@ -425,7 +429,7 @@ def test_cli_keeps_going_names_every_picture_apart_and_maps_the_ids(deepmask, tm
 
 @pytest.mark.parametrize("mask_logit, kept", [(-10.0, 0), (10.0, 8)])
 def test_empty_mask_proposals_of_a_1x1_image_are_left_out_of_the_results(deepmask, mask_logit, kept):
-    from sharpmask_tf.evaluation import coco_results
+    from sharpmask_tf.coco_format import coco_results
 
     # Constant mask logits: every mask is empty (-10) or covers the whole window (+10).
     layer = deepmask.get_layer("mask_logits")
