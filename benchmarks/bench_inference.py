@@ -140,7 +140,7 @@ def run_one(preset: str, variant: str, runs: int, top_n: int) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="timed runs per process (median)")
     parser.add_argument(
@@ -155,29 +155,36 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="deepmask_resnet50,sharpmask_resnet50")
     parser.add_argument("--one", nargs=2, metavar=("PRESET", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write every round's rows to this JSON file")
-    args = parser.parse_args(argv)
-    if args.one:
-        print(json.dumps(run_one(*args.one, runs=args.runs, top_n=args.top_n)))
-        return 0
+    return parser
+
+
+def run_rounds(presets: list[str], variants: list[str], rounds: int, runs: int, top_n: int) -> dict:
+    """Every configuration in its own process (`--one`), in interleaved rounds.
+
+    Returns:
+        {(model, variant): [one `run_one` row per round]}.
+
+    Raises:
+        RuntimeError: with the process's error output, if one fails.
+    """
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    variants, presets = args.variants.split(","), args.models.split(",")
-    rounds = {(p.split("_")[0], v): [] for v in variants for p in presets}
-    for r in range(args.rounds):
+    rows = {(p.split("_")[0], v): [] for v in variants for p in presets}
+    for r in range(rounds):
         for variant in variants:
             for preset in presets:
                 cmd = [sys.executable, "-m", "benchmarks.bench_inference", "--one", preset, variant]
-                cmd += ["--runs", str(args.runs), "--top-n", str(args.top_n)]
+                cmd += ["--runs", str(runs), "--top-n", str(top_n)]
                 done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
                 if done.returncode:
-                    print(done.stderr[-2000:], file=sys.stderr)
-                    return done.returncode
+                    raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
                 row = json.loads(done.stdout.strip().splitlines()[-1])
-                rounds[row["model"], variant].append(row)
+                rows[row["model"], variant].append(row)
                 print(f"  round {r + 1}: {preset} {variant}: {row['seconds']:.2f} s", file=sys.stderr, flush=True)
-    print(
-        f"640x480 image, 7 scales 2^-2.5..2^0.5, N={args.top_n}, {args.rounds} rounds of one process per "
-        f"configuration, median of {args.runs} runs each, {os.cpu_count()} CPU cores\n"
-    )
+    return rows
+
+
+def print_table(rounds: dict) -> None:
+    """The Markdown table: each configuration's median round and the range over rounds."""
     header = (
         "model",
         "variant",
@@ -204,6 +211,10 @@ def main(argv=None) -> int:
             f"{100 * r['share_of_matmul']:.0f}% | {min(shares):.0f}-{max(shares):.0f}% | "
             f"{max(row['peak_rss_gb'] for row in rows):.2f} | {r['load_average']:.1f} |"
         )
+
+
+def print_ratios(rounds: dict, variants: list[str]) -> None:
+    """SharpMask's time over DeepMask's, within each round, per variant that has both."""
     for variant in variants:
         if ("sharpmask", variant) in rounds and ("deepmask", variant) in rounds:
             ratios = sorted(
@@ -213,6 +224,25 @@ def main(argv=None) -> int:
                 f"SharpMask / DeepMask time ({variant}), per round: median {ratios[len(ratios) // 2]:.2f}x, "
                 f"range {ratios[0]:.2f}-{ratios[-1]:.2f}x"
             )
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(*args.one, runs=args.runs, top_n=args.top_n)))
+        return 0
+    variants, presets = args.variants.split(","), args.models.split(",")
+    try:
+        rounds = run_rounds(presets, variants, args.rounds, args.runs, args.top_n)
+    except RuntimeError as err:
+        print(err, file=sys.stderr)
+        return 1
+    print(
+        f"640x480 image, 7 scales 2^-2.5..2^0.5, N={args.top_n}, {args.rounds} rounds of one process per "
+        f"configuration, median of {args.runs} runs each, {os.cpu_count()} CPU cores\n"
+    )
+    print_table(rounds)
+    print_ratios(rounds, variants)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([row for rows in rounds.values() for row in rows], f, indent=2)

@@ -1,6 +1,6 @@
 """Training throughput (patches/s) of both stages next to this machine's float32 matmul rate.
 
-    python benchmarks/bench_train.py [--steps 4] [--jit]
+    python -m benchmarks.bench_train [--steps 4] [--jit]
 
 Times the distributed train step of `sharpmask_tf.trainer` (forward, backward, SGD update) on
 in-memory batches, so the data pipeline (benchmarked by the data module) is not in the number.
@@ -17,10 +17,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf  # noqa: E402  (after the log level, which TensorFlow reads at import)
 
 from benchmarks.common import matmul_gflops  # noqa: E402
 from sharpmask_tf.config import get_config  # noqa: E402
@@ -68,25 +67,35 @@ def step_rate(preset: str, stage: str, batch: int, steps: int, jit: bool) -> flo
         return batch * steps / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per ResNet-50 measurement")
-    parser.add_argument("--jit", action="store_true", help="also time XLA-compiled steps")
-    args = parser.parse_args()
-    gflops = matmul_gflops()
+def measure(steps: int, jit: bool) -> list[tuple]:
+    """(preset, stage, batch, jit, patches/s) of both stages of the small and ResNet-50 presets
+    (the small one for 10x the steps), without and, if `jit`, with XLA."""
     rows = []
-    for jit in (False, True) if args.jit else (False,):
-        for preset, batch, steps in (("small", 32, 10 * args.steps), ("sharpmask_resnet50", 32, args.steps)):
+    for compiled in (False, True) if jit else (False,):
+        for preset, batch, n in (("small", 32, 10 * steps), ("sharpmask_resnet50", 32, steps)):
             for stage in ("deepmask", "sharpmask"):
-                rate = step_rate(preset, stage, batch, steps, jit)
-                rows.append((preset, stage, batch, "on" if jit else "off", rate))
-                print(f"  {preset} {stage} jit={jit}: {rate:.1f} patches/s", file=sys.stderr, flush=True)
+                rate = step_rate(preset, stage, batch, n, compiled)
+                rows.append((preset, stage, batch, "on" if compiled else "off", rate))
+                print(f"  {preset} {stage} jit={compiled}: {rate:.1f} patches/s", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_table(rows: list[tuple], gflops: float) -> None:
     onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)")
     print(f"\nfloat32 matmul (2048^2): {gflops:.1f} GFLOP/s; {os.cpu_count()} CPUs; oneDNN: {onednn}\n")
     print(f"| {'preset':<20} | {'stage':<9} | batch | jit | patches/s |")
     print(f"|{'-' * 22}|{'-' * 11}|-------|-----|-----------|")
     for preset, stage, batch, jit, rate in rows:
         print(f"| {preset:<20} | {stage:<9} | {batch:>5} | {jit:<3} | {rate:>9.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per ResNet-50 measurement")
+    parser.add_argument("--jit", action="store_true", help="also time XLA-compiled steps")
+    args = parser.parse_args()
+    gflops = matmul_gflops()
+    print_table(measure(args.steps, args.jit), gflops)
 
 
 if __name__ == "__main__":

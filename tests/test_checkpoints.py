@@ -20,19 +20,11 @@ from sharpmask_tf.checkpoints import (
 from sharpmask_tf.config import Config, get_config
 from sharpmask_tf.trainer import Trainer, train
 
-TINY = [
-    "training.batch_size=4",
-    "training.stage1_steps=3",
-    "training.validate_every=100",
-    "training.checkpoint_every=1",
-    "training.log_every=1",
-    "training.val_patches=8",
-]
-DATA = dict(make_dataset=fakes.make_dataset, make_validation_patches=fakes.make_validation_patches)
+DATA = fakes.DATA
 
 
 def _tiny(*extra):
-    return get_config("small", TINY + list(extra))
+    return fakes.tiny_config("training.checkpoint_every=1", *extra)
 
 
 @pytest.fixture(scope="module")

@@ -11,24 +11,14 @@ import tensorflow as tf
 import test_train_fakes as fakes
 from strategies import two_cpus
 
-from sharpmask_tf.config import get_config
 from sharpmask_tf.task import stage_model
 from sharpmask_tf.trainer import Trainer, TrainingInterrupted, _StopSignals, train
 
-TINY = [
-    "training.batch_size=4",
-    "training.stage1_steps=3",
-    "training.stage2_steps=2",
-    "training.validate_every=100",
-    "training.checkpoint_every=100",
-    "training.log_every=1",
-    "training.val_patches=8",
-]
-DATA = dict(make_dataset=fakes.make_dataset, make_validation_patches=fakes.make_validation_patches)
+DATA = fakes.DATA
 
 
 def _tiny(*extra):
-    return get_config("small", TINY + list(extra))
+    return fakes.tiny_config("training.stage2_steps=2", "training.checkpoint_every=100", *extra)
 
 
 def _weights(model):
@@ -163,16 +153,12 @@ def test_jit_compiled_step_matches_plain_step(tmp_path):
 
 @pytest.mark.slow
 def test_loss_decreases_on_synthetic_dataset(tmp_path):
-    from sharpmask_tf.data import generate_dataset
-
-    paths = generate_dataset(str(tmp_path / "data"), num_train=40, num_val=8, seed=1)
-    config = get_config(
-        "small",
+    config = fakes.synthetic_config(
+        tmp_path / "data",
+        40,
+        8,
+        1,
         [
-            f"data.train_annotations={paths['train']}",
-            f"data.train_images={tmp_path / 'data' / 'train'}",
-            f"data.val_annotations={paths['val']}",
-            f"data.val_images={tmp_path / 'data' / 'val'}",
             # A short, fast schedule with the paper's 1/32 score weight, so 80 steps show the mask loss fall
             # (the preset's own rates are tuned for thousands of steps): 0.2 / 0.1 / 0.02 as batch-mean
             # rates, divided by the batch of 16 for the summed objective.
@@ -222,17 +208,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, mixe
 
 
 def test_every_global_batch_is_one_kind_on_two_replicas(tmp_path):
-    from sharpmask_tf.data import generate_dataset
-
-    paths = generate_dataset(str(tmp_path / "data"), num_train=6, num_val=2, seed=0)
-    config = get_config(
-        "small",
-        [
-            f"data.train_annotations={paths['train']}",
-            f"data.train_images={tmp_path / 'data' / 'train'}",
-            "training.batch_size=4",
-        ],
-    )
+    config = fakes.synthetic_config(tmp_path / "data", 6, 2, 0, ["training.batch_size=4"], val=False)
     strategy = two_cpus()
     trainer = Trainer(config, str(tmp_path / "m"), strategy, progress=False)
     task = trainer.build_task("deepmask")

@@ -102,22 +102,16 @@ def test_sigkill_resumes_from_last_checkpoint_and_sigterm_loses_nothing(tmp_path
         "--stage",
         "deepmask",
         "--no-progress",
-        "--set",
-        "training.stage1_steps=1000",
-        "--set",
-        "training.checkpoint_every=4",
-        "--set",
-        "training.log_every=1",
-        "--set",
-        "training.lr_decay_epochs=[1,90]",
-        "--set",
-        "training.epoch_steps=10",
-        "--set",
-        "training.batch_size=4",
-        "--set",
-        "training.validate_every=100000",
-        "--set",
-        "training.val_patches=8",
+        *_sets(
+            "training.stage1_steps=1000",
+            "training.checkpoint_every=4",
+            "training.log_every=1",
+            "training.lr_decay_epochs=[1,90]",
+            "training.epoch_steps=10",
+            "training.batch_size=4",
+            "training.validate_every=100000",
+            "training.val_patches=8",
+        ),
     ]
     cmd = [sys.executable, SCRIPT, *args]
     first = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -181,20 +175,22 @@ sys.argv = [os.environ["TRAIN_SCRIPT"], *sys.argv[1:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
+
+def _sets(*overrides: str) -> list[str]:
+    """`--set` arguments for config overrides."""
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
 SIGNAL_ARGS = [
     "--no-progress",
-    "--set",
-    "training.stage1_steps=4",
-    "--set",
-    "training.stage2_steps=1",
-    "--set",
-    "training.batch_size=4",
-    "--set",
-    "training.val_patches=8",
-    "--set",
-    "training.log_every=1",
-    "--set",
-    "training.validate_every=100000",
+    *_sets(
+        "training.stage1_steps=4",
+        "training.stage2_steps=1",
+        "training.batch_size=4",
+        "training.val_patches=8",
+        "training.log_every=1",
+        "training.validate_every=100000",
+    ),
 ]
 
 
@@ -311,16 +307,13 @@ def test_two_workers_end_with_identical_weights(tmp_path, data_args):
         "--strategy",
         "auto",
         "--no-progress",
-        "--set",
-        "training.stage1_steps=3",
-        "--set",
-        "training.stage2_steps=2",
-        "--set",
-        "training.batch_size=4",
-        "--set",
-        "training.val_patches=8",
-        "--set",
-        "training.log_every=1",
+        *_sets(
+            "training.stage1_steps=3",
+            "training.stage2_steps=2",
+            "training.batch_size=4",
+            "training.val_patches=8",
+            "training.log_every=1",
+        ),
     ]
     procs = [
         subprocess.Popen(

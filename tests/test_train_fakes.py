@@ -7,7 +7,16 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from sharpmask_tf.config import Config
+from sharpmask_tf.config import Config, get_config
+
+# A few steps of the small preset on tiny batches: what every training test starts from.
+TINY = [
+    "training.batch_size=4",
+    "training.stage1_steps=3",
+    "training.validate_every=100",
+    "training.log_every=1",
+    "training.val_patches=8",
+]
 
 
 def _batch(config: Config, split: str, stage: int, batch: int, seed: tf.Tensor, kind_coin: float):
@@ -65,20 +74,32 @@ def make_validation_patches(config, num_patches, stage, seed):
     return {k: v.numpy() for k, v in _batch(config, "val", stage, num_patches, base, 0.0).items()}
 
 
-def test_fake_batches_have_the_pipeline_structure(tmp_path):
-    from sharpmask_tf.config import get_config
+# The trainer's data keyword arguments with these stand-ins.
+DATA = dict(make_dataset=make_dataset, make_validation_patches=make_validation_patches)
+
+
+def tiny_config(*overrides: str) -> Config:
+    """The small preset with `TINY`'s schedule, then `overrides`."""
+    return get_config("small", [*TINY, *overrides])
+
+
+def synthetic_config(folder, num_train: int, num_val: int, seed: int, overrides=(), val: bool = True) -> Config:
+    """The small preset on a synthetic COCO-format dataset generated in `folder`: its train split
+    (and its val split if `val`), then `overrides`."""
     from sharpmask_tf.data import generate_dataset
+
+    paths = generate_dataset(str(folder), num_train=num_train, num_val=num_val, seed=seed)
+    splits = ("train", "val") if val else ("train",)
+    data = [
+        f"data.{s}_{key}={value}" for s in splits for key, value in (("annotations", paths[s]), ("images", folder / s))
+    ]
+    return get_config("small", [*data, *overrides])
+
+
+def test_fake_batches_have_the_pipeline_structure(tmp_path):
     from sharpmask_tf.data import make_dataset as real_make_dataset
 
-    paths = generate_dataset(str(tmp_path), num_train=4, num_val=2, seed=0)
-    config = get_config(
-        "small",
-        [
-            "training.batch_size=4",
-            f"data.train_annotations={paths['train']}",
-            f"data.train_images={tmp_path / 'train'}",
-        ],
-    )
+    config = synthetic_config(tmp_path, 4, 2, 0, ["training.batch_size=4"], val=False)
     for stage in (1, 2):
         real = next(iter(real_make_dataset(config, stage=stage)))
         fake = next(iter(make_dataset(config, stage=stage)))
