@@ -74,7 +74,8 @@ class ModelConfig:
     # resnet-50.t7 | deepmask_pytorch: the PyTorch port's (see backbone.FLAVOURS)
     trunk_flavour: str = "keras"
     # None (from scratch); keras flavour: "imagenet" or a Keras ResNet50 weights file (.h5);
-    # torch flavour: a torchvision ResNet-50 state-dict file (.pth)
+    # torch flavour: a torchvision ResNet-50 state-dict file (.pth); reference / deepmask_pytorch:
+    # the trunk.weights.h5 that `python -m sharpmask_tf.convert` writes
     trunk_weights: str | None = None
     head_channels: int = 128  # the "F128" 1x1 reduction of conv4 features
     object_dim: int = 512  # the object vector

@@ -21,6 +21,7 @@ from serving.export import export_model
 from serving.protocol import INPUT_KEY, SIGNATURE_PIXELS
 from serving.server import start_server
 from sharpmask_tf.backbone import TRUNK_WEIGHTS_FILE
+from sharpmask_tf.checkpoints import has_stage_result
 from sharpmask_tf.config import Config, ExportConfig, InferenceConfig, load_run_config
 from sharpmask_tf.convert import build, ir
 from sharpmask_tf.convert.run_dir import convert_file, read_conversion
@@ -28,7 +29,8 @@ from sharpmask_tf.convert.torch7 import read_deepmask_t7
 from sharpmask_tf.inference import ProposalGenerator
 from sharpmask_tf.layers import IMAGENET_MEAN, IMAGENET_STD
 from sharpmask_tf.pyramid import scale_and_pad
-from sharpmask_tf.sharpmask import build_model
+from sharpmask_tf.sharpmask import SharpMask, build_model
+from sharpmask_tf.task import stage_model
 
 BATCH = 3
 SIDE = 64  # the trees' iSz (32) + 32
@@ -105,7 +107,7 @@ def test_converted_deepmask_run_predicts_the_reference(deepmask_run, deepmask_fi
     rgb = _rgb(2)
     got, want = _predict(model, rgb), _reference(deepmask_file, rgb)
 
-    assert sorted(os.listdir(deepmask_run)) == ["config.json", "deepmask.keras", TRUNK_WEIGHTS_FILE]
+    assert sorted(os.listdir(deepmask_run)) == ["config.json", "deepmask", "deepmask.keras", TRUNK_WEIGHTS_FILE]
     assert got["masks"].shape == (BATCH, 6, 6) and got["scores"].shape == (BATCH, 1)
     np.testing.assert_allclose(got["masks"], want["masks"], **TOLERANCE)
     np.testing.assert_allclose(got["scores"], want["scores"], **TOLERANCE)
@@ -145,6 +147,22 @@ def test_the_run_config_names_the_reference_layout_and_builds_the_same_model(sha
     taps = fresh.get_layer("trunk")(fresh.get_layer("normalize")(rgb))
     want = converted.get_layer("trunk")(converted.get_layer("normalize")(rgb))
     np.testing.assert_allclose(np.asarray(taps["conv4"]), np.asarray(want["conv4"]), rtol=1e-6, atol=1e-6)
+
+
+def test_stage_two_starts_from_a_converted_deepmask(deepmask_run, deepmask_file):
+    """The run holds stage 1's result where the trainer looks for it, restoring to the converted
+    model into the DeepMask that stage 2 (SharpMask.lua's refinement, per config.json) starts from."""
+    config = load_run_config(deepmask_run)
+    assert config.model.refinement and has_stage_result(str(deepmask_run), "deepmask")
+    model = stage_model(config, "deepmask", trunk_weights=False)
+    tf.train.Checkpoint(model=model).restore(
+        tf.train.latest_checkpoint(deepmask_run / "deepmask" / "best")
+    ).expect_partial()
+    rgb = _rgb(16)
+    got, want = _predict(model, rgb), _reference(deepmask_file, rgb)
+    np.testing.assert_allclose(got["masks"], want["masks"], **TOLERANCE)
+    np.testing.assert_allclose(got["scores"], want["scores"], **TOLERANCE)
+    assert isinstance(stage_model(config, "sharpmask", trunk_weights=False), SharpMask)
 
 
 @pytest.mark.parametrize("affine_type", ["nn.SpatialConstDiagonal", "inn.ConstAffine"])
@@ -394,14 +412,10 @@ def _cli(*args, cwd):
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=660)
 
 
-def test_cli_converts_and_refuses_an_existing_or_bad_target(tmp_path, files):
+def test_cli_converts_and_refuses_an_existing_target(tmp_path, files):
     done = _cli(files / "deepmask.t7", "--out", tmp_path / "run", cwd=tmp_path)
     again = _cli(files / "deepmask.t7", "--out", tmp_path / "run", cwd=tmp_path)
-    (tmp_path / "bad.t7").write_bytes(b"\x00" * 3)
-    bad = _cli(tmp_path / "bad.t7", "--out", tmp_path / "bad_run", cwd=tmp_path)
 
     assert done.returncode == 0, done.stderr
     assert "deepmask.keras" in done.stdout and (tmp_path / "run" / "deepmask.keras").is_file()
     assert again.returncode == 2 and "exists" in again.stderr
-    assert bad.returncode == 2 and "not a Torch7 binary file" in bad.stderr
-    assert not (tmp_path / "bad_run").exists()

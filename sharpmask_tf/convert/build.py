@@ -1,13 +1,15 @@
 """Builds our Keras DeepMask / SharpMask from a record of a reference model (`ir`), weights copied.
 
-`model_config` reads the record's layout and picks the `ModelConfig` that computes it: the trunk
-flavour (BatchNorm after the addition: `reference`; torchvision's layout: `torch`, or
-`deepmask_pytorch` with its symmetric stem), the padding, the refinement layout, nearest
-upsampling and where the skip windows are cut. `keras_model` builds that model and copies the
-weights with the layout changes: conv kernels (out, in, kh, kw) -> (kh, kw, in, out); the object
-vector's Linear reads a (C, H, W) flattening where Keras flattens (H, W, C); refs[0]'s View(km,
-fs, fs) is (C, H, W) where our Reshape is (H, W, C). A record our models cannot express raises a
-ValueError naming the module's path, never a silently different model.
+`convert_record` (and `convert_trunk` for an ImageNet ResNet alone) reads the record's layout and
+picks the `ModelConfig` that computes it: the trunk flavour (BatchNorm after the addition:
+`reference`; torchvision's layout: `torch`, or `deepmask_pytorch` with its symmetric stem), the
+padding, the refinement layout, nearest upsampling and where the skip windows are cut (`before`
+the horizontal nets, as SharpMask.lua's patch net); with it come our weights by layer name, in
+our layouts: conv kernels (out, in, kh, kw) -> (kh, kw, in, out); the object vector's Linear
+reads a (C, H, W) flattening where Keras flattens (H, W, C); refs[0]'s View(km, fs, fs) is
+(C, H, W) where our Reshape is (H, W, C). `keras_model` builds the model and sets them. A record
+our models cannot express raises a ValueError naming the module's path, never a silently
+different model.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from sharpmask_tf.sharpmask import REFINE_TAPS, _leaf_layers, build_model
 THRESHOLD_TOLERANCE = 1e-4
 _STEM_LAYERS = 4  # conv1, its norm, ReLU, max pool: trunk.layers[0:4]; the stages follow
 _STAGES = 3  # conv2_x .. conv4_x
+# SharpMask.lua's refinement (its defaults km = ks = 32 and 64 / 32 hidden units are ModelConfig's).
+REFERENCE_REFINEMENT = dict(refinement=True, upsampling="nearest", refinement_layout="reference", skip_crop="before")
 
 
 def _fail(node: ir.Node | None, where: str, what: str) -> None:
@@ -49,8 +53,9 @@ def _found(node: ir.Node | None) -> str:
 class _Stream:
     """Hands out a module's leaves in order, each checked to be what our model computes there."""
 
-    def __init__(self, nodes: list[ir.Node], where: str, padding: list):
-        self.nodes, self.where, self.paddings = nodes, where, padding
+    def __init__(self, nodes: list[ir.Node], where: str, paddings: list):
+        # paddings collects (path, mode, is the stem) of every convolution's padding
+        self.nodes, self.where, self.paddings = nodes, where, paddings
 
     def peek(self) -> ir.Node | None:
         return self.nodes[0] if self.nodes else None
@@ -386,19 +391,22 @@ def _refinement(record: ir.DeepMaskRecord, crop: int, paddings: list) -> tuple[d
         refine_k=k,
         refine_skip_hidden=hidden[0],
         refine_skip_hidden_last=hidden[-1],
-        upsampling="nearest",
         refinement_layout="reference" if layouts == {2} else "paper",
-        skip_crop="before",
     )
     return weights, config
 
 
 @dataclasses.dataclass(frozen=True)
 class Conversion:
-    """A record read into our terms: the config that computes it and the weights by layer name."""
+    """A record read into our terms: the config that computes it and the weights by layer name.
+
+    For a DeepMask (and a trunk) the config's refinement is SharpMask.lua's (`REFERENCE_REFINEMENT`),
+    so stage 2 trains the refinement the authors did on it.
+    """
 
     config: ModelConfig
     weights: dict[str, list[np.ndarray]]
+    sharpmask: bool  # the weights include the refinement
 
 
 def _trunk_parts(trunk_layers: tuple[ir.Node, ...]) -> tuple[_Trunk, str, str, list]:
@@ -435,7 +443,7 @@ def convert_record(record: ir.DeepMaskRecord, trunk_weights: str) -> Conversion:
         trunk_weights=trunk_weights,
         mask_size=mask_size,
         score_hidden=score_hidden,
-        refinement=record.is_sharpmask,
+        **REFERENCE_REFINEMENT,
     )
     if record.is_sharpmask:
         refine, refine_config = _refinement(record, geometry["context"] // TRUNK_STRIDE, paddings)
@@ -447,7 +455,7 @@ def convert_record(record: ir.DeepMaskRecord, trunk_weights: str) -> Conversion:
     patch = record.config.get("iSz")
     if patch is not None and patch != geometry["patch_size"]:
         _fail(None, record.trunk.path, f"the saved iSz={patch} disagrees with the head's {geometry['patch_size']}")
-    return Conversion(ModelConfig(**fields), weights)
+    return Conversion(ModelConfig(**fields), weights, record.is_sharpmask)
 
 
 def convert_trunk(layers: tuple[ir.Node, ...], trunk_weights: str) -> Conversion:
@@ -465,11 +473,9 @@ def convert_trunk(layers: tuple[ir.Node, ...], trunk_weights: str) -> Conversion
         padding="symmetric",
         trunk_flavour=flavour,
         trunk_weights=trunk_weights,
-        upsampling="nearest",
-        refinement_layout="reference",
-        skip_crop="before",
+        **REFERENCE_REFINEMENT,
     )
-    return Conversion(config, _trunk_keras_weights(trunk, flavour))
+    return Conversion(config, _trunk_keras_weights(trunk, flavour), sharpmask=False)
 
 
 def set_weights(model: keras.Model, weights: dict[str, list[np.ndarray]]) -> None:
@@ -491,7 +497,8 @@ def set_weights(model: keras.Model, weights: dict[str, list[np.ndarray]]) -> Non
 
 def keras_model(conversion: Conversion) -> keras.Model:
     """Our DeepMask or SharpMask with the converted weights."""
-    model = build_model(conversion.config, trunk_weights=False)
+    config = dataclasses.replace(conversion.config, refinement=conversion.sharpmask)
+    model = build_model(config, trunk_weights=False)
     set_weights(model, conversion.weights)
     return model
 

@@ -280,8 +280,38 @@ def _max_pool(node: MaxPool2D, x: np.ndarray) -> np.ndarray:
     return _windows(x, (kh, kw), (sh, sw))[:, :, :oh, :ow].max(axis=(-2, -1))
 
 
-def _run_list(branches: tuple[Node, ...], inputs: list, capture, found) -> list:
-    return [run(b, v, capture, found) for b, v in zip(branches, inputs, strict=True)]
+def _channel_shape(x: np.ndarray) -> tuple[int, ...]:
+    """Broadcasts a per-channel vector over axis 1 of x."""
+    return (1, -1) + (1,) * (x.ndim - 2)
+
+
+def _affine(node: Affine, x: np.ndarray) -> np.ndarray:
+    return x * node.scale.reshape(_channel_shape(x)) + node.shift.reshape(_channel_shape(x))
+
+
+def _batch_norm(node: BatchNorm, x: np.ndarray) -> np.ndarray:
+    shape = _channel_shape(x)
+    scale = node.weight / np.sqrt(node.var + node.eps)
+    return (x - node.mean.reshape(shape)) * scale.reshape(shape) + node.bias.reshape(shape)
+
+
+# The forward pass of every node without children, by node type.
+_LEAVES = {
+    Conv2D: _conv,
+    Affine: _affine,
+    BatchNorm: _batch_norm,
+    Pad2D: _pad,
+    ReLU: lambda node, x: np.maximum(x, 0),
+    Threshold: lambda node, x: np.where(x > node.threshold, x, node.value),
+    Reshape: lambda node, x: x.reshape((x.shape[0], *node.shape)),
+    Dense: lambda node, x: x @ node.weight.T + node.bias,
+    Scale: lambda node, x: x * node.factor,
+    Identity: lambda node, x: x,
+    UpsampleNearest: lambda node, x: np.repeat(np.repeat(x, node.factor, axis=-2), node.factor, axis=-1),
+    ResizeBilinear: _resize,
+    MaxPool2D: _max_pool,
+    AddTable: lambda node, x: sum(x[1:], x[0]),
+}
 
 
 def run(
@@ -309,38 +339,9 @@ def run(
     elif isinstance(node, ConcatTable):
         y = [run(b, x, capture, found) for b in node.branches]
     elif isinstance(node, ParallelTable):
-        y = _run_list(node.branches, x, capture, found)
-    elif isinstance(node, AddTable):
-        y = sum(x[1:], x[0])
-    elif isinstance(node, Conv2D):
-        y = _conv(node, x)
-    elif isinstance(node, Affine):
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        y = x * node.scale.reshape(shape) + node.shift.reshape(shape)
-    elif isinstance(node, BatchNorm):
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        scale = node.weight / np.sqrt(node.var + node.eps)
-        y = (x - node.mean.reshape(shape)) * scale.reshape(shape) + node.bias.reshape(shape)
-    elif isinstance(node, Pad2D):
-        y = _pad(node, x)
-    elif isinstance(node, ReLU):
-        y = np.maximum(x, 0)
-    elif isinstance(node, Threshold):
-        y = np.where(x > node.threshold, x, node.value)
-    elif isinstance(node, Reshape):
-        y = x.reshape((x.shape[0], *node.shape))
-    elif isinstance(node, Dense):
-        y = x @ node.weight.T + node.bias
-    elif isinstance(node, Scale):
-        y = x * node.factor
-    elif isinstance(node, Identity):
-        y = x
-    elif isinstance(node, UpsampleNearest):
-        y = np.repeat(np.repeat(x, node.factor, axis=-2), node.factor, axis=-1)
-    elif isinstance(node, ResizeBilinear):
-        y = _resize(node, x)
-    elif isinstance(node, MaxPool2D):
-        y = _max_pool(node, x)
+        y = [run(b, v, capture, found) for b, v in zip(node.branches, x, strict=True)]
+    elif type(node) in _LEAVES:
+        y = _LEAVES[type(node)](node, x)
     else:
         raise TypeError(f"run() got a {type(node).__name__}, not an IR node.")
     if node.path in capture:

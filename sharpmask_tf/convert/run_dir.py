@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import keras
+import tensorflow as tf
 
 from sharpmask_tf.backbone import TRUNK_WEIGHTS_FILE
 from sharpmask_tf.checkpoints import write_run_config
@@ -77,6 +78,10 @@ def _write(conversion: build.Conversion, kind: str, staging: Path) -> list[str]:
         model.save(staging / "sharpmask.keras")
         written.append("sharpmask.keras")
     else:
+        # Stage 1's result, as the trainer keeps it: stage 2 (--stage sharpmask) starts from it.
+        best = tf.train.CheckpointManager(tf.train.Checkpoint(model=model), staging / "deepmask" / "best", 1)
+        best.save(checkpoint_number=0)
+        written.append("deepmask/best")
         deepmask = model
     deepmask.save(staging / "deepmask.keras")
     written.append("deepmask.keras")
