@@ -2,9 +2,11 @@
 
     python -m benchmarks.bench_data                       # generates data/coco_scale if absent
     python -m benchmarks.bench_data --seconds 10 --cores 1 2 --patches-per-image 1 4
+    python -m benchmarks.bench_data --fraction 0.1 --cache data/coco_cache   # a tenth, cache kept
 
 The split has COCO train2017's counts (118,287 640x480 images, 829,875 polygon annotations, 80
-categories) but only `--photos` distinct JPEG files, which the image records reference in turn:
+categories; `--fraction` scales the image and annotation counts) but only `--photos` distinct JPEG
+files, which the image records reference in turn:
 each is a synthetic photograph (a 1/f^1.2 amplitude spectrum with sensor grain, about COCO's
 mean JPEG size), and polygons are star-shaped with 8..40 vertices and longest sides log-uniform
 over 6..640 px. Objects are not painted into the images: only decoding and cutting cost matter here.
@@ -17,7 +19,8 @@ of the process, which other processes' load on a shared machine changes less) at
 geometry (192 px patches, batch 32) in stage 1 and 2, the process confined to 1, 2, ... cores
 (every thread's CPU affinity and tf.data's thread pool): today's pipeline
 (`PatchSampler.sample_batch` in `tf.numpy_function`, as `make_dataset` was; it reads labels from
-the same packed RLEs) beside `make_dataset`, measured in turn.
+the same packed RLEs) beside `make_dataset`, measured in turn, in `--rounds` interleaved rounds
+(median and range).
 """
 
 from __future__ import annotations
@@ -89,24 +92,30 @@ def polygons(rng: np.random.Generator, count: int, height: int, width: int) -> t
     return flat, np.round(boxes, 2)
 
 
-def generate_coco_scale(out_dir: str, num_photos: int, seed: int = 0) -> tuple[str, str]:
-    """Writes the COCO-scale split of the module docstring into out_dir, unless it is there.
+def generate_coco_scale(out_dir: str, num_photos: int, seed: int = 0, fraction: float = 1.0) -> tuple[str, str]:
+    """Writes the COCO-scale split of the module docstring into out_dir, unless it is there;
+    `fraction` < 1 scales the image and annotation counts (the same photographs, the same
+    annotations per image), for a quicker run on a busy machine.
 
     Returns:
         (annotation file, image folder).
     """
-    path, image_dir = os.path.join(out_dir, f"instances_{num_photos}.json"), os.path.join(out_dir, "images")
+    suffix = "" if fraction == 1 else f"_{fraction:g}"
+    path, image_dir = os.path.join(out_dir, f"instances_{num_photos}{suffix}.json"), os.path.join(out_dir, "images")
     if os.path.isfile(path):
         return path, image_dir
-    rng = np.random.default_rng(seed)
     os.makedirs(image_dir, exist_ok=True)
-    for k in range(num_photos):
-        Image.fromarray(photograph(rng)).save(os.path.join(image_dir, f"{k:06d}.jpg"), quality=JPEG_QUALITY)
-    owners = np.sort(rng.integers(0, COCO_TRAIN_IMAGES, COCO_TRAIN_ANNOTATIONS)) + 1
-    flat, boxes = polygons(rng, COCO_TRAIN_ANNOTATIONS, PHOTO_HEIGHT, PHOTO_WIDTH)
+    for k in range(num_photos):  # photographs shared by every fraction's split
+        name = os.path.join(image_dir, f"{k:06d}.jpg")
+        if not os.path.isfile(name):
+            Image.fromarray(photograph(np.random.default_rng([seed, k]))).save(name, quality=JPEG_QUALITY)
+    rng = np.random.default_rng([seed, num_photos])
+    num_images, num_annotations = round(COCO_TRAIN_IMAGES * fraction), round(COCO_TRAIN_ANNOTATIONS * fraction)
+    owners = np.sort(rng.integers(0, num_images, num_annotations)) + 1
+    flat, boxes = polygons(rng, num_annotations, PHOTO_HEIGHT, PHOTO_WIDTH)
     images = [
         {"id": i, "file_name": f"{(i - 1) % num_photos:06d}.jpg", "height": PHOTO_HEIGHT, "width": PHOTO_WIDTH}
-        for i in range(1, COCO_TRAIN_IMAGES + 1)
+        for i in range(1, num_images + 1)
     ]
     annotations = [
         {
@@ -215,15 +224,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/coco_scale", help="where the COCO-scale split is (generated if absent)")
     parser.add_argument("--photos", type=int, default=200, help="distinct JPEG files the split references")
+    parser.add_argument("--fraction", type=float, default=1.0, help="of COCO train's image and annotation counts")
     parser.add_argument("--seconds", type=float, default=8.0, help="time budget per measurement")
     parser.add_argument("--cores", type=int, nargs="*", default=None, help="core counts (default 1, 2, all)")
     parser.add_argument("--patches-per-image", type=int, nargs="*", default=[1, 4], help="make_dataset variants")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (median and range)")
     parser.add_argument("--cache", help="split cache folder to keep and reuse (default: a fresh one, validating again)")
     parser.add_argument("--load-only", type=int, default=0, help="(internal) print load_report on this many cores")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, section.field=value")
     args = parser.parse_args()
 
-    annotations, images = generate_coco_scale(args.out, args.photos)
+    if not 0 < args.fraction <= 1:
+        parser.error(f"--fraction must be in (0, 1]. Received: --fraction={args.fraction}")
+    annotations, images = generate_coco_scale(args.out, args.photos, fraction=args.fraction)
     overrides = [f"data.train_annotations={annotations}", f"data.train_images={images}", *args.set]
     config = get_config("sharpmask_resnet50", overrides)
     if args.load_only:
@@ -235,7 +248,7 @@ def main() -> None:
         cache = args.cache or fresh
         os.makedirs(cache, exist_ok=True)
         env = {**os.environ, "SHARPMASK_TF_CACHE": cache, "PYTHONPATH": os.getcwd()}
-        child = ["--out", args.out, "--photos", str(args.photos), "--set", *overrides]
+        child = ["--out", args.out, "--photos", str(args.photos), "--fraction", str(args.fraction), "--set", *overrides]
         first = "first load, cache kept from before" if os.listdir(cache) else "validated and cached"
         report = run_child([*child, "--load-only", str(max(cores))], env, 3600)
         print(f"{first}, {max(cores)} cores: {report}")
@@ -244,30 +257,54 @@ def main() -> None:
         os.environ["SHARPMASK_TF_CACHE"] = cache
         packed = load_packed_split(config, "train")
         print(f"CPU cores: {len(CORES)}; float32 matmul: {matmul_gflops():.0f} GFLOP/s (all cores)", flush=True)
-        batch = config.training.batch_size
-        rows = []
+        rates = measure(config, packed, cores, args.patches_per_image, args.seconds, args.rounds)
+        confine_to_cores(len(CORES))
+    print(table(rates, args.rounds))
+
+
+def measure(config, packed, cores: list[int], variants: list[int], seconds: float, rounds: int) -> dict:
+    """Patches/s and patches per CPU-second of today's pipeline (key k=0) and `make_dataset` with
+    k patches per image, by (cores, stage, k): one (wall, CPU) pair per round, the rounds
+    interleaved so that a change of the machine's load spreads over every configuration."""
+    batch = config.training.batch_size
+    rates: dict = {}
+    for round_ in range(rounds):
         for n in cores:
             options = confine_to_cores(n)
             for stage in (1, 2):
                 sampler = PatchSampler.from_config(packed, config, stage)
                 frequency = config.data.score_frequency if stage == 1 else 0.0
-                today = numpy_pipeline(sampler, batch, frequency).with_options(options)
-                today = pipeline_rate(today, batch, args.seconds)
-                for k in args.patches_per_image:
-                    piped = make_dataset(config, stage=stage, patches_per_image=k).with_options(options)
-                    rows.append((n, stage, k, today, pipeline_rate(piped, batch, args.seconds)))
-                    print(rows[-1], flush=True)
-        confine_to_cores(len(CORES))
-    print(
-        "| cores | stage | today's pipeline: patches/s, per CPU-s | patches per image "
-        "| make_dataset: patches/s, per CPU-s | x today (per CPU-s) |"
-    )
-    print("|---|---|---|---|---|---|")
-    for n, stage, k, (today, today_cpu), (piped, piped_cpu) in rows:
-        print(
-            f"| {n} | {stage} | {today:.0f}, {today_cpu:.0f} | {k} | {piped:.0f}, {piped_cpu:.0f} "
-            f"| {piped_cpu / today_cpu:.1f} |"
+                pipelines = {0: numpy_pipeline(sampler, batch, frequency)}
+                pipelines.update({k: make_dataset(config, stage=stage, patches_per_image=k) for k in variants})
+                for k, dataset in pipelines.items():
+                    rate = pipeline_rate(dataset.with_options(options), batch, seconds)
+                    rates.setdefault((n, stage, k), []).append(rate)
+                    print(f"round {round_ + 1}: cores {n}, stage {stage}, k {k}: {rate}", flush=True)
+    return rates
+
+
+def table(rates: dict, rounds: int) -> str:
+    """The Markdown table of `measure`'s rates: medians over rounds, ranges in parentheses."""
+
+    def cell(values: list[float]) -> str:
+        return f"{np.median(values):.0f} ({min(values):.0f}-{max(values):.0f})" if rounds > 1 else f"{values[0]:.0f}"
+
+    lines = [
+        "| cores | stage | patches per image | today's pipeline: patches/s | per CPU-s "
+        "| make_dataset: patches/s | per CPU-s | x today (per CPU-s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (n, stage, k), measured in rates.items():
+        if k == 0:
+            continue
+        today = rates[(n, stage, 0)]
+        ratios = [piped[1] / old[1] for piped, old in zip(measured, today)]
+        lines.append(
+            f"| {n} | {stage} | {k} | {cell([r[0] for r in today])} | {cell([r[1] for r in today])} "
+            f"| {cell([r[0] for r in measured])} | {cell([r[1] for r in measured])} "
+            f"| {np.median(ratios):.1f} ({min(ratios):.1f}-{max(ratios):.1f}) |"
         )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

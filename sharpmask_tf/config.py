@@ -174,6 +174,7 @@ class DataConfig:
     min_side: float = 5.0  # objects whose box side is under this are not sampled
     on_bad_annotation: str = "skip"  # "error" raises; "skip" counts, logs and drops
     num_parallel_calls: int = -1  # tf.data parallelism; -1 is AUTOTUNE
+    patches_per_image: int = 1  # windows cut per decoded image; 1 is the paper's (README, Data)
     seed: int = 0  # sampler seed
 
     def __post_init__(self) -> None:
@@ -192,6 +193,8 @@ class DataConfig:
             _fail(s, "on_bad_annotation", self.on_bad_annotation, f"must be one of {ON_BAD_ANNOTATION}")
         if self.num_parallel_calls == 0 or self.num_parallel_calls < -1:
             _fail(s, "num_parallel_calls", self.num_parallel_calls, "must be -1 (AUTOTUNE) or positive")
+        if self.patches_per_image < 1:
+            _fail(s, "patches_per_image", self.patches_per_image, "must be positive")
 
 
 @dataclass(frozen=True)

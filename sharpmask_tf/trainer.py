@@ -9,7 +9,11 @@ from `base_task`).
 The loop is a `strategy.run` step inside a `tf.function` (Keras 3's `fit` fails under
 MultiWorkerMirroredStrategy, keras-team/keras#20585). Each replica's objective is its examples'
 losses summed (the reference's scale, see `task.py`); the optimizer sums gradients over replicas,
-so a step is the sum over the global batch for any replica count.
+so a step is the sum over the global batch for any replica count. The batch is taken from the
+iterator outside the step function, so the loop times how long each step waits for its input
+(`summaries.InputWait`): TensorBoard's `input_wait_fraction` at every log point and metrics.json's
+per stage say how much of the step time went to waiting (near 0 when the input keeps ahead; a
+share that grows says the input pipeline is the bottleneck).
 
 A model directory holds:
     config.json                  the resolved configuration of the latest run
@@ -18,13 +22,18 @@ A model directory holds:
                                  optimizer, step, sampler seed), best/ (the best weights by the
                                  share of validation patches over IoU .7) with best.json, and
                                  skipped/ (checkpoints a resume passed over, kept)
-    logs/<stage>/{train,val}/    TensorBoard: losses, learning rate, speed, IoU metrics, masks
+    logs/<stage>/{train,val}/    TensorBoard: losses, learning rate, speed, input wait, IoU
+                                 metrics, masks
     deepmask.keras, sharpmask.keras, metrics.json    written when a stage ends
 
 SIGTERM and SIGINT are recorded for the whole of `Trainer.run` and acted on at the next of its
 stop points: after each step, after a stage's last validation, after its export and after
 metrics.json. There every worker agrees (a collective, as in the step), saves the current step
 unless it is saved, and raises `TrainingInterrupted`.
+
+About 450 lines: `Trainer`'s methods are the loop's steps over one shared state (strategy, model
+directory, writers, stop signals); the parts without that state live in `stop_signals.py`,
+`summaries.py`, `checkpoints.py` and `task.py`.
 """
 
 from __future__ import annotations
@@ -33,13 +42,11 @@ import json
 import math
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
@@ -55,6 +62,8 @@ from sharpmask_tf.checkpoints import (
 from sharpmask_tf.config import Config
 from sharpmask_tf.deepmask import dtype_policy_scope
 from sharpmask_tf.distribute import cluster_role, resolve_strategy
+from sharpmask_tf.stop_signals import StopSignals, TrainingInterrupted, sum_over_replicas
+from sharpmask_tf.summaries import InputWait, mask_panels, write_train_summaries
 from sharpmask_tf.task import STAGES, DatasetFn, StageTask, ValidationFn, stage_model
 
 METRICS_FILE = "metrics.json"
@@ -62,79 +71,15 @@ METRICS_FILE = "metrics.json"
 IMAGES_TO_LOG = 3
 
 
-class TrainingInterrupted(Exception):
-    """Raised after SIGTERM/SIGINT stopped training and a checkpoint of the current step was saved.
-
-    Attributes:
-        stage: the stage that was running.
-        step: the step saved.
-        signum: the signal received.
-    """
-
-    def __init__(self, stage: str, step: int, signum: int):
-        super().__init__(f"{signal.Signals(signum).name} received: stage {stage} saved at step {step}")
-        self.stage, self.step, self.signum = stage, step, signum
-
-
-class _StopSignals:
-    """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint and stop.
-
-    Re-entrant: the outermost `with` clears the record and installs the handlers, and restores the
-    previous ones on leaving.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-        self._depth = 0
-
-    def __enter__(self):
-        if self._depth == 0:
-            self.signum = None
-            if threading.current_thread() is threading.main_thread():
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    self._previous[sig] = signal.signal(sig, self._handle)
-        self._depth += 1
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is None:  # the first signal decides the exit code
-            self.signum = signum
-
-    def __exit__(self, *exc):
-        self._depth -= 1
-        if self._depth == 0:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
-            self._previous = {}
-
-
-def _sum_over_replicas(flag: tf.Tensor) -> tf.Tensor:
-    """A replica's stop flag summed over every replica of every worker."""
-    # tf.identity places the flag on this replica's device, which all_reduce needs.
-    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(flag))
-
-
-def _mask_panels(shown: dict[str, np.ndarray], context: int, patch_size: int) -> np.ndarray:
-    """(N, L, 3L, 3) images: the patch's central window, the label and the predicted probability."""
-    side = shown["labels"].shape[1]
-    window = shown["images"][:, context : context + patch_size, context : context + patch_size]
-    window = tf.image.resize(window, (side, side)).numpy()
-    label = np.repeat((shown["labels"][..., None] > 0).astype(np.float32), 3, axis=-1)
-    prob = np.repeat(1 / (1 + np.exp(-shown["logits"][..., None])), 3, axis=-1)
-    return np.clip(np.concatenate([window, label, prob], axis=2), 0, 1)
-
-
-def _write_train_summaries(writer, step: int, sums: list[float], learning_rate: float, patches_s: float) -> None:
-    mask_sum, masks, score_sum, scores, loss = sums
-    with writer.as_default(step=step):
-        tf.summary.scalar("loss", loss)
-        if masks:
-            tf.summary.scalar("mask_loss", mask_sum / masks)
-        if scores:
-            tf.summary.scalar("score_loss", score_sum / scores)
-        tf.summary.scalar("learning_rate", learning_rate)
-        tf.summary.scalar("patches_per_second", patches_s)
+def _check_finite(stage: str, step: int, loss: float, checkpoints: StageCheckpoints) -> None:
+    """Raises FloatingPointError for a loss that is not finite, before any save of its step: the
+    latest checkpoint stays the last good one. Under mixed precision too: loss scaling skips
+    overflowing gradients, not a lost forward."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"{stage}: the loss is {loss} at step {step}; stopped without saving it. "
+            f"The last good checkpoint: {checkpoints.latest or 'none yet'}"
+        )
 
 
 class Trainer:
@@ -175,7 +120,7 @@ class Trainer:
         self.is_chief, self.worker = cluster_role(strategy)
         self._log = log
         self._writers: dict[str, dict] = {}
-        self._stop = _StopSignals()
+        self._stop = StopSignals()
         self._agree_to_stop: Callable | None = None
 
     def log(self, message: str) -> None:
@@ -242,7 +187,7 @@ class Trainer:
                 f"the earlier ones, oldest first"
             )
 
-    def stop_agreed(self, stop: _StopSignals) -> bool:
+    def stop_agreed(self, stop: StopSignals) -> bool:
         """Whether any worker holds a stop signal: a collective, so every worker calls it at the
         same points (the stop points of the module docstring)."""
         if self._agree_to_stop is None:
@@ -250,13 +195,13 @@ class Trainer:
 
             @tf.function
             def agree(flag):
-                summed = strategy.run(_sum_over_replicas, args=(flag,))
+                summed = strategy.run(sum_over_replicas, args=(flag,))
                 return strategy.reduce(tf.distribute.ReduceOp.MEAN, summed, axis=None)
 
             self._agree_to_stop = agree
         return float(self._agree_to_stop(tf.constant(float(stop.signum is not None)))) > 0
 
-    def _stop_if_signalled(self, stop: _StopSignals, stage: str, checkpoints: StageCheckpoints, step: int) -> None:
+    def _stop_if_signalled(self, stop: StopSignals, stage: str, checkpoints: StageCheckpoints, step: int) -> None:
         if self.stop_agreed(stop):
             checkpoints.save(step)
             raise TrainingInterrupted(stage, step, stop.signum or signal.SIGTERM)
@@ -290,17 +235,18 @@ class Trainer:
         return iter(self.strategy.distribute_datasets_from_function(lambda ctx: task.build_inputs(seed, ctx)))
 
     def distributed_train_step(self, task: StageTask, step: tf.Variable) -> Callable:
-        """A tf.function (distributed iterator, stop flag) -> (log sums over replicas, stop flag's
+        """A tf.function (distributed batch, stop flag) -> (log sums over replicas, stop flag's
         mean): `task.train_step` on every replica, then `step` + 1. The flag, summed over the
-        replicas, stops every worker at the same step."""
+        replicas, stops every worker at the same step. The batch is taken from the iterator
+        outside the function, so the loop can time the wait for it."""
         strategy = self.strategy
 
         def replica_step(batch, stop):
-            return task.train_step(batch), _sum_over_replicas(stop)
+            return task.train_step(batch), sum_over_replicas(stop)
 
         @tf.function
-        def train_step(iterator, stop):
-            sums, stop = strategy.run(replica_step, args=(next(iterator), stop))
+        def train_step(batch, stop):
+            sums, stop = strategy.run(replica_step, args=(batch, stop))
             step.assign_add(1)
             return (
                 strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None),
@@ -309,7 +255,7 @@ class Trainer:
 
         return train_step
 
-    def fit_stage(self, task: StageTask, checkpoints: StageCheckpoints, stop: _StopSignals) -> dict:
+    def fit_stage(self, task: StageTask, checkpoints: StageCheckpoints, stop: StopSignals) -> dict:
         """Trains a task to its last step (resuming from the newest checkpoint that restores, see
         `StageCheckpoints.resume`), keeps the best weights, loads them into the model and returns
         the stage's metrics.
@@ -319,7 +265,28 @@ class Trainer:
             TrainingInterrupted: once `stop` holds a signal and the current step is saved.
             UnrestorableCheckpoints: if the stage's checkpoint files are there and none restores.
         """
-        stage, t = task.stage, self.config.training
+        step = self._resume(task.stage, checkpoints)
+        last_validated = checkpoints.best["step"] if checkpoints.best else -1
+        loss_avg, wait = None, InputWait()
+        if step < task.num_steps:
+            step, loss_avg, last_validated = self._train_steps(task, checkpoints, stop, step, wait, last_validated)
+        checkpoints.save(step)
+        if last_validated != step:
+            self._validate_and_log(task, checkpoints, step)
+        self._stop_if_signalled(stop, task.stage, checkpoints, step)
+        checkpoints.restore_best()
+        best = checkpoints.best
+        return {
+            "step": step,
+            "train_loss": loss_avg,
+            "input_wait_fraction": wait.share(),
+            "best_step": best["step"],
+            **best["metrics"],
+        }
+
+    def _resume(self, stage: str, checkpoints: StageCheckpoints) -> int:
+        """Restores the stage's newest checkpoint that restores, logs what was skipped or set
+        aside, and returns the step to continue from."""
         restored = checkpoints.resume()
         step = int(checkpoints.step.numpy())
         for path, why in checkpoints.skipped.items():
@@ -331,7 +298,20 @@ class Trainer:
             names = ", ".join(os.path.basename(p) for p in checkpoints.set_aside)
             where = os.path.join(os.path.dirname(checkpoints.set_aside[0]), SKIPPED_DIR)
             self.log(f"{stage}: moved the checkpoints newer than step {step} ({names}) to {where}, kept")
-        last_validated = checkpoints.best["step"] if checkpoints.best else -1
+        return step
+
+    def _train_steps(
+        self,
+        task: StageTask,
+        checkpoints: StageCheckpoints,
+        stop: StopSignals,
+        step: int,
+        wait: InputWait,
+        last_validated: int,
+    ) -> tuple[int, float, int]:
+        """The step loop from `step` to the stage's last: logs, checkpoints and validates on the
+        training config's cadence. Returns (step, smoothed loss, last validated step)."""
+        t, stage = self.config.training, task.stage
         bar = tqdm(
             total=task.num_steps,
             initial=step,
@@ -341,23 +321,18 @@ class Trainer:
             dynamic_ncols=True,
             mininterval=1.0,
         )
+        iterator = self.train_iterator(task, checkpoints.stream_seed())
+        train_step = self.distributed_train_step(task, checkpoints.step)
         loss_avg, tick, tick_step = None, time.perf_counter(), step
-        if step < task.num_steps:
-            iterator = self.train_iterator(task, checkpoints.stream_seed())
-            train_step = self.distributed_train_step(task, checkpoints.step)
         while step < task.num_steps:
-            sums, stopping = train_step(iterator, tf.constant(float(stop.signum is not None)))
+            batch = wait.next(iterator)
+            sums, stopping = train_step(batch, tf.constant(float(stop.signum is not None)))
+            sums, stopping = [float(x) for x in sums.numpy()], float(stopping)
+            wait.step_done()
             step += 1
-            sums = [float(x) for x in sums.numpy()]
-            if not math.isfinite(sums[-1]):
-                # Before any save of this step: the latest checkpoint stays the last good one. Under
-                # mixed precision too: loss scaling skips overflowing gradients, not a lost forward.
-                raise FloatingPointError(
-                    f"{stage}: the loss is {sums[-1]} at step {step}; stopped without saving it. "
-                    f"The last good checkpoint: {checkpoints.latest or 'none yet'}"
-                )
+            _check_finite(stage, step, sums[-1], checkpoints)
             loss_avg = sums[-1] if loss_avg is None else 0.9 * loss_avg + 0.1 * sums[-1]
-            if float(stopping) > 0:
+            if stopping > 0:
                 checkpoints.save(step)
                 bar.close()
                 raise TrainingInterrupted(stage, step, stop.signum or signal.SIGTERM)
@@ -365,8 +340,12 @@ class Trainer:
                 now = time.perf_counter()
                 patches_s = (step - tick_step) / max(now - tick, 1e-9) * t.batch_size
                 tick, tick_step = now, step
+                waited = wait.interval_share()
                 bar.set_postfix(loss=f"{loss_avg:.4f}", patches_s=f"{patches_s:.1f}", refresh=False)
-                _write_train_summaries(self.writers(stage)["train"], step, sums, task.learning_rate(), patches_s)
+                summaries = {"learning_rate": task.learning_rate(), "patches_per_second": patches_s}
+                if waited is not None:
+                    summaries["input_wait_fraction"] = waited
+                write_train_summaries(self.writers(stage)["train"], step, sums, summaries)
             bar.update(1)
             if step % t.checkpoint_every == 0:
                 checkpoints.save(step)
@@ -374,13 +353,7 @@ class Trainer:
                 self._validate_and_log(task, checkpoints, step)
                 last_validated = step
         bar.close()
-        checkpoints.save(step)
-        if last_validated != step:
-            self._validate_and_log(task, checkpoints, step)
-        self._stop_if_signalled(stop, stage, checkpoints, step)
-        checkpoints.restore_best()
-        best = checkpoints.best
-        return {"step": step, "train_loss": loss_avg, "best_step": best["step"], **best["metrics"]}
+        return step, loss_avg, last_validated
 
     def _validate_and_log(self, task: StageTask, checkpoints: StageCheckpoints, step: int) -> None:
         metrics, shown = task.validation_step(IMAGES_TO_LOG)
@@ -390,7 +363,7 @@ class Trainer:
                 tf.summary.scalar(k, v)
             tf.summary.image(
                 "masks",
-                _mask_panels(shown, self.config.model.context, self.config.model.patch_size),
+                mask_panels(shown, self.config.model.context, self.config.model.patch_size),
                 max_outputs=IMAGES_TO_LOG,
             )
         self.log(f"{task.stage} step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
@@ -469,8 +442,9 @@ def train(
         log: receives one-line messages (validation results, resumption).
 
     Returns:
-        The contents of metrics.json: per stage its step, smoothed training loss, best step and
-        validation metrics; with stage 2, also `deepmask_mean_iou` and `sharpmask_mean_iou` on the
+        The contents of metrics.json: per stage its step, smoothed training loss, share of step
+        time spent waiting for input (`input_wait_fraction`, None if this run made fewer than
+        two steps of the stage), best step and validation metrics; with stage 2, also `deepmask_mean_iou` and `sharpmask_mean_iou` on the
         same stage-2 validation patches.
 
     Raises:

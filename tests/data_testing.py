@@ -226,3 +226,22 @@ def photograph_dataset(root, num_images=2, seed=0):
     path = os.path.join(root, "instances.json")
     write_json(path, images, anns)
     return path, image_dir
+
+
+def truncated_image_dataset(root) -> tuple[str, str]:
+    """Two images of one disc each, good.jpg (id 1) and cut.jpg (id 2) cut to a third of its
+    bytes; returns (annotation file, image folder)."""
+    image_dir = os.path.join(root, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    mask = disc_mask(50, 50, 20)
+    for name in ("good.jpg", "cut.jpg"):
+        write_image(os.path.join(image_dir, name), objects=((mask, (0, 0, 255)),))
+    cut = os.path.join(image_dir, "cut.jpg")
+    with open(cut, "rb") as f:
+        data = f.read()
+    with open(cut, "wb") as f:
+        f.write(data[: len(data) // 3])
+    path = os.path.join(root, "instances.json")
+    anns = [annotation(i, i, compressed_rle(mask), [30, 30, 40, 40]) for i in (1, 2)]
+    write_json(path, [image_record(1, "good.jpg"), image_record(2, "cut.jpg")], anns)
+    return path, image_dir

@@ -9,6 +9,7 @@ from data_testing import (
     disc_mask,
     image_record,
     malformed_dataset,
+    truncated_image_dataset,
     write_image,
     write_json,
 )
@@ -191,6 +192,11 @@ def test_several_patches_per_image(crowded):
         assert np.abs(batch["images"] - images).mean(axis=(1, 2, 3)).max() < 2 / 255
     with pytest.raises(ValueError, match="multiple of patches_per_image"):
         make_dataset(config, batch_size=6, patches_per_image=4)
+    # data.patches_per_image is the default.
+    configured = take(make_dataset(config_for(*crowded, "data.patches_per_image=4"), stage=2, seed=1), 3)
+    for batch, expected in zip(configured, batches):
+        for key in batch:
+            np.testing.assert_array_equal(batch[key], expected[key])
 
 
 def test_changed_annotation_file_is_not_served_from_a_stale_cache(tmp_path):
@@ -211,16 +217,7 @@ def test_changed_annotation_file_is_not_served_from_a_stale_cache(tmp_path):
 
 
 def test_undecodable_image_is_redrawn_or_raises_in_the_pipeline(tmp_path):
-    image_dir = tmp_path / "images"
-    image_dir.mkdir()
-    mask = disc_mask(50, 50, 20)
-    for name in ("good.jpg", "cut.jpg"):
-        write_image(str(image_dir / name), objects=((mask, (0, 0, 255)),))
-    data = (image_dir / "cut.jpg").read_bytes()
-    (image_dir / "cut.jpg").write_bytes(data[: len(data) // 3])
-    path = str(tmp_path / "instances.json")
-    anns = [annotation(i, i, compressed_rle(mask), [30, 30, 40, 40]) for i in (1, 2)]
-    write_json(path, [image_record(1, "good.jpg"), image_record(2, "cut.jpg")], anns)
+    path, image_dir = truncated_image_dataset(str(tmp_path))
     config = config_for(path, str(image_dir))
     batches = take(make_dataset(config, batch_size=8), 4)
     assert len(batches) == 4 and all(np.isfinite(b["images"]).all() for b in batches)

@@ -5,14 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from data_testing import (
-    annotation,
-    compressed_rle,
     crowded_dataset,
-    disc_mask,
-    image_record,
     photograph_dataset,
-    write_image,
-    write_json,
+    truncated_image_dataset,
 )
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -141,16 +136,7 @@ def test_png_images_are_cut_like_jpegs(tmp_path):
 
 
 def test_undecodable_images_are_redrawn_or_raise(tmp_path):
-    image_dir = tmp_path / "images"
-    image_dir.mkdir()
-    mask = disc_mask(50, 50, 20)
-    for name in ("good.jpg", "cut.jpg"):
-        write_image(str(image_dir / name), objects=((mask, (0, 0, 255)),))
-    data = (image_dir / "cut.jpg").read_bytes()
-    (image_dir / "cut.jpg").write_bytes(data[: len(data) // 3])
-    path = str(tmp_path / "instances.json")
-    anns = [annotation(i, i, compressed_rle(mask), [30, 30, 40, 40]) for i in (1, 2)]
-    write_json(path, [image_record(1, "good.jpg"), image_record(2, "cut.jpg")], anns)
+    path, image_dir = truncated_image_dataset(str(tmp_path))
     planner = planner_for(path, str(image_dir))
     windows = planner.sampler.draw_windows(np.random.default_rng(0), "mask", 20, 1, planner.usable)
     assert {w.image_id for w in windows} == {1} and planner.sampler.skipped["undecodable image"] > 0

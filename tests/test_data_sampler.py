@@ -8,6 +8,7 @@ from data_testing import (
     disc_mask,
     exact_dataset,
     image_record,
+    truncated_image_dataset,
     write_image,
     write_json,
 )
@@ -23,23 +24,22 @@ def sampler_for(config, stage=1):
     return PatchSampler.from_config(CocoDataset(d.train_annotations, d.train_images), config, stage)
 
 
-def test_positives_and_negatives_obey_the_spec_bounds_over_1000_samples(tmp_path):
+def _spec_config(tmp_path):
     path, image_dir = crowded_dataset(str(tmp_path))
     config = get_config(
         "sharpmask_resnet50",
         [f"data.train_annotations={path}", f"data.train_images={image_dir}", "data.min_area=20"],
     )
-    sampler = sampler_for(config)
     assert config.data.shift_jitter == 16 and config.model.input_size == 192
-    coco = COCO(path)
+    return config, COCO(path)
+
+
+def _assert_spec_bounds(config, coco, mask_windows, score_windows):
+    """SPEC section 3's rules over windows of 500 mask and 1000 score samples."""
     canonical = config.data.object_fraction * config.model.patch_size
-    rng = np.random.default_rng(0)
-    _, mask_windows = sampler.sample_batch(rng, "mask", 500)
-    batch, score_windows = sampler.sample_batch(rng, "score", 1000)
     positives = mask_windows + [w for w in score_windows if w.annotation_id is not None]
     negatives = [w for w in score_windows if w.annotation_id is None]
     assert 400 < len(negatives) < 600
-    np.testing.assert_array_equal(batch["scores"][:, 0] > 0, [w.annotation_id is not None for w in score_windows])
     for w in positives:
         ann = coco.anns[w.annotation_id]
         assert not ann["iscrowd"]
@@ -60,6 +60,32 @@ def test_positives_and_negatives_obey_the_spec_bounds_over_1000_samples(tmp_path
             octaves = abs(np.log2(max(bw, bh) * w.scale / canonical))
             near += offset < 32 and octaves < 1
     assert near == 0
+
+
+def test_positives_and_negatives_obey_the_spec_bounds_over_1000_samples(tmp_path):
+    config, coco = _spec_config(tmp_path)
+    sampler = sampler_for(config)
+    rng = np.random.default_rng(0)
+    _, mask_windows = sampler.sample_batch(rng, "mask", 500)
+    batch, score_windows = sampler.sample_batch(rng, "score", 1000)
+    np.testing.assert_array_equal(batch["scores"][:, 0] > 0, [w.annotation_id is not None for w in score_windows])
+    _assert_spec_bounds(config, coco, mask_windows, score_windows)
+
+
+@pytest.mark.parametrize("patches_per_image", [1, 4])
+def test_the_pipelines_windows_obey_the_spec_bounds(tmp_path, patches_per_image):
+    """`draw_windows`, which `make_dataset` cuts, by the same rules, one or several per image."""
+    config, coco = _spec_config(tmp_path)
+    sampler = sampler_for(config)
+    rng = np.random.default_rng(0)
+    mask_windows = sampler.draw_windows(rng, "mask", 500, patches_per_image)
+    score_windows = sampler.draw_windows(rng, "score", 1000, patches_per_image)
+    groups = [score_windows[i : i + patches_per_image] for i in range(0, 1000, patches_per_image)]
+    for group in groups + [mask_windows[i : i + patches_per_image] for i in range(0, 500, patches_per_image)]:
+        assert len({w.image_id for w in group}) == 1
+    for group in groups:
+        assert len({w.annotation_id is None for w in group}) == 1  # one sign per group
+    _assert_spec_bounds(config, coco, mask_windows, score_windows)
 
 
 def test_negative_check_compares_positions_at_the_window_scale():
@@ -173,19 +199,7 @@ def test_no_sampleable_object_is_an_error_not_a_hang(tmp_path):
 
 
 def test_undecodable_image_is_skipped_or_raised(tmp_path):
-    image_dir = tmp_path / "images"
-    image_dir.mkdir()
-    mask = disc_mask(50, 50, 20)
-    for name in ("good.jpg", "truncated.jpg"):
-        write_image(str(image_dir / name), objects=((mask, (0, 0, 255)),))
-    data = (image_dir / "truncated.jpg").read_bytes()
-    (image_dir / "truncated.jpg").write_bytes(data[: len(data) // 3])
-    path = str(tmp_path / "instances.json")
-    anns = [
-        annotation(1, 1, compressed_rle(mask), [30, 30, 40, 40]),
-        annotation(2, 2, compressed_rle(mask), [30, 30, 40, 40]),
-    ]
-    write_json(path, [image_record(1, "good.jpg"), image_record(2, "truncated.jpg")], anns)
+    path, image_dir = truncated_image_dataset(str(tmp_path))
     sampler = sampler_for(config_for(path, str(image_dir)))
     _, windows = sampler.sample_batch(np.random.default_rng(0), "mask", 20)
     assert {w.image_id for w in windows} == {1} and sampler.skipped["undecodable image"] > 0

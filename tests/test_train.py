@@ -11,8 +11,10 @@ import tensorflow as tf
 import test_train_fakes as fakes
 from strategies import two_cpus
 
+from sharpmask_tf import summaries
+from sharpmask_tf.stop_signals import StopSignals
 from sharpmask_tf.task import stage_model
-from sharpmask_tf.trainer import Trainer, TrainingInterrupted, _StopSignals, train
+from sharpmask_tf.trainer import Trainer, TrainingInterrupted, train
 
 DATA = fakes.DATA
 
@@ -100,7 +102,7 @@ def test_stop_signal_checkpoints_current_step(tmp_path):
         _tiny("training.stage1_steps=50"), str(tmp_path), tf.distribute.get_strategy(), progress=False, **DATA
     )
     task = trainer.build_task("deepmask")
-    stop = _StopSignals()
+    stop = StopSignals()
     stop.signum = 15  # as if SIGTERM arrived during the first step
     with pytest.raises(TrainingInterrupted) as info:
         trainer.fit_stage(task, trainer.stage_checkpoints(task), stop)
@@ -220,3 +222,51 @@ def test_every_global_batch_is_one_kind_on_two_replicas(tmp_path):
         assert len(per_replica) == 1, per_replica
         kinds.append(per_replica.pop())
     assert set(kinds) == {(0.0, 0.0), (1.0, 1.0)}
+
+
+def test_input_wait_share_is_in_metrics_json_and_tensorboard(tmp_path):
+    # One log point per stage (its last step), so TensorBoard's share covers the same steps as
+    # metrics.json's: every step but the first.
+    metrics = train(_tiny("training.log_every=100"), str(tmp_path), progress=False, **DATA)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for stage in ("deepmask", "sharpmask"):
+        share = saved[stage]["input_wait_fraction"]
+        assert share == metrics[stage]["input_wait_fraction"]
+        assert 0.0 <= share <= 1.0
+        logged = _event_scalars(tmp_path / "logs" / stage / "train", "input_wait_fraction")
+        assert logged == [pytest.approx(share, rel=1e-6)]
+
+
+class _FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_input_wait_counts_time_in_next_over_whole_steps_after_the_first(monkeypatch):
+    clock = _FakeClock()
+    monkeypatch.setattr(summaries.time, "perf_counter", clock)
+
+    def batches(waits):
+        for w in waits:
+            clock.now += w
+            yield w
+
+    wait = summaries.InputWait()
+    iterator = batches([10.0, 3.0, 1.0, 0.0])
+    assert wait.share() is None
+    for compute in (5.0, 1.0, 3.0):
+        wait.next(iterator)
+        clock.now += compute
+        wait.step_done()
+    # The first step (10 s waiting, 5 s computing) is left out: (3 + 1) / (3 + 1 + 1 + 3).
+    assert wait.share() == pytest.approx(0.5)
+    assert wait.interval_share() == pytest.approx(0.5)
+    assert wait.interval_share() is None
+    wait.next(iterator)
+    clock.now += 2.0
+    wait.step_done()
+    assert wait.interval_share() == pytest.approx(0.0)
+    assert wait.share() == pytest.approx(4 / 10)

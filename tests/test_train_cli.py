@@ -227,7 +227,7 @@ def _run_blocked_and_signal(tmp_path, args, block_at, call, signum, timeout=240)
     "block_at, call, signum, step, written, absent",
     [
         # In the step loop (step 2's summaries): step 3 runs, is saved, and the run stops.
-        ("sharpmask_tf.trainer:_write_train_summaries", 2, signal.SIGINT, 3, [], ["deepmask.keras"]),
+        ("sharpmask_tf.trainer:write_train_summaries", 2, signal.SIGINT, 3, [], ["deepmask.keras"]),
         # During stage 1's last validation: no stage-1 export, no stage 2.
         ("sharpmask_tf.task:StageTask.validation_step", 1, signal.SIGTERM, 4, [], ["deepmask.keras", "sharpmask"]),
         # Between the stages (stage 1's export): stage 2 never starts.

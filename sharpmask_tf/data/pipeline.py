@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -130,6 +132,60 @@ def _render(groups: tf.data.Dataset, planner: PatchPlanner, parallel: int) -> tf
     return groups.map(to_patches, num_parallel_calls=parallel, deterministic=True).unbatch()
 
 
+class _Share(NamedTuple):
+    """An input pipeline's part of the global batches."""
+
+    pipeline: int  # this pipeline's id
+    pipelines: int  # input pipelines in all
+    batch: int  # the batch this pipeline makes (a replica's)
+    local_replicas: int  # replicas this pipeline feeds, in turn
+
+
+def _share(global_batch: int, input_context: tf.distribute.InputContext | None, patches_per_image: int) -> _Share:
+    if global_batch < 1:
+        raise ValueError(f"batch_size must be positive. Received: batch_size={global_batch!r}")
+    share = _Share(0, 1, global_batch, 1)
+    if input_context is not None:
+        pipelines = input_context.num_input_pipelines
+        share = _Share(
+            input_context.input_pipeline_id,
+            pipelines,
+            input_context.get_per_replica_batch_size(global_batch),
+            input_context.num_replicas_in_sync // pipelines,
+        )
+    if patches_per_image < 1 or share.batch % patches_per_image:
+        raise ValueError(
+            "The batch must be a positive multiple of patches_per_image. "
+            f"Received: batch={share.batch!r}, patches_per_image={patches_per_image!r}"
+        )
+    return share
+
+
+def _plans(
+    planner: PatchPlanner, share: _Share, seed: int, stage: int, score_frequency: float, k: int
+) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+    """The map from a batch index to its rendering plan (`_draw`), as a tf.data function."""
+
+    def draw(index: np.ndarray) -> list[np.ndarray]:
+        rng = np.random.default_rng([seed, _TRAIN_STREAM, share.pipeline, stage, int(index)])
+        # The kind is drawn per global step, the same on every replica: a pipeline hands its
+        # batches to its local replicas in turn, so batch `index` belongs to step index // replicas.
+        step = int(index) // share.local_replicas
+        coin = np.random.default_rng([seed, _KIND_STREAM, stage, step]).random()
+        plan = _draw(planner, rng, "score" if coin < score_frequency else "mask", share.batch, k)
+        return [plan[key] for key in _PLAN_SHAPES]
+
+    label = planner.sampler.label_size
+    shapes = {key: (share.batch // k, *shape(k, label)) for key, shape in _PLAN_SHAPES.items()}
+    types = [_PLAN_TYPES.get(key, tf.float32) for key in _PLAN_SHAPES]
+
+    def to_plan(index: tf.Tensor) -> dict[str, tf.Tensor]:
+        tensors = tf.numpy_function(draw, [index], types, stateful=False)
+        return {key: tf.ensure_shape(t, shapes[key]) for key, t in zip(_PLAN_SHAPES, tensors)}
+
+    return to_plan
+
+
 def make_dataset(
     config: Config,
     split: str = "train",
@@ -138,7 +194,7 @@ def make_dataset(
     input_context: tf.distribute.InputContext | None = None,
     seed: int | None = None,
     repeat: bool = True,
-    patches_per_image: int = 1,
+    patches_per_image: int | None = None,
 ) -> tf.data.Dataset:
     """Batches of training patches, sampled fresh for every batch (SPEC.md section 3).
 
@@ -148,11 +204,8 @@ def make_dataset(
     every pipeline's stream is distinct.
     The windows are drawn in Python (`PatchSampler.draw_windows`, cheap); the patches are decoded,
     cut and labelled by TensorFlow ops (`render.render_group`), `data.num_parallel_calls` images
-    at a time on every core, and prefetched.
-
-    The time a training step waits for its input is the time `next()` on this dataset's iterator
-    blocks: with the stream ahead of the step it is near zero, and it grows when the step outruns
-    the pipeline.
+    at a time on every core, and prefetched. The trainer records how long its steps wait for
+    this stream (`summaries.InputWait`).
 
     Args:
         config: the configuration.
@@ -167,8 +220,9 @@ def make_dataset(
         repeat: True for an endless stream; False for one epoch of about as many patches as the
             split has sampleable objects, split across input pipelines (at least one batch each).
         patches_per_image: windows cut from each decoded image (see `PatchSampler.draw_windows`:
-            each window's distribution is unchanged, windows of one image are dependent); 1 is the
-            paper's sampling. The (per-replica) batch must be a multiple of it.
+            each window's distribution is unchanged, windows of one image are dependent); None is
+            `data.patches_per_image`, 1 the paper's sampling. The (per-replica) batch must be a
+            multiple of it.
 
     Returns:
         A dataset of dicts: `images` (B, S, S, 3) float32 RGB in [0, 1] with S = model.input_size;
@@ -180,57 +234,19 @@ def make_dataset(
         DatasetError: for a missing or malformed dataset.
     """
     planner = _planner(load_packed_split(config, split), config.data, config.model, config.inference, stage)
-    sampler = planner.sampler
-    global_batch = config.training.batch_size if batch_size is None else batch_size
-    if global_batch < 1:
-        raise ValueError(f"batch_size must be positive. Received: batch_size={batch_size!r}")
-    pipeline, pipelines, batch, local_replicas = 0, 1, global_batch, 1
-    if input_context is not None:
-        pipeline, pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
-        batch = input_context.get_per_replica_batch_size(global_batch)
-        local_replicas = input_context.num_replicas_in_sync // pipelines
-    if patches_per_image < 1 or batch % patches_per_image:
-        raise ValueError(
-            "The batch must be a positive multiple of patches_per_image. "
-            f"Received: batch={batch!r}, patches_per_image={patches_per_image!r}"
-        )
+    k = config.data.patches_per_image if patches_per_image is None else patches_per_image
+    share = _share(config.training.batch_size if batch_size is None else batch_size, input_context, k)
     seed = config.data.seed if seed is None else seed
-    score_frequency = config.data.score_frequency if stage == 1 else 0.0
-    k = patches_per_image
-
-    def draw(index: np.ndarray) -> list[np.ndarray]:
-        rng = np.random.default_rng([seed, _TRAIN_STREAM, pipeline, stage, int(index)])
-        # The kind is drawn per global step, the same on every replica: a pipeline hands its
-        # batches to its local replicas in turn, so batch `index` belongs to step index // replicas.
-        step = int(index) // local_replicas
-        kind = (
-            "score" if np.random.default_rng([seed, _KIND_STREAM, stage, step]).random() < score_frequency else "mask"
-        )
-        plan = _draw(planner, rng, kind, batch, k)
-        return [plan[key] for key in _PLAN_SHAPES]
-
-    label = sampler.label_size
-    shapes = {key: (batch // k, *shape(k, label)) for key, shape in _PLAN_SHAPES.items()}
-    types = [_PLAN_TYPES.get(key, tf.float32) for key in _PLAN_SHAPES]
-
-    def to_plan(index: tf.Tensor) -> dict[str, tf.Tensor]:
-        tensors = tf.numpy_function(draw, [index], types, stateful=False)
-        return {key: tf.ensure_shape(t, shapes[key]) for key, t in zip(_PLAN_SHAPES, tensors)}
-
+    to_plan = _plans(planner, share, seed, stage, config.data.score_frequency if stage == 1 else 0.0, k)
     parallel = tf.data.AUTOTUNE if config.data.num_parallel_calls == -1 else config.data.num_parallel_calls
     if repeat:
-        count = tf.data.INFINITE_CARDINALITY
-        indices = tf.data.Dataset.counter()
+        count, indices = tf.data.INFINITE_CARDINALITY, tf.data.Dataset.counter()
     else:
-        count = max(1, len(sampler.positives) // (batch * pipelines))
+        count = max(1, len(planner.sampler.positives) // (share.batch * share.pipelines))
         indices = tf.data.Dataset.range(count)
     groups = indices.map(to_plan, num_parallel_calls=parallel, deterministic=True).unbatch()
-    dataset = (
-        _render(groups, planner, parallel)
-        .batch(batch, drop_remainder=True)
-        .apply(tf.data.experimental.assert_cardinality(count))
-    )
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    dataset = _render(groups, planner, parallel).batch(share.batch, drop_remainder=True)
+    return dataset.apply(tf.data.experimental.assert_cardinality(count)).prefetch(tf.data.AUTOTUNE)
 
 
 def make_validation_patches(config: Config, num_patches: int, stage: int, seed: int) -> dict[str, np.ndarray]:

@@ -105,15 +105,36 @@ class PatchPlanner:
             samples, -1 outside the image (or every one, for a patch without a mask label);
             `rle` (G, K) bytes compressed RLE counts of the positive's mask ("" without a label).
         """
-        s, split, k = self.sampler, self.sampler.dataset, patches_per_image
-        size, label, groups = s.input_size, s.label_size, len(windows) // patches_per_image
+        k, groups = patches_per_image, len(windows) // patches_per_image
         cx = np.array([w.center_x for w in windows])
         cy = np.array([w.center_y for w in windows])
         scale = np.array([w.scale for w in windows])
         flip = np.array([w.flip for w in windows])
-        index = np.array([split.image_index(w.image_id) for w in windows[::k]], np.int64)
+        index = np.array([self.sampler.dataset.image_index(w.image_id) for w in windows[::k]], np.int64)
+        plan = self._image_plan(index, cx, cy, scale, flip, k)
+        labelled = np.array([with_labels and w.annotation_id is not None for w in windows])
+        rows, cols = self._label_grids(index, cx, cy, scale, flip, labelled, k)
+        split, label = self.sampler.dataset, self.sampler.label_size
+        rles = np.array(
+            [
+                split.annotation_rle(split.annotation_row(w.annotation_id))["counts"] if has else b""
+                for w, has in zip(windows, labelled)
+            ],
+            object,
+        )
+        plan["label_rows"] = rows.reshape(groups, k, label)
+        plan["label_cols"] = cols.reshape(groups, k, label)
+        plan["rle"] = rles.reshape(groups, k)
+        return plan
+
+    def _image_plan(
+        self, index: np.ndarray, cx: np.ndarray, cy: np.ndarray, scale: np.ndarray, flip: np.ndarray, k: int
+    ) -> dict[str, np.ndarray]:
+        """`plan`'s `image`, `decoder`, `crop`, `height`, `boxes` and `inside` of groups of k
+        windows (centres, scales and flips per window, image indices per group)."""
+        s, size, groups = self.sampler, self.sampler.input_size, len(index)
         is_jpeg = np.array([self._probed.get(int(i), (False, None))[0] for i in index])
-        width, height = split.sizes[index].T
+        width, height = s.dataset.sizes[index].T
         w_each, h_each = np.repeat(width, k), np.repeat(height, k)
         # Pillow's draft rule per window (jpeg_reduction); a group decodes at its finest.
         each = jpeg_reduction(w_each, h_each, scale)
@@ -143,19 +164,6 @@ class PatchPlanner:
             ],
             1,
         )
-        labelled = np.array([with_labels and w.annotation_id is not None for w in windows])
-        rows = np.floor(s.sample_grids(cy, scale, label, s.patch_size / label, s.context)).astype(np.int64)
-        cols = np.floor(s.sample_grids(cx, scale, label, s.patch_size / label, s.context)).astype(np.int64)
-        rows[(rows < 0) | (rows >= h_each[:, None]) | ~labelled[:, None]] = -1
-        cols[(cols < 0) | (cols >= w_each[:, None]) | ~labelled[:, None]] = -1
-        cols = np.where(flip[:, None], cols[:, ::-1], cols)
-        rles = np.array(
-            [
-                split.annotation_rle(split.annotation_row(w.annotation_id))["counts"] if has else b""
-                for w, has in zip(windows, labelled)
-            ],
-            object,
-        )
         return {
             "image": index.astype(np.int32),
             "decoder": np.where(is_jpeg, [JPEG_REDUCTIONS.index(r) for r in reduction], _NOT_JPEG).astype(np.int32),
@@ -163,10 +171,29 @@ class PatchPlanner:
             "height": height.astype(np.int64),
             "boxes": boxes.astype(np.float32).reshape(groups, k, 4),
             "inside": np.stack([r0, r1, c0, c1], 1).astype(np.int32).reshape(groups, k, 4),
-            "label_rows": rows.reshape(groups, k, label),
-            "label_cols": cols.reshape(groups, k, label),
-            "rle": rles.reshape(groups, k),
         }
+
+    def _label_grids(
+        self,
+        index: np.ndarray,
+        cx: np.ndarray,
+        cy: np.ndarray,
+        scale: np.ndarray,
+        flip: np.ndarray,
+        labelled: np.ndarray,
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(n, L) int64 image rows and columns of each window's label samples, -1 outside the
+        image or for a window without a label; columns in flipped order for flipped windows."""
+        s = self.sampler
+        width, height = s.dataset.sizes[index].T
+        w_each, h_each = np.repeat(width, k), np.repeat(height, k)
+        step = s.patch_size / s.label_size
+        rows = np.floor(s.sample_grids(cy, scale, s.label_size, step, s.context)).astype(np.int64)
+        cols = np.floor(s.sample_grids(cx, scale, s.label_size, step, s.context)).astype(np.int64)
+        rows[(rows < 0) | (rows >= h_each[:, None]) | ~labelled[:, None]] = -1
+        cols[(cols < 0) | (cols >= w_each[:, None]) | ~labelled[:, None]] = -1
+        return rows, np.where(flip[:, None], cols[:, ::-1], cols)
 
 
 def _span(lo: np.ndarray, hi: np.ndarray, extent: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

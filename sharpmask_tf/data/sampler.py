@@ -17,6 +17,10 @@ the central `patch_size` window. Geometry uses continuous pixel coordinates: pix
   from the window's centre on some axis, measured at the window's own scale, or the window's scale
   is at least `negative_scale` octaves from the object's canonical scale. (The reference compared
   positions at one scale only.)
+
+About 450 lines, one class: the drawing rules and the Pillow/NumPy cutting that defines the
+patches they give (the reference that `render.py` is tested against) are one definition, read
+together.
 """
 
 from __future__ import annotations
@@ -288,16 +292,7 @@ class PatchSampler:
             )
         groups = batch_size // patches_per_image
         signs = np.ones(groups, bool) if kind == "mask" else rng.random(groups) < 0.5
-        # Positive groups' first windows drawn together, negatives' one by one (by rejection).
-        drawn = iter(self._positive_windows(rng, self._positive_rows(rng, None, int(signs.sum()))))
-        firsts = [next(drawn) if positive else self._negative_window(rng) for positive in signs.tolist()]
-        for g, positive in enumerate(signs.tolist()):
-            for _ in range(MAX_ATTEMPTS):
-                if usable is None or usable(self.dataset.image_index(firsts[g].image_id)):
-                    break
-                firsts[g] = self.draw_window(rng, positive)
-            else:
-                raise self._undecodable_run()
+        firsts = self._first_windows(rng, signs, usable)
         if patches_per_image == 1:
             return firsts
         images = np.array([self.dataset.image_index(w.image_id) for w in firsts])
@@ -309,6 +304,22 @@ class PatchSampler:
             windows.append(first)
             windows.extend(next(drawn) if positive else self._negative_window(rng, index) for _ in range(rest))
         return windows
+
+    def _first_windows(
+        self, rng: np.random.Generator, signs: np.ndarray, usable: Callable[[int], bool] | None
+    ) -> list[Window]:
+        """One window per sign (True a positive) by the rules as stated, each in a usable image."""
+        # Positives drawn together, negatives one by one (by rejection).
+        drawn = iter(self._positive_windows(rng, self._positive_rows(rng, None, int(signs.sum()))))
+        firsts = [next(drawn) if positive else self._negative_window(rng) for positive in signs.tolist()]
+        for g, positive in enumerate(signs.tolist()):
+            for _ in range(MAX_ATTEMPTS):
+                if usable is None or usable(self.dataset.image_index(firsts[g].image_id)):
+                    break
+                firsts[g] = self.draw_window(rng, positive)
+            else:
+                raise self._undecodable_run()
+        return firsts
 
     def sample_grids(
         self, centers: np.ndarray, scales: np.ndarray, size: int, step: float, offset: float
