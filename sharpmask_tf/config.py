@@ -180,6 +180,10 @@ class DataConfig:
             _fail(s, "num_parallel_calls", self.num_parallel_calls, "must be -1 (AUTOTUNE) or positive")
 
 
+# The optimizers a stage can train with.
+OPTIMIZERS = ("sgd", "adam")
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """The two-stage schedule (SPEC.md section 3), in the reference's `train.lua` options.
@@ -198,7 +202,8 @@ class TrainingConfig:
     learning_rate: float = 1e-3  # updateScheduler's first regime (lr=0 selects the schedule)
     lr_decay_rates: tuple[float, ...] = (5e-4, 1e-4)  # its later regimes: 1e-3 -> 5e-4 -> 1e-4 ...
     lr_decay_epochs: tuple[float, ...] = (50, 120)  # ... after these epochs (regimes 1-50, 51-120, 121-)
-    momentum: float = 0.9  # momentum (stage 1)
+    optimizer: str = "sgd"  # "sgd": the reference's optim.sgd (momentum in stage 1); "adam": Adam in both stages
+    momentum: float = 0.9  # momentum (stage 1, SGD)
     weight_decay: float = 5e-4  # wd: L2 decay joining the gradient before momentum (stage 1)
     score_weight: float = 1 / 32  # the paper's lambda; the reference's 1/batch of a batch mean
     stage2_learning_rate: float = 1e-3  # TrainerSharpMask's first regime; plain SGD, refinement only
@@ -236,6 +241,8 @@ class TrainingConfig:
                 _fail(s, rates, getattr(self, rates), "must be positive")
             object.__setattr__(self, rates, tuple(float(r) for r in getattr(self, rates)))
             object.__setattr__(self, epochs, tuple(float(e) for e in getattr(self, epochs)))
+        if self.optimizer not in OPTIMIZERS:
+            _fail(s, "optimizer", self.optimizer, f"must be one of {OPTIMIZERS}")
         if not 0 <= self.momentum < 1:
             _fail(s, "momentum", self.momentum, "must be in [0, 1)")
         if self.weight_decay < 0 or self.score_weight < 0:
