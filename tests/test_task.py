@@ -41,7 +41,14 @@ def test_only_refinement_weights_get_gradients():
 
 def test_learning_rate_schedule_steps_down_after_reference_epochs():
     config = get_config(
-        "small", ["training.stage1_steps=100", "training.epoch_steps=1", "training.lr_decay_epochs=[50,80]"]
+        "small",
+        [
+            "training.stage1_steps=100",
+            "training.epoch_steps=1",
+            "training.lr_decay_epochs=[50,80]",
+            "training.stage2_lr_decay_rates=[]",
+            "training.stage2_lr_decay_epochs=[]",
+        ],
     )
     lr = learning_rate_schedule(config, "deepmask")
     t = config.training
