@@ -461,7 +461,8 @@ def _small() -> Config:
             # 0.16 after 500, 0.23 after 1000), 84% after 2000; at 3e-4 it learned more slowly
             # (77% / 0.28). Rates 1e-3 -> 3e-4 -> 1e-4 after 70% and 90% of stage 1 (epochs of
             # 100 steps); stage 2 1e-3 -> 3e-4 after 2500 of its 3000 steps, where its patch IoU
-            # still climbs (0.42 at 500 steps, 0.47 at 1000).
+            # still climbs (0.42 at 500 steps, 0.47 at 1000). The whole demo: score accuracy 87%,
+            # patch IoU 0.33 coarse / 0.53 refined, SharpMask segm AR@100 19.2 (SGD: 2.9).
             optimizer="adam",
             batch_size=16,
             epoch_steps=100,
