@@ -5,7 +5,8 @@ Stage 1 ("deepmask") trains DeepMask's trunk and head C on the joint mask + scor
 momentum and L2 weight decay under the reference's step schedule. Stage 2 ("sharpmask") builds
 SharpMask, copies stage 1's best weights in and trains only the refinement (horizontal nets S1..S4
 and the vertical path M1, R1..R4) with plain SGD; the trunk and head C run outside the gradient
-tape, so the backward pass never enters them.
+tape, so the backward pass never enters them. `training.optimizer="adam"` trains both stages with
+Adam instead (the small preset's choice: `build_optimizer`).
 
 A task never touches checkpoints, summaries or signals: `sharpmask_tf.trainer` drives it.
 """
@@ -63,6 +64,20 @@ def learning_rate_schedule(config: Config, stage: str) -> keras.optimizers.sched
     for i in range(1, len(boundaries)):
         boundaries[i] = max(boundaries[i], boundaries[i - 1] + 1)
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, [first, *rates])
+
+
+def build_optimizer(config: Config, stage: str) -> keras.optimizers.Optimizer:
+    """The stage's optimizer under `learning_rate_schedule`: with `training.optimizer="sgd"` the
+    reference's SGD (momentum in stage 1, plain in stage 2), with "adam" Adam in both stages.
+
+    Raises:
+        ValueError: for an unknown stage.
+    """
+    schedule = learning_rate_schedule(config, stage)
+    t = config.training
+    if t.optimizer == "adam":
+        return keras.optimizers.Adam(schedule)
+    return keras.optimizers.SGD(schedule, momentum=t.momentum if stage == "deepmask" else 0.0)
 
 
 def agree_on_finite(grads: list[tf.Tensor | None]) -> list[tf.Tensor | None]:
@@ -151,12 +166,11 @@ class StageTask:
             copy_weights(init_from, self.model)
         if stage == "deepmask":
             self._frozen, self._trained = None, self.model
-            optimizer = keras.optimizers.SGD(learning_rate_schedule(config, stage), momentum=t.momentum)
             self._weight_decay = t.weight_decay
         else:
             self._frozen, self._trained = refinement_split(self.model)
-            optimizer = keras.optimizers.SGD(learning_rate_schedule(config, stage))
             self._weight_decay = 0.0
+        optimizer = build_optimizer(config, stage)
         if t.mixed_precision:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         self.optimizer = optimizer

@@ -1,6 +1,7 @@
 """The per-stage task: the stage-2 trainable split, the schedule, the stage-number boundary to the
 data module, the replica train step and the validation step."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,7 +13,7 @@ from sharpmask_tf.deepmask import dtype_policy_scope
 from sharpmask_tf.evaluation import evaluate_patches
 from sharpmask_tf.losses import joint_loss
 from sharpmask_tf.sharpmask import refinement_split
-from sharpmask_tf.task import StageTask, agree_on_finite, learning_rate_schedule, stage_model
+from sharpmask_tf.task import STAGES, StageTask, agree_on_finite, learning_rate_schedule, stage_model
 
 TINY = ["training.batch_size=4", "training.val_patches=8"]
 DATA = dict(make_dataset=fakes.make_dataset, make_validation_patches=fakes.make_validation_patches)
@@ -40,7 +41,14 @@ def test_only_refinement_weights_get_gradients():
 
 def test_learning_rate_schedule_steps_down_after_reference_epochs():
     config = get_config(
-        "small", ["training.stage1_steps=100", "training.epoch_steps=1", "training.lr_decay_epochs=[50,80]"]
+        "small",
+        [
+            "training.stage1_steps=100",
+            "training.epoch_steps=1",
+            "training.lr_decay_epochs=[50,80]",
+            "training.stage2_lr_decay_rates=[]",
+            "training.stage2_lr_decay_epochs=[]",
+        ],
     )
     lr = learning_rate_schedule(config, "deepmask")
     t = config.training
@@ -147,12 +155,26 @@ def test_resnet50_presets_train_on_the_reference_schedule(preset):
 
 
 def test_stage2_is_plain_sgd_on_its_schedule():
-    config = _tiny("training.stage2_lr_decay_rates=[0.0005]", "training.stage2_lr_decay_epochs=[1]")
+    config = _tiny(
+        "training.optimizer=sgd", "training.stage2_lr_decay_rates=[0.0005]", "training.stage2_lr_decay_epochs=[1]"
+    )
     task = StageTask(config, "sharpmask", **DATA)
     assert task.optimizer.momentum == 0
     assert task.learning_rate() == pytest.approx(config.training.stage2_learning_rate)
     task.optimizer.iterations.assign(config.training.epoch_steps)
     assert task.learning_rate() == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_adam_trains_either_stage_on_its_schedule(stage):
+    config = _tiny("training.optimizer=adam", "training.lr_decay_rates=[0.0005]", "training.lr_decay_epochs=[1]")
+    task = StageTask(config, stage, **DATA)
+    assert isinstance(task.optimizer, keras.optimizers.Adam)
+    first = config.training.learning_rate if stage == "deepmask" else config.training.stage2_learning_rate
+    assert task.learning_rate() == pytest.approx(first)
+    if stage == "deepmask":
+        task.optimizer.iterations.assign(config.training.epoch_steps)
+        assert task.learning_rate() == pytest.approx(5e-4)
 
 
 def _known_patches(config, n):
@@ -183,6 +205,7 @@ def test_train_step_takes_the_reference_step_for_the_global_batch(replicas):
     config = _tiny(
         "model.dropout=0.0",
         "data.label_size=32",
+        "training.optimizer=sgd",
         "training.momentum=0.0",
         "training.weight_decay=0.0",
         "training.learning_rate=0.5",
