@@ -12,6 +12,7 @@ import test_train_fakes as fakes
 from strategies import two_cpus
 
 from sharpmask_tf import summaries
+from sharpmask_tf.config import get_config
 from sharpmask_tf.stop_signals import StopSignals
 from sharpmask_tf.task import stage_model
 from sharpmask_tf.trainer import Trainer, TrainingInterrupted, train
