@@ -81,3 +81,17 @@ class PortDeepMask(nn.Module):
     def forward(self, x):
         feat = self.crop_trick(self.trunk(x))
         return self.maskBranch(feat), self.scoreBranch(feat)
+
+
+def random_port(seed: int = 0) -> PortDeepMask:
+    """A port DeepMask in eval mode with random weights and random BatchNorm statistics and
+    affines (fresh BatchNorms are the identity, which would hide a misplaced one)."""
+    torch.manual_seed(seed)
+    model = PortDeepMask()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.2)
+    return model.eval()

@@ -264,17 +264,9 @@ def test_the_resnet50_t7_trunk_converts_for_training(tmp_path):
 
 def test_the_pytorch_port_deepmask_converts(tmp_path):
     torch = pytest.importorskip("torch", reason="the port's files are read with torch")
-    from pytorch_port import PortDeepMask
+    from pytorch_port import random_port
 
-    torch.manual_seed(0)
-    port = PortDeepMask()
-    for m in port.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_(1.0, 0.2)
-            m.bias.data.normal_(0, 0.2)
-    port.eval()
+    port = random_port()
     state = {f"module.{k}": v for k, v in port.state_dict().items()}
     torch.save({"epoch": 3, "state_dict": state}, tmp_path / "DeepMask.pth.tar")
     convert_file(tmp_path / "DeepMask.pth.tar", tmp_path / "run")

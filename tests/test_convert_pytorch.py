@@ -22,17 +22,9 @@ def torch():
 
 @pytest.fixture(scope="module")
 def port(torch):
-    from pytorch_port import PortDeepMask
+    from pytorch_port import random_port
 
-    torch.manual_seed(0)
-    model = PortDeepMask()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.2)
-    return model.eval()
+    return random_port()
 
 
 def _checkpoint(torch, port, path, prefix="module."):

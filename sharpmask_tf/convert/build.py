@@ -10,6 +10,11 @@ reads a (C, H, W) flattening where Keras flattens (H, W, C); refs[0]'s View(km, 
 (C, H, W) where our Reshape is (H, W, C). `keras_model` builds the model and sets them. A record
 our models cannot express raises a ValueError naming the module's path, never a silently
 different model.
+
+One file over 400 lines: it is one concept, reading a record's layout part by part (trunk, head,
+refinement) into our configuration and weights, each part with the checks that name the module
+that does not fit; split, the parts would share the `_Stream` reader and its error helpers
+across modules.
 """
 
 from __future__ import annotations
@@ -323,11 +328,9 @@ def _head(layers: tuple[ir.Node, ...], paddings: list, where: str) -> tuple[dict
     return weights, geometry
 
 
-def _refinement(record: ir.DeepMaskRecord, crop: int, paddings: list) -> tuple[dict, dict]:
-    """SharpMask.lua's refs: refs[0] (Linear + View(km, fs, fs)), then per module a ParallelTable
-    of the horizontal net (its crop, three 3x3 convs) and the vertical net, add, ReLU, nearest x2;
-    the last module ends with a 3x3 conv to one channel and a View."""
-    first = _stream(record.refinements[0], paddings)
+def _refine_m1(node: ir.Node, paddings: list) -> tuple[dict, int, int]:
+    """refs[0]: the Linear and its View(km, fSz, fSz), as refine_m1's weights, km and fSz."""
+    first = _stream(node, paddings)
     linear = first.take(ir.Dense, "refs[0]'s Linear")
     view = first.take(ir.Reshape, "refs[0]'s View(km, fSz, fSz)")
     first.end()
@@ -336,55 +339,73 @@ def _refinement(record: ir.DeepMaskRecord, crop: int, paddings: list) -> tuple[d
     k, side = view.shape[0], view.shape[1]
     # View(km, fSz, fSz) reads the Linear's outputs as (C, H, W); our Reshape as (H, W, C).
     kernel = chw_to_hwc(linear.weight.T, k, side)
-    weights = {"refine_m1": [kernel, chw_to_hwc(linear.bias[None], k, side)[0]]}
+    return {"refine_m1": [kernel, chw_to_hwc(linear.bias[None], k, side)[0]]}, k, side
+
+
+def _refinement_module(ref: ir.Node, i: int, k: int, crop: int, tap: tuple, paddings: list, weights: dict):
+    """Module i (1 = coarsest): a ParallelTable of the horizontal net (its crop, three 3x3 convs)
+    and the vertical net, add, ReLU, nearest x2; the last module ends with a 3x3 conv to one
+    channel and a View. Adds the module's weights to `weights`.
+
+    Returns:
+        (the horizontal net's first width, the vertical net's depth).
+    """
+    channels = k // 2 ** (i - 1)
+    tap_name, tap_crop = tap
+    s = _stream(ref, paddings)
+    pair = s.take(ir.ParallelTable, "a ParallelTable of the horizontal and vertical nets")
+    s.take(ir.AddTable, "an addition")
+    s.take(ir.ReLU, "a ReLU")
+    up = s.take(ir.UpsampleNearest, "a nearest upsampling")
+    if up.factor != 2:
+        _fail(up, "", f"expected x2; found {_found(up)}")
+    if i == len(REFINE_TAPS):
+        out = s.conv(3)
+        s.take(ir.Reshape, "a View")
+        if out.weight.shape[0] != 1:
+            _fail(out, "", f"expected one output channel; found {_found(out)}")
+        weights["refine_out"] = [_kernel(out), out.bias]
+    s.end()
+    neth, netv = (_stream(b, paddings) for b in pair.branches)
+    total_crop = tap_crop + (neth.crop() if neth.at_crop() else 0)
+    want_crop = crop * TRUNK_STRIDE // TAP_STRIDES[tap_name]
+    if total_crop != want_crop:
+        _fail(pair, "", f"crops {total_crop} of the {tap_name} features before the net; the window needs {want_crop}")
+    convs = [neth.conv(3)]
+    neth.take(ir.ReLU, "a ReLU")
+    convs.append(neth.conv(3))
+    neth.take(ir.ReLU, "a ReLU")
+    convs.append(neth.conv(3))
+    neth.end()
+    for j, conv in enumerate(convs, start=1):
+        weights[f"refine{i}_skip_conv{j}"] = [_kernel(conv), conv.bias]
+    vertical = [netv.conv(3)]
+    while netv.peek() is not None:
+        netv.take(ir.ReLU, "a ReLU")
+        vertical.append(netv.conv(3))
+    for j, conv in enumerate(vertical, start=1):
+        weights[f"refine{i}_vertical_conv{j}"] = [_kernel(conv), conv.bias]
+    for conv, n in ((convs[1], channels), (convs[2], channels // 2), (vertical[-1], channels // 2)):
+        if conv.weight.shape[0] != n:
+            _fail(conv, "", f"expected {n} channels (km = ks = {k}, halved per module); found {_found(conv)}")
+    return convs[0].weight.shape[0], len(vertical)
+
+
+def _refinement(record: ir.DeepMaskRecord, crop: int, paddings: list) -> tuple[dict, dict]:
+    """SharpMask.lua's refs: refs[0] (Linear + View(km, fs, fs)), then one module per tap."""
+    weights, k, _ = _refine_m1(record.refinements[0], paddings)
     taps = {_STEM_LAYERS - 2: ("conv1", 0)}
     taps.update({_STEM_LAYERS + i: (f"conv{i + 2}", 0) for i in range(_STAGES)})
     taps[_STEM_LAYERS + _STAGES] = ("conv4", crop)  # the head's crop of conv4
     hidden, layouts = [], set()
     for i, (ref, skip_layer) in enumerate(zip(record.refinements[1:], record.skip_layers, strict=True), start=1):
-        channels = k // 2 ** (i - 1)
-        tap, tap_crop = taps.get(skip_layer, (None, 0))
-        if tap != REFINE_TAPS[i - 1]:
+        tap = taps.get(skip_layer, (None, 0))
+        if tap[0] != REFINE_TAPS[i - 1]:
             want = REFINE_TAPS[i - 1]
             _fail(ref, "", f"reads trunk.modules[{skip_layer + 1}], where our module {i} reads the {want} features")
-        s = _stream(ref, paddings)
-        pair = s.take(ir.ParallelTable, "a ParallelTable of the horizontal and vertical nets")
-        s.take(ir.AddTable, "an addition")
-        s.take(ir.ReLU, "a ReLU")
-        up = s.take(ir.UpsampleNearest, "a nearest upsampling")
-        if up.factor != 2:
-            _fail(up, "", f"expected x2; found {_found(up)}")
-        if i == len(REFINE_TAPS):
-            out = s.conv(3)
-            s.take(ir.Reshape, "a View")
-            if out.weight.shape[0] != 1:
-                _fail(out, "", f"expected one output channel; found {_found(out)}")
-            weights["refine_out"] = [_kernel(out), out.bias]
-        s.end()
-        neth, netv = (_stream(b, paddings) for b in pair.branches)
-        total_crop = tap_crop + (neth.crop() if neth.at_crop() else 0)
-        want_crop = crop * TRUNK_STRIDE // TAP_STRIDES[tap]
-        if total_crop != want_crop:
-            _fail(pair, "", f"crops {total_crop} of the {tap} features before the net; the window needs {want_crop}")
-        convs = [neth.conv(3)]
-        neth.take(ir.ReLU, "a ReLU")
-        convs.append(neth.conv(3))
-        neth.take(ir.ReLU, "a ReLU")
-        convs.append(neth.conv(3))
-        neth.end()
-        for j, conv in enumerate(convs, start=1):
-            weights[f"refine{i}_skip_conv{j}"] = [_kernel(conv), conv.bias]
-        hidden.append(convs[0].weight.shape[0])
-        vertical = [netv.conv(3)]
-        while netv.peek() is not None:
-            netv.take(ir.ReLU, "a ReLU")
-            vertical.append(netv.conv(3))
-        for j, conv in enumerate(vertical, start=1):
-            weights[f"refine{i}_vertical_conv{j}"] = [_kernel(conv), conv.bias]
-        layouts.add(len(vertical))
-        for conv, n in ((convs[1], channels), (convs[2], channels // 2), (vertical[-1], channels // 2)):
-            if conv.weight.shape[0] != n:
-                _fail(conv, "", f"expected {n} channels (km = ks = {k}, halved per module); found {_found(conv)}")
+        width, depth = _refinement_module(ref, i, k, crop, tap, paddings, weights)
+        hidden.append(width)
+        layouts.add(depth)
     if len(set(hidden[:-1])) != 1 or len(layouts) != 1 or not layouts <= {1, 2}:
         _fail(record.refinements[1], "", "the horizontal nets' widths or the vertical nets' depths differ by module")
     config = dict(
