@@ -15,6 +15,10 @@ iterator outside the step function, so the loop times how long each step waits f
 per stage say how much of the step time went to waiting (near 0 when the input keeps ahead; a
 share that grows says the input pipeline is the bottleneck).
 
+About 450 lines, one class: the loop and the bookkeeping every step shares (resume, the step
+counter, the checkpoint and validation cadence, the best model, signals); the pieces that stand
+alone already live beside it (`checkpoints`, `stop_signals`, `summaries`, `distribute`).
+
 A model directory holds:
     config.json                  the resolved configuration of the latest run
     config_history.json          the earlier ones, when a resumed run changed the configuration
