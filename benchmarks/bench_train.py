@@ -59,10 +59,10 @@ def step_rate(preset: str, stage: str, batch: int, steps: int, jit: bool) -> flo
         iterator = trainer.train_iterator(task, seed=0)
         stop = tf.constant(0.0)
         for _ in range(2):
-            train_step(iterator, stop)[0].numpy()
+            train_step(next(iterator), stop)[0].numpy()
         start = time.perf_counter()
         for _ in range(steps):
-            sums, _ = train_step(iterator, stop)
+            sums, _ = train_step(next(iterator), stop)
         sums.numpy()
         return batch * steps / (time.perf_counter() - start)
 
