@@ -14,6 +14,9 @@
 
 Without --images it sends random-noise JPEGs of --image-size (e.g. 640x480 or 320). Prints one
 JSON line per concurrency level: requests/s, images/s and latency percentiles in milliseconds.
+
+A little over 400 lines: one script for every serving path it compares (in-process, gRPC, REST,
+batched), which must share one request plan and one table to be compared row by row.
 """
 
 from __future__ import annotations
