@@ -38,16 +38,6 @@ TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
-def deepmask_file():
-    return torch_trees.deepmask(np.random.default_rng(0), batch=BATCH)
-
-
-@pytest.fixture(scope="module")
-def sharpmask_file(deepmask_file):
-    return torch_trees.sharpmask(np.random.default_rng(1), deepmask_file)
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory, deepmask_file, sharpmask_file):
     root = tmp_path_factory.mktemp("t7")
     save(root / "deepmask.t7", deepmask_file)

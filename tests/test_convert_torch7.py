@@ -15,16 +15,6 @@ def _patches(rng, size):
     return rng.normal(size=(BATCH, 3, size, size))
 
 
-@pytest.fixture(scope="module")
-def deepmask_file():
-    return torch_trees.deepmask(np.random.default_rng(0), batch=BATCH)
-
-
-@pytest.fixture(scope="module")
-def sharpmask_file(deepmask_file):
-    return torch_trees.sharpmask(np.random.default_rng(1), deepmask_file)
-
-
 def test_reader_reads_what_the_writer_writes(tmp_path):
     storage = Storage("torch.FloatStorage", np.arange(12, dtype=np.float32))
     column = Tensor("torch.FloatTensor", storage, 1, (3, 2), (1, 4))  # a strided view from offset 1
