@@ -1,12 +1,15 @@
 """Training throughput (patches/s) of both stages next to this machine's float32 matmul rate.
 
-    python -m benchmarks.bench_train [--steps 4] [--jit]
+    python -m benchmarks.bench_train [--steps 4] [--jit] [--presets small ...] [--stages deepmask ...]
+                                     [--batch 32] [--set KEY=VALUE ...]
 
 Times the distributed train step of `sharpmask_tf.trainer` (forward, backward, SGD update) on
 in-memory batches, so the data pipeline (benchmarked by the data module) is not in the number.
 Stage 2 runs the frozen trunk forward only; its backward pass covers the refinement alone.
 Trunks start from scratch (`model.trunk_weights=null`, nothing downloaded), so stage 1's BatchNorm
 normalises with batch statistics, a little more work than the frozen BatchNorm of ImageNet trunks.
+`--set` overrides come last, so `--set model.trunk_weights=FILE` times the frozen BatchNorm of a
+trunk that starts from a weights file.
 """
 
 from __future__ import annotations
@@ -40,11 +43,16 @@ def _constant_dataset(config, split="train", stage=1, batch_size=None, input_con
     return tf.data.Dataset.from_tensors(batch).repeat()
 
 
-def step_rate(preset: str, stage: str, batch: int, steps: int, jit: bool) -> float:
-    """Patches/s of `steps` train steps after two warm-up steps."""
+PRESETS = ("small", "sharpmask_resnet50")
+STAGES = ("deepmask", "sharpmask")
+
+
+def step_rate(preset: str, stage: str, batch: int, steps: int, jit: bool, overrides=()) -> float:
+    """Patches/s of `steps` train steps after two warm-up steps; `overrides` (`--set` strings)
+    are applied after the benchmark's own."""
     # No ImageNet download: the trunk starts from scratch, its BatchNorm in batch-statistics mode.
-    overrides = [f"training.batch_size={batch}", f"training.jit={str(jit).lower()}", "model.trunk_weights=null"]
-    config = get_config(preset, overrides)
+    own = [f"training.batch_size={batch}", f"training.jit={str(jit).lower()}", "model.trunk_weights=null"]
+    config = get_config(preset, [*own, *overrides])
     with tempfile.TemporaryDirectory() as model_dir:
         trainer = Trainer(
             config,
@@ -67,14 +75,15 @@ def step_rate(preset: str, stage: str, batch: int, steps: int, jit: bool) -> flo
         return batch * steps / (time.perf_counter() - start)
 
 
-def measure(steps: int, jit: bool) -> list[tuple]:
-    """(preset, stage, batch, jit, patches/s) of both stages of the small and ResNet-50 presets
-    (the small one for 10x the steps), without and, if `jit`, with XLA."""
+def measure(steps: int, jit: bool, presets=PRESETS, stages=STAGES, batch=32, overrides=()) -> list[tuple]:
+    """(preset, stage, batch, jit, patches/s) of each stage of each preset (the small one for 10x
+    the steps), without and, if `jit`, with XLA."""
     rows = []
     for compiled in (False, True) if jit else (False,):
-        for preset, batch, n in (("small", 32, 10 * steps), ("sharpmask_resnet50", 32, steps)):
-            for stage in ("deepmask", "sharpmask"):
-                rate = step_rate(preset, stage, batch, n, compiled)
+        for preset in presets:
+            n = 10 * steps if preset == "small" else steps
+            for stage in stages:
+                rate = step_rate(preset, stage, batch, n, compiled, overrides)
                 rows.append((preset, stage, batch, "on" if compiled else "off", rate))
                 print(f"  {preset} {stage} jit={compiled}: {rate:.1f} patches/s", file=sys.stderr, flush=True)
     return rows
@@ -93,9 +102,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per ResNet-50 measurement")
     parser.add_argument("--jit", action="store_true", help="also time XLA-compiled steps")
+    parser.add_argument("--presets", nargs="+", default=PRESETS, metavar="PRESET")
+    parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
+    parser.add_argument("--batch", type=int, default=32, help="global batch (default 32)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, after its own")
     args = parser.parse_args()
+    for preset in args.presets:  # a bad preset or override fails here, before any timing
+        try:
+            get_config(preset, args.set)
+        except ValueError as error:
+            parser.error(str(error))
     gflops = matmul_gflops()
-    print_table(measure(args.steps, args.jit), gflops)
+    print_table(measure(args.steps, args.jit, args.presets, args.stages, args.batch, args.set), gflops)
 
 
 if __name__ == "__main__":
