@@ -96,6 +96,26 @@ def test_rle_bounds_give_pycocotools_masks():
         np.testing.assert_array_equal(decoded, mask_utils.decode({"size": [height, width], "counts": counts}))
 
 
+def _runs(mask):
+    """Run lengths of a mask in column-major order, zeros first: what COCO's RLE holds."""
+    flat = np.asarray(mask, np.uint8).T.reshape(-1)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return [0, *runs] if flat.size and flat[0] else runs
+
+
+def test_rle_strings_decode_to_the_masks_runs():
+    rng = np.random.default_rng(1)
+    for trial in range(60):
+        height, width = (int(v) for v in rng.integers(1, 700 if trial % 3 == 0 else 60, 2))
+        mask = (rng.random((height, width)) < rng.random()).astype(np.uint8)
+        if trial % 5 == 0:  # a few long runs: several characters per count, negative differences
+            mask[:] = 0
+            mask[height // 3 :, width // 4 :] = 1
+        counts = mask_utils.encode(np.asfortranarray(mask))["counts"].decode()
+        assert _decode_rle_string(counts) == _runs(mask)
+
+
 def test_jpeg_reduction_is_pillows_draft(tmp_path):
     path = str(tmp_path / "a.jpg")
     Image.fromarray(np.zeros((480, 640, 3), np.uint8)).save(path)
