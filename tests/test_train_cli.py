@@ -3,6 +3,7 @@ checkpoints, two workers."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -252,6 +253,7 @@ def test_a_signal_at_any_point_saves_stops_with_128_plus_signal_and_resumes(
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"deepmask: resumed from {model_dir / 'deepmask' / f'ckpt-{step}'} at step {step}" in again.stdout
     assert _latest_step(model_dir / "sharpmask") == 1 and (model_dir / "sharpmask.keras").exists()
+    assert re.search(r"^  sharpmask: step 1, .*, [0-9.]+% of step time waiting for input$", again.stdout, re.M)
 
 
 @pytest.mark.slow

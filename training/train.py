@@ -155,9 +155,11 @@ def print_summary(model_dir: str, metrics: dict) -> None:
     for s in trainer.STAGES:
         if s in metrics:
             m = metrics[s]
+            waited = m.get("input_wait_fraction")
             print(
                 f"  {s}: step {m['step']}, per-patch mean IoU {m['mean_iou']:.3f}, "
                 f"median {m['median_iou']:.3f}, IoU>.5 {m['iou_over_50']:.2f}, IoU>.7 {m['iou_over_70']:.2f}"
+                + ("" if waited is None else f", {waited:.1%} of step time waiting for input")
             )
     if "sharpmask_mean_iou" in metrics:
         print(
