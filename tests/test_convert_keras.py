@@ -4,6 +4,7 @@ and the PyTorch port (tests/pytorch_port.py); the trees come from tests/torch_tr
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 
@@ -26,6 +27,7 @@ from sharpmask_tf.config import Config, ExportConfig, InferenceConfig, load_run_
 from sharpmask_tf.convert import build, ir
 from sharpmask_tf.convert.run_dir import convert_file, read_conversion
 from sharpmask_tf.convert.torch7 import read_deepmask_t7
+from sharpmask_tf.data import generate_dataset
 from sharpmask_tf.inference import ProposalGenerator
 from sharpmask_tf.layers import IMAGENET_MEAN, IMAGENET_STD
 from sharpmask_tf.pyramid import scale_and_pad
@@ -35,6 +37,7 @@ from sharpmask_tf.task import stage_model
 BATCH = 3
 SIDE = 64  # the trees' iSz (32) + 32
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "train.py")
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +158,37 @@ def test_stage_two_starts_from_a_converted_deepmask(deepmask_run, deepmask_file)
     assert isinstance(stage_model(config, "sharpmask", trunk_weights=False), SharpMask)
 
 
+def test_train_py_trains_stage_two_on_a_converted_deepmask_from_its_config_json(deepmask_run, deepmask_file, tmp_path):
+    """`train.py --model-dir RUN_DIR --stage sharpmask`, no --preset and no --set of the model:
+    the run's config.json (SharpMask.lua's layout on the converted trunk) is the configuration,
+    and stage 2 refines the converted DeepMask, which it leaves as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(deepmask_run, run)
+    converted = load_run_config(run)
+    root = tmp_path / "data"
+    paths = generate_dataset(str(root), num_train=12, num_val=4, seed=4)
+    steps = ["training.stage2_steps=2", "training.batch_size=4", "training.val_patches=4", "training.log_every=1"]
+    result = subprocess.run(
+        [sys.executable, TRAIN_SCRIPT, "--model-dir", str(run), "--stage", "sharpmask", "--no-progress"]
+        + ["--train-data", f"{paths['train']}:{root}/train", "--val-data", f"{paths['val']}:{root}/val"]
+        + [arg for override in steps for arg in ("--set", override)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"of {run / 'config.json'}" in result.stdout
+    assert load_run_config(run).model == converted.model
+    refined = keras.models.load_model(run / "sharpmask.keras")
+    rgb = _rgb(18)
+    got, want = _predict(refined, rgb), _reference(deepmask_file, rgb)
+    assert got["masks"].shape == (BATCH, 32, 32)
+    np.testing.assert_allclose(got["coarse_masks"], want["masks"], **TOLERANCE)
+    np.testing.assert_allclose(got["scores"], want["scores"], **TOLERANCE)
+
+
 @pytest.mark.parametrize("affine_type", ["nn.SpatialConstDiagonal", "inn.ConstAffine"])
 def test_both_fixed_affine_modules_convert(tmp_path, affine_type):
     saved = torch_trees.deepmask(np.random.default_rng(5), batch=BATCH, affine_type=affine_type)
@@ -272,21 +306,59 @@ def test_the_pytorch_port_deepmask_converts(tmp_path):
     np.testing.assert_allclose(got["scores"], scores.numpy().reshape(-1, 1), **TOLERANCE)
 
 
-def _reference_score_map(saved: dict, padded: np.ndarray) -> np.ndarray:
-    """Score logits of every window of a padded image as InferDeepMask.lua computes them: the
-    trunk without its crop over the whole image, the object Linear as an fSz x fSz convolution
-    (linear2convTrunk), the score branch at every position."""
+def _reference_trunk_map(saved: dict, padded: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The trunk over a whole padded image as InferDeepMask.lua / SharpMask:inference run it
+    (its crop, trunk position 8, an Identity): object vectors of every window (H, W, D), the
+    object Linear as an fSz x fSz convolution (linear2convTrunk), and every trunk module's output
+    by id."""
     modules = saved["model"].fields["trunk"].fields["modules"]
-    x = forward(torch_trees.sequential(*modules[:7]), _nchw(padded[None]), {})
+    outputs: dict = {}
+    x = forward(torch_trees.sequential(*modules[:7]), _nchw(padded[None]), outputs)
+    outputs[id(modules[7])] = x  # the crop, removed
     x = forward(torch_trees.sequential(modules[8], modules[9]), x, {})[0]  # 1x1 conv, ReLU
     linear = modules[11].fields
-    weight = (
-        linear["weight"].numpy().reshape(-1, x.shape[0], saved["model"].fields["fSz"], saved["model"].fields["fSz"])
-    )
+    f_size = saved["model"].fields["fSz"]
+    weight = linear["weight"].numpy().reshape(-1, x.shape[0], f_size, f_size)
     windows = np.lib.stride_tricks.sliding_window_view(x, weight.shape[2:], axis=(1, 2))
-    vectors = np.einsum("chwij,dcij->hwd", windows, weight) + linear["bias"].numpy()
+    return np.einsum("chwij,dcij->hwd", windows, weight) + linear["bias"].numpy(), outputs
+
+
+def _reference_score_map(saved: dict, padded: np.ndarray) -> np.ndarray:
+    """Score logits of every window of a padded image as InferDeepMask.lua computes them: the
+    score branch at every position of the trunk's map."""
+    vectors, _ = _reference_trunk_map(saved, padded)
     scores = forward(saved["model"].fields["scoreBranch"], vectors.reshape(-1, vectors.shape[-1]), {})
     return scores.reshape(vectors.shape[:2])
+
+
+def _reference_refined_masks(saved: dict, padded: np.ndarray, windows: list[tuple[int, int]]) -> np.ndarray:
+    """Refined mask logits (n, iSz, iSz) of windows (row, col) of a padded image as
+    InferSharpMask.lua computes them: each horizontal net, its crop removed, over the whole trunk
+    output at its skip position; window (row, col) takes cells [row * t, (row + fSz) * t) of the
+    map at stride 16 / t (Infer:getTopPatches); the vertical path (refs) over those crops."""
+    model = saved["model"].fields
+    vectors, outputs = _reference_trunk_map(saved, padded)
+    trunk_modules, f_size = model["trunk"].fields["modules"], model["fSz"]
+    # refs[0] is Linear + View(batch, km, fSz, fSz); setnpinference sets its batch to the windows'.
+    linear = model["refs"][0].fields["modules"][0]
+    current = forward(linear, np.stack([vectors[r, c] for r, c in windows]), {}).reshape(
+        len(windows), -1, f_size, f_size
+    )
+    for k, position in enumerate(model["skpos"], start=1):
+        ref = model["refs"][k].fields["modules"]
+        horizontal, vertical = ref[0].fields["modules"]
+        layers = horizontal.fields["modules"]
+        if layers[0].typename == "nn.SpatialZeroPadding":
+            layers = layers[1:]
+        skip = forward(torch_trees.sequential(*layers), outputs[id(trunk_modules[position - 1])], {})[0]
+        t = 2 ** (k - 1)
+        crops = np.stack([skip[:, r * t : (r + f_size) * t, c * t : (c + f_size) * t] for r, c in windows])
+        current = [crops, forward(vertical, current, {})]
+        for m in ref[1:]:
+            if m.typename != "nn.View":  # SharpMask:inference removes the last View
+                current = forward(m, current, {})
+    patch = int(round(np.sqrt(current.size // len(windows))))
+    return current.reshape(len(windows), patch, patch)
 
 
 def test_full_image_scores_are_the_reference_inference_over_the_image(deepmask_run, deepmask_file):
@@ -305,6 +377,32 @@ def test_full_image_scores_are_the_reference_inference_over_the_image(deepmask_r
     got = np.sort(out["scores"][: out["num_proposals"]])
     np.testing.assert_allclose(got, np.sort(1 / (1 + np.exp(-want.ravel()))), **TOLERANCE)
     assert np.std(want) > 0.1
+
+
+def test_full_image_refined_masks_are_the_reference_inference_over_the_image(sharpmask_run, sharpmask_file):
+    """At scale 1 the generator's refined masks of every window are those of InferSharpMask.lua's
+    inference over the same padded image, windows at the borders included (both run the
+    horizontal nets, mirror padding and all, on the whole maps)."""
+    config = InferenceConfig(scale_min=0.0, scale_max=0.0, top_n=1000, max_side=1024, crop_size=6)
+    generator = ProposalGenerator.from_saved(sharpmask_run, config)
+    image = _rgb(17, n=1, side=112)[0, :96]
+    levels = generator._pyramid(tf.constant(image), tf.constant(1.0))
+    rows_, cols_ = (int(v) for v in levels["sizes"][0])
+    windows = [(r, c) for r in range(rows_) for c in range(cols_)]
+    rows, cols = (tf.constant(v, tf.int32) for v in zip(*windows))
+    got = generator._window_mask_logits(levels, rows * cols_ + cols, tf.zeros_like(rows), rows, cols)
+    padded, _ = scale_and_pad(tf.constant(image), tf.constant(1.0), generator.patch_size)
+    want = _reference_refined_masks(sharpmask_file, padded.numpy(), windows)
+
+    assert len(windows) >= 20 and want.shape == (len(windows), 32, 32)
+    assert np.std(want) > 0.1  # the comparison has signal
+    np.testing.assert_allclose(np.asarray(got), want, **TOLERANCE)
+    scores = generator.propose(image)["scores"]
+    np.testing.assert_allclose(
+        np.sort(scores[: len(windows)]),
+        np.sort(1 / (1 + np.exp(-_reference_score_map(sharpmask_file, padded.numpy()).ravel()))),
+        **TOLERANCE,
+    )
 
 
 def test_a_converted_model_exports_serves_and_answers(deepmask_run, tmp_path):

@@ -61,9 +61,20 @@ def test_model_dir_of_incompatible_config_exits_2_before_work(tmp_path, data_arg
     model_dir = tmp_path / "m"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(get_config("small", ["model.refine_k=32"]).to_json())
-    result = _run(data_args + ["--model-dir", str(model_dir)], cwd=tmp_path, timeout=60)
+    result = _run(data_args + ["--preset", "small", "--model-dir", str(model_dir)], cwd=tmp_path, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "refine_k" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(os.listdir(model_dir)) == ["config.json"]
+
+
+def test_without_preset_a_malformed_config_json_of_the_model_dir_exits_2_naming_it(tmp_path, data_args):
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model": {"refine_k": "many"}}')
+    result = _run(data_args + ["--model-dir", str(model_dir)], cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "config.json is not a valid sharpmask_tf configuration" in result.stderr
+    assert "Traceback" not in result.stderr
     assert sorted(os.listdir(model_dir)) == ["config.json"]
 
 

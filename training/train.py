@@ -7,8 +7,10 @@
         --set training.batch_size=64 --strategy auto --mixed-precision
 
 Rerunning with the same --model-dir resumes from the newest checkpoint that restores (saying which
-it skipped and why); other hyper-parameters than the saved config.json are warned about and the
-earlier config kept in config_history.json. SIGTERM or Ctrl-C, at any point of training, saves a
+it skipped and why). Without --preset, a --model-dir holding a config.json (an earlier run's, or a
+converted model's from `sharpmask-convert`) is the base configuration that --set and the other
+flags override; with --preset, hyper-parameters other than the saved config.json's are warned
+about and the earlier config kept in config_history.json. SIGTERM or Ctrl-C, at any point of training, saves a
 checkpoint of the current step and exits. Under several workers, set TF_CONFIG on each.
 
 Exit codes: 0 trained; 1 a stage's checkpoints are there and none restores (or another error);
@@ -26,9 +28,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from sharpmask_tf import trainer  # noqa: E402
 from sharpmask_tf.checkpoints import UnrestorableCheckpoints  # noqa: E402
-from sharpmask_tf.config import PRESETS, Config, get_config  # noqa: E402
+from sharpmask_tf.config import CONFIG_FILE, PRESETS, Config, get_config, load_run_config  # noqa: E402
 from sharpmask_tf.data import ensure_dataset  # noqa: E402
 from sharpmask_tf.distribute import STRATEGIES, resolve_strategy  # noqa: E402
+
+DEFAULT_PRESET = "small"
 
 
 def _dataset_arg(value: str) -> tuple[str, str]:
@@ -44,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="configuration preset (default: small)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="configuration preset (default: the --model-dir's config.json if it has one, else small)",
+    )
     p.add_argument(
         "--set",
         dest="overrides",
@@ -83,9 +91,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
-    """The preset with --set, --train-data/--val-data, --mixed-precision and --jit applied; bad
-    values end the program with exit code 2."""
+def model_dir_of(args: argparse.Namespace) -> str:
+    return args.model_dir or os.path.join("runs", args.preset or DEFAULT_PRESET)
+
+
+def base_config(args: argparse.Namespace) -> tuple[Config, str]:
+    """The configuration the flags override, and where it came from: --preset, else the model
+    directory's config.json, else the default preset.
+
+    Raises:
+        ValueError: naming the config.json when it is not a valid configuration.
+    """
+    if args.preset is None:
+        saved = load_run_config(model_dir_of(args))
+        if saved is not None:
+            return saved, os.path.join(model_dir_of(args), CONFIG_FILE)
+    preset = args.preset or DEFAULT_PRESET
+    return get_config(preset), f"preset {preset!r}"
+
+
+def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Config, str]:
+    """The base configuration (`base_config`) with --set, --train-data/--val-data,
+    --mixed-precision and --jit applied, and where the base came from; bad values end the program
+    with exit code 2."""
     overrides = list(args.overrides)
     for split, value in (("train", args.train_data), ("val", args.val_data)):
         if value is not None:
@@ -95,7 +123,8 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     if args.jit:
         overrides.append("training.jit=true")
     try:
-        return get_config(args.preset, overrides)
+        base, source = base_config(args)
+        return base.override(overrides), source
     except ValueError as e:
         parser.error(str(e))
 
@@ -116,9 +145,9 @@ def check_data(config: Config, parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = resolve_config(args, parser)
+    config, source = resolve_config(args, parser)
     stage = args.stage or ("both" if config.model.refinement else "deepmask")
-    model_dir = args.model_dir or os.path.join("runs", args.preset)
+    model_dir = model_dir_of(args)
     strategy = resolve_strategy(args.strategy)
     try:
         run = trainer.Trainer(config, model_dir, strategy, progress=not args.no_progress)
@@ -128,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     check_data(config, parser)
 
     print(
-        f"Training stage(s) {stage} of preset {args.preset!r} on {strategy.num_replicas_in_sync} replica(s) "
+        f"Training stage(s) {stage} of {source} on {strategy.num_replicas_in_sync} replica(s) "
         f"into {os.path.abspath(model_dir)}  (TensorBoard: tensorboard --logdir {model_dir}/logs)",
         flush=True,
     )
