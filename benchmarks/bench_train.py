@@ -29,7 +29,9 @@ from sharpmask_tf.config import get_config  # noqa: E402
 from sharpmask_tf.trainer import Trainer  # noqa: E402
 
 
-def _constant_dataset(config, split="train", stage=1, batch_size=None, input_context=None, seed=None, repeat=True):
+def _constant_dataset(
+    config, split="train", stage=1, batch_size=None, input_context=None, seed=None, repeat=True, first_step=0
+):
     size = config.model.input_size
     label = config.data.label_size if stage == 1 else config.model.patch_size
     b = config.training.batch_size

@@ -169,6 +169,7 @@ class DataConfig:
     negative_shift: float = 32.0  # negatives are at least this far (px) from every object ...
     negative_scale: float = 1.0  # ... or this far in log2 scale from its canonical size
     score_frequency: float = 0.5  # hfreq: probability that a stage-1 batch is score samples
+    mask_only_steps: int = 0  # stage 1's first steps are all mask batches; 0 alternates from the start
     flip_probability: float = 0.5  # horizontal flip
     min_area: float = 100.0  # objects smaller than this (px^2) are not sampled
     min_side: float = 5.0  # objects whose box side is under this are not sampled
@@ -195,6 +196,8 @@ class DataConfig:
             _fail(s, "num_parallel_calls", self.num_parallel_calls, "must be -1 (AUTOTUNE) or positive")
         if self.patches_per_image < 1:
             _fail(s, "patches_per_image", self.patches_per_image, "must be positive")
+        if self.mask_only_steps < 0:
+            _fail(s, "mask_only_steps", self.mask_only_steps, "must be non-negative")
 
 
 # The optimizers a stage can train with.

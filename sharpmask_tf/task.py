@@ -190,10 +190,19 @@ class StageTask:
         self._predict = tf.function(lambda x: self.model(x, training=False))
         self._validation: dict[str, np.ndarray] | None = None
 
-    def build_inputs(self, seed: int, input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
-        """The stage's endless training stream (per input pipeline under `input_context`)."""
+    def build_inputs(
+        self, seed: int, input_context: tf.distribute.InputContext | None = None, first_step: int = 0
+    ) -> tf.data.Dataset:
+        """The stage's endless training stream (per input pipeline under `input_context`), its
+        first batch for training step `first_step`."""
         return self._make_dataset(
-            self.config, split="train", stage=self._data_stage, input_context=input_context, seed=seed, repeat=True
+            self.config,
+            split="train",
+            stage=self._data_stage,
+            input_context=input_context,
+            seed=seed,
+            repeat=True,
+            first_step=first_step,
         )
 
     def _loss_sums_and_gradients(self, batch: dict[str, tf.Tensor]) -> tuple[tf.Tensor, list[tf.Tensor]]:

@@ -234,9 +234,11 @@ class Trainer:
                 task.stage, task.model, task.optimizer, self.config.data.seed, directory, write_directory
             )
 
-    def train_iterator(self, task: StageTask, seed: int) -> Any:
-        """The task's training stream, distributed over the replicas."""
-        return iter(self.strategy.distribute_datasets_from_function(lambda ctx: task.build_inputs(seed, ctx)))
+    def train_iterator(self, task: StageTask, seed: int, first_step: int = 0) -> Any:
+        """The task's training stream from step `first_step`, distributed over the replicas."""
+        return iter(
+            self.strategy.distribute_datasets_from_function(lambda ctx: task.build_inputs(seed, ctx, first_step))
+        )
 
     def distributed_train_step(self, task: StageTask, step: tf.Variable) -> Callable:
         """A tf.function (distributed batch, stop flag) -> (log sums over replicas, stop flag's
@@ -325,7 +327,7 @@ class Trainer:
             dynamic_ncols=True,
             mininterval=1.0,
         )
-        iterator = self.train_iterator(task, checkpoints.stream_seed())
+        iterator = self.train_iterator(task, checkpoints.stream_seed(), step)
         train_step = self.distributed_train_step(task, checkpoints.step)
         loss_avg, tick, tick_step = None, time.perf_counter(), step
         while step < task.num_steps:

@@ -50,6 +50,17 @@ def test_stage1_batches_are_all_mask_or_all_score_with_static_shapes(crowded):
     assert 4 <= kinds.count("score") <= 20  # score_frequency 0.5 over 24 batches
 
 
+@pytest.mark.parametrize("first_step, mask_batches", [(0, 3), (2, 1), (5, 0)])
+def test_mask_only_steps_come_first_counted_from_the_streams_first_step(crowded, first_step, mask_batches):
+    """With every other batch a score batch (score_frequency 1), the steps before
+    data.mask_only_steps = 3 are mask batches; a stream resumed at `first_step` keeps the rest."""
+    config = config_for(*crowded, "data.score_frequency=1.0", "data.mask_only_steps=3")
+    batches = take(make_dataset(config, stage=1, batch_size=2, first_step=first_step), 5)
+    kinds = ["mask" if np.all(b["mask_weight"] == 1) else "score" for b in batches]
+    assert kinds == ["mask"] * mask_batches + ["score"] * (5 - mask_batches)
+    assert all(np.all(b["score_weight"] == (k == "score")) for b, k in zip(batches, kinds))
+
+
 def test_stage2_is_mask_only_with_patch_size_labels(crowded):
     config = config_for(*crowded, "data.score_frequency=1.0")
     batches = take(make_dataset(config, stage=2, batch_size=2), 4)

@@ -28,7 +28,9 @@ def _weights(model):
     return {v.path: v.numpy() for v in model.weights}
 
 
-def _pooled_dataset(config, split="train", stage=1, batch_size=None, input_context=None, seed=None, repeat=True):
+def _pooled_dataset(
+    config, split="train", stage=1, batch_size=None, input_context=None, seed=None, repeat=True, first_step=0
+):
     """Examples from one fixed pool in one order, batched per replica: replica r of a global batch
     gets examples [r*b, (r+1)*b), so one device and two replicas see the same global batches."""
     pool = fakes._batch(config, split, stage, 64, tf.constant([7, 0], tf.int64), 0.5)
@@ -36,6 +38,22 @@ def _pooled_dataset(config, split="train", stage=1, batch_size=None, input_conte
     if input_context is not None:
         batch = input_context.get_per_replica_batch_size(batch)
     return tf.data.Dataset.from_tensor_slices(pool).repeat().batch(batch)
+
+
+def test_each_training_stream_starts_at_the_step_it_resumes_from(tmp_path):
+    """The trainer hands make_dataset the step its stream starts at, which data.mask_only_steps
+    counts against, so a resumed stage 1 neither repeats nor skips its mask-only steps."""
+    first_steps = []
+
+    def recording(config, split="train", stage=1, first_step=0, **kwargs):
+        if split == "train" and stage == 1:
+            first_steps.append(first_step)
+        return fakes.make_dataset(config, split, stage, first_step=first_step, **kwargs)
+
+    data = dict(make_dataset=recording, make_validation_patches=fakes.make_validation_patches)
+    train(_tiny("training.stage1_steps=2"), str(tmp_path), progress=False, **data)
+    train(_tiny("training.stage1_steps=5"), str(tmp_path), progress=False, **data)
+    assert first_steps == [0, 2]
 
 
 def test_mirrored_two_devices_equal_one_device(tmp_path):

@@ -52,7 +52,9 @@ def _batch(config: Config, split: str, stage: int, batch: int, seed: tf.Tensor, 
     }
 
 
-def make_dataset(config, split="train", stage=1, batch_size=None, input_context=None, seed=None, repeat=True):
+def make_dataset(
+    config, split="train", stage=1, batch_size=None, input_context=None, seed=None, repeat=True, first_step=0
+):
     global_batch = config.training.batch_size if batch_size is None else batch_size
     pipeline, batch = 0, global_batch
     if input_context is not None:

@@ -162,9 +162,10 @@ def _share(global_batch: int, input_context: tf.distribute.InputContext | None, 
 
 
 def _plans(
-    planner: PatchPlanner, share: _Share, seed: int, stage: int, score_frequency: float, k: int
+    planner: PatchPlanner, share: _Share, seed: int, stage: int, score_frequency: float, k: int, mask_only: int
 ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
-    """The map from a batch index to its rendering plan (`_draw`), as a tf.data function."""
+    """The map from a batch index to its rendering plan (`_draw`), as a tf.data function; the
+    stream's first `mask_only` steps are mask batches."""
 
     def draw(index: np.ndarray) -> list[np.ndarray]:
         rng = np.random.default_rng([seed, _TRAIN_STREAM, share.pipeline, stage, int(index)])
@@ -172,7 +173,8 @@ def _plans(
         # batches to its local replicas in turn, so batch `index` belongs to step index // replicas.
         step = int(index) // share.local_replicas
         coin = np.random.default_rng([seed, _KIND_STREAM, stage, step]).random()
-        plan = _draw(planner, rng, "score" if coin < score_frequency else "mask", share.batch, k)
+        kind = "score" if coin < score_frequency and step >= mask_only else "mask"
+        plan = _draw(planner, rng, kind, share.batch, k)
         return [plan[key] for key in _PLAN_SHAPES]
 
     label = planner.sampler.label_size
@@ -195,11 +197,13 @@ def make_dataset(
     seed: int | None = None,
     repeat: bool = True,
     patches_per_image: int | None = None,
+    first_step: int = 0,
 ) -> tf.data.Dataset:
     """Batches of training patches, sampled fresh for every batch (SPEC.md section 3).
 
     In stage 1 each global batch is all score samples with probability `data.score_frequency`,
-    else all mask samples, on every replica alike; stage 2 batches are mask samples. Batch i of
+    else all mask samples, on every replica alike, except that training steps before
+    `data.mask_only_steps` are all mask samples; stage 2 batches are mask samples. Batch i of
     input pipeline p is a pure function of (seed, p, stage, i), so the stream is deterministic and
     every pipeline's stream is distinct.
     The windows are drawn in Python (`PatchSampler.draw_windows`, cheap); the patches are decoded,
@@ -223,6 +227,8 @@ def make_dataset(
             each window's distribution is unchanged, windows of one image are dependent); None is
             `data.patches_per_image`, 1 the paper's sampling. The (per-replica) batch must be a
             multiple of it.
+        first_step: the training step of the stream's first global batch (a resumed stage's
+            step), against which `data.mask_only_steps` counts.
 
     Returns:
         A dataset of dicts: `images` (B, S, S, 3) float32 RGB in [0, 1] with S = model.input_size;
@@ -237,7 +243,8 @@ def make_dataset(
     k = config.data.patches_per_image if patches_per_image is None else patches_per_image
     share = _share(config.training.batch_size if batch_size is None else batch_size, input_context, k)
     seed = config.data.seed if seed is None else seed
-    to_plan = _plans(planner, share, seed, stage, config.data.score_frequency if stage == 1 else 0.0, k)
+    mask_only = max(0, config.data.mask_only_steps - first_step)
+    to_plan = _plans(planner, share, seed, stage, config.data.score_frequency if stage == 1 else 0.0, k, mask_only)
     parallel = tf.data.AUTOTUNE if config.data.num_parallel_calls == -1 else config.data.num_parallel_calls
     if repeat:
         count, indices = tf.data.INFINITE_CARDINALITY, tf.data.Dataset.counter()
