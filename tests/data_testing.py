@@ -106,10 +106,12 @@ def exact_dataset(root: str) -> tuple[str, str]:
 
 
 def config_for(annotation_file: str, image_dir: str, *overrides: str):
-    """The small preset on a hand-made dataset (both splits), canonical object size 32 px."""
+    """The small preset on a hand-made dataset (both splits), canonical object size 32 px, with
+    the paper's alternation of score and mask batches from the first step."""
     return get_config(
         "small",
         [
+            "data.mask_only_steps=0",
             f"data.train_annotations={annotation_file}",
             f"data.train_images={image_dir}",
             f"data.val_annotations={annotation_file}",

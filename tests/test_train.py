@@ -262,7 +262,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, mixe
 
 
 def test_every_global_batch_is_one_kind_on_two_replicas(tmp_path):
-    config = fakes.synthetic_config(tmp_path / "data", 6, 2, 0, ["training.batch_size=4"], val=False)
+    config = fakes.synthetic_config(
+        tmp_path / "data", 6, 2, 0, ["training.batch_size=4", "data.mask_only_steps=0"], val=False
+    )
     strategy = two_cpus()
     trainer = Trainer(config, str(tmp_path / "m"), strategy, progress=False)
     task = trainer.build_task("deepmask")
