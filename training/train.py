@@ -10,8 +10,9 @@ Rerunning with the same --model-dir resumes from the newest checkpoint that rest
 it skipped and why). Without --preset, a --model-dir holding a config.json (an earlier run's, or a
 converted model's from `sharpmask-convert`) is the base configuration that --set and the other
 flags override; with --preset, hyper-parameters other than the saved config.json's are warned
-about and the earlier config kept in config_history.json. SIGTERM or Ctrl-C, at any point of training, saves a
-checkpoint of the current step and exits. Under several workers, set TF_CONFIG on each.
+about and the earlier config kept in config_history.json. SIGTERM or Ctrl-C, at any point of
+training, saves a checkpoint of the current step and exits. Under several workers, set TF_CONFIG
+on each.
 
 Exit codes: 0 trained; 1 a stage's checkpoints are there and none restores (or another error);
 2 bad arguments or an incompatible --model-dir, before any work; 128+N stopped by signal N after a
