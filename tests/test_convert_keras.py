@@ -17,6 +17,7 @@ import torch_trees
 from reference_forward import deepmask_forward, forward
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from torch7_writer import Object, dumps, save
+from train_cli_testing import dataset_args, run_train, set_args
 
 from serving.export import export_model
 from serving.protocol import INPUT_KEY, SIGNATURE_PIXELS
@@ -27,7 +28,6 @@ from sharpmask_tf.config import Config, ExportConfig, InferenceConfig, load_run_
 from sharpmask_tf.convert import build, ir
 from sharpmask_tf.convert.run_dir import convert_file, read_conversion
 from sharpmask_tf.convert.torch7 import read_deepmask_t7
-from sharpmask_tf.data import generate_dataset
 from sharpmask_tf.inference import ProposalGenerator
 from sharpmask_tf.layers import IMAGENET_MEAN, IMAGENET_STD
 from sharpmask_tf.pyramid import scale_and_pad
@@ -37,7 +37,6 @@ from sharpmask_tf.task import stage_model
 BATCH = 3
 SIDE = 64  # the trees' iSz (32) + 32
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
-TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "train.py")
 
 
 @pytest.fixture(scope="module")
@@ -165,17 +164,13 @@ def test_train_py_trains_stage_two_on_a_converted_deepmask_from_its_config_json(
     run = tmp_path / "run"
     shutil.copytree(deepmask_run, run)
     converted = load_run_config(run)
-    root = tmp_path / "data"
-    paths = generate_dataset(str(root), num_train=12, num_val=4, seed=4)
     steps = ["training.stage2_steps=2", "training.batch_size=4", "training.val_patches=4", "training.log_every=1"]
-    result = subprocess.run(
-        [sys.executable, TRAIN_SCRIPT, "--model-dir", str(run), "--stage", "sharpmask", "--no-progress"]
-        + ["--train-data", f"{paths['train']}:{root}/train", "--val-data", f"{paths['val']}:{root}/val"]
-        + [arg for override in steps for arg in ("--set", override)],
-        capture_output=True,
-        text=True,
+    result = run_train(
+        ["--model-dir", str(run), "--stage", "sharpmask", "--no-progress"]
+        + dataset_args(str(tmp_path / "data"), num_train=12, num_val=4, seed=4)
+        + set_args(*steps),
+        cwd=tmp_path,
         timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
 
     assert result.returncode == 0, result.stderr[-3000:]

@@ -13,31 +13,14 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
+from train_cli_testing import SCRIPT, dataset_args, run_train, set_args, train_env
 
 from sharpmask_tf.config import get_config
-from sharpmask_tf.data import generate_dataset
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "training", "train.py")
 
 
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("synthetic"))
-    paths = generate_dataset(root, num_train=24, num_val=8, seed=3)
-    return ["--train-data", f"{paths['train']}:{root}/train", "--val-data", f"{paths['val']}:{root}/val"]
-
-
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
-    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def _run(args, cwd, timeout=120, **env):
-    return subprocess.run(
-        [sys.executable, SCRIPT, *args], cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout
-    )
+    return dataset_args(str(tmp_path_factory.mktemp("synthetic")), num_train=24, num_val=8, seed=3)
 
 
 @pytest.mark.parametrize(
@@ -51,7 +34,7 @@ def _run(args, cwd, timeout=120, **env):
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_error(tmp_path, args, message):
-    result = _run(args + ["--model-dir", str(tmp_path / "m")], cwd=tmp_path, timeout=60)
+    result = run_train(args + ["--model-dir", str(tmp_path / "m")], cwd=tmp_path, timeout=60)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "m").exists()
@@ -61,7 +44,7 @@ def test_model_dir_of_incompatible_config_exits_2_before_work(tmp_path, data_arg
     model_dir = tmp_path / "m"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(get_config("small", ["model.refine_k=32"]).to_json())
-    result = _run(data_args + ["--preset", "small", "--model-dir", str(model_dir)], cwd=tmp_path, timeout=60)
+    result = run_train(data_args + ["--preset", "small", "--model-dir", str(model_dir)], cwd=tmp_path, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "refine_k" in result.stderr and "Traceback" not in result.stderr
     assert sorted(os.listdir(model_dir)) == ["config.json"]
@@ -71,7 +54,7 @@ def test_without_preset_a_malformed_config_json_of_the_model_dir_exits_2_naming_
     model_dir = tmp_path / "m"
     model_dir.mkdir()
     (model_dir / "config.json").write_text('{"model": {"refine_k": "many"}}')
-    result = _run(data_args + ["--model-dir", str(model_dir)], cwd=tmp_path, timeout=60)
+    result = run_train(data_args + ["--model-dir", str(model_dir)], cwd=tmp_path, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "config.json is not a valid sharpmask_tf configuration" in result.stderr
     assert "Traceback" not in result.stderr
@@ -114,7 +97,7 @@ def test_sigkill_resumes_from_last_checkpoint_and_sigterm_loses_nothing(tmp_path
         "--stage",
         "deepmask",
         "--no-progress",
-        *_sets(
+        *set_args(
             "training.stage1_steps=1000",
             "training.checkpoint_every=4",
             "training.log_every=1",
@@ -126,14 +109,18 @@ def test_sigkill_resumes_from_last_checkpoint_and_sigterm_loses_nothing(tmp_path
         ),
     ]
     cmd = [sys.executable, SCRIPT, *args]
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        cmd, cwd=tmp_path, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait(lambda: _latest_step(stage_dir) >= 16, first, 180)
     first.send_signal(signal.SIGKILL)
     first.wait(30)
     killed_at = _latest_step(stage_dir)
     assert killed_at >= 16 and killed_at % 4 == 0
 
-    second = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(
+        cmd, cwd=tmp_path, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait(lambda: _latest_step(stage_dir) > killed_at, second, 180)
     second.send_signal(signal.SIGTERM)
     out, err = second.communicate(timeout=60)
@@ -188,14 +175,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def _sets(*overrides: str) -> list[str]:
-    """`--set` arguments for config overrides."""
-    return [arg for override in overrides for arg in ("--set", override)]
-
-
 SIGNAL_ARGS = [
     "--no-progress",
-    *_sets(
+    *set_args(
         "training.stage1_steps=4",
         "training.stage2_steps=1",
         "training.batch_size=4",
@@ -212,7 +194,9 @@ def _run_blocked_and_signal(tmp_path, args, block_at, call, signum, timeout=240)
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     ready, go = tmp_path / "ready", tmp_path / "go"
-    env = _env(BLOCK_AT=block_at, BLOCK_CALL=str(call), BLOCK_READY=str(ready), BLOCK_GO=str(go), TRAIN_SCRIPT=SCRIPT)
+    env = train_env(
+        BLOCK_AT=block_at, BLOCK_CALL=str(call), BLOCK_READY=str(ready), BLOCK_GO=str(go), TRAIN_SCRIPT=SCRIPT
+    )
     with open(tmp_path / "out", "w+") as out, open(tmp_path / "err", "w+") as err:
         proc = subprocess.Popen([sys.executable, str(driver), *args], cwd=tmp_path, env=env, stdout=out, stderr=err)
         try:
@@ -260,7 +244,7 @@ def test_a_signal_at_any_point_saves_stops_with_128_plus_signal_and_resumes(
     assert all((model_dir / name).exists() for name in written)
     assert not any((model_dir / name).exists() for name in absent)
 
-    again = _run(args, cwd=tmp_path, timeout=240)
+    again = run_train(args, cwd=tmp_path, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"deepmask: resumed from {model_dir / 'deepmask' / f'ckpt-{step}'} at step {step}" in again.stdout
     assert _latest_step(model_dir / "sharpmask") == 1 and (model_dir / "sharpmask.keras").exists()
@@ -274,13 +258,13 @@ def test_a_broken_latest_checkpoint_resumes_from_the_one_before(tmp_path, data_a
     stage_dir = model_dir / "deepmask"
     args = data_args + ["--model-dir", str(model_dir), "--stage", "deepmask", *SIGNAL_ARGS]
     args += ["--set", "training.checkpoint_every=1"]
-    first = _run(args + ["--set", "training.stage1_steps=3"], cwd=tmp_path, timeout=240)
+    first = run_train(args + ["--set", "training.stage1_steps=3"], cwd=tmp_path, timeout=240)
     assert first.returncode == 0, first.stderr[-3000:]
     data = stage_dir / "ckpt-3.data-00000-of-00001"
     with open(data, "r+b") as f:
         f.truncate(data.stat().st_size // 2)
 
-    again = _run(args, cwd=tmp_path, timeout=240)
+    again = run_train(args, cwd=tmp_path, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"deepmask: skipped checkpoint {stage_dir / 'ckpt-3'}: its files do not read (IndexError" in again.stdout
     assert f"deepmask: resumed from {stage_dir / 'ckpt-2'} at step 2" in again.stdout
@@ -294,7 +278,7 @@ def test_a_broken_latest_checkpoint_resumes_from_the_one_before(tmp_path, data_a
         if name.startswith("ckpt-") and ".data-" in name:
             (stage_dir / name).write_bytes(b"")
     before = sorted(os.listdir(stage_dir))
-    broken = _run(args, cwd=tmp_path, timeout=120)
+    broken = run_train(args, cwd=tmp_path, timeout=120)
     assert broken.returncode == 1, broken.stderr[-3000:]
     assert "None of the checkpoints" in broken.stderr and "ckpt-4" in broken.stderr
     assert "Traceback" not in broken.stderr
@@ -322,7 +306,7 @@ def test_two_workers_end_with_identical_weights(tmp_path, data_args):
         "--strategy",
         "auto",
         "--no-progress",
-        *_sets(
+        *set_args(
             "training.stage1_steps=3",
             "training.stage2_steps=2",
             "training.batch_size=4",
@@ -337,7 +321,7 @@ def test_two_workers_end_with_identical_weights(tmp_path, data_args):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})),
+            env=train_env(TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})),
         )
         for i in range(2)
     ]

@@ -104,9 +104,10 @@ def base_config(args: argparse.Namespace) -> tuple[Config, str]:
         ValueError: naming the config.json when it is not a valid configuration.
     """
     if args.preset is None:
-        saved = load_run_config(model_dir_of(args))
+        model_dir = model_dir_of(args)
+        saved = load_run_config(model_dir)
         if saved is not None:
-            return saved, os.path.join(model_dir_of(args), CONFIG_FILE)
+            return saved, os.path.join(model_dir, CONFIG_FILE)
     preset = args.preset or DEFAULT_PRESET
     return get_config(preset), f"preset {preset!r}"
 

@@ -1,0 +1,37 @@
+"""training/train.py as a real process, for the tests that run it: its path, its environment, a
+run with a timeout, and its arguments for a dataset and for config overrides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from sharpmask_tf.data import generate_dataset
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "train.py")
+
+
+def train_env(**extra: str) -> dict[str, str]:
+    """This process's environment without TF_CONFIG (a single worker), quiet and unbuffered."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_train(args: list[str], cwd, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """train.py with `args`, its output captured; a run past `timeout` seconds raises."""
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args], cwd=cwd, env=train_env(**env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def set_args(*overrides: str) -> list[str]:
+    """`--set` arguments for config overrides."""
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+def dataset_args(root: str, num_train: int, num_val: int, seed: int) -> list[str]:
+    """`--train-data` and `--val-data` of a synthetic dataset generated under `root`."""
+    paths = generate_dataset(root, num_train=num_train, num_val=num_val, seed=seed)
+    return ["--train-data", f"{paths['train']}:{root}/train", "--val-data", f"{paths['val']}:{root}/val"]
