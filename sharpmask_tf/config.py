@@ -82,6 +82,9 @@ class ModelConfig:
     mask_size: int = 56  # oSz: coarse mask logits side
     score_hidden: int = 1024  # hidden units of the score branch
     dropout: float = 0.5  # score branch dropout
+    # factor on the score loss's gradient entering the object vector (head and trunk); 1 is the
+    # paper's joint training, 0 the score branch alone on the features the masks shape
+    score_gradient: float = 1.0
     refinement: bool = True  # SharpMask (True) or DeepMask only (False)
     refine_k: int = 32  # k: mask channels entering R1, halved by every module
     refine_skip_hidden: int = 64  # horizontal nets' first conv width (R1..R3)
@@ -100,6 +103,8 @@ class ModelConfig:
             _fail(s, "trunk_blocks", self.trunk_blocks, "must be three positive block counts")
         if self.trunk_width < 1:
             _fail(s, "trunk_width", self.trunk_width, "must be positive")
+        if not 0.0 <= self.score_gradient <= 1.0:
+            _fail(s, "score_gradient", self.score_gradient, "must be in [0, 1]")
         if self.padding not in PADDING_MODES:
             _fail(s, "padding", self.padding, f"must be one of {PADDING_MODES}")
         if self.trunk_flavour not in TRUNK_FLAVOURS:

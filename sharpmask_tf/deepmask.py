@@ -9,7 +9,7 @@ import keras
 
 from sharpmask_tf.backbone import input_normalization, resnet_trunk
 from sharpmask_tf.config import TAP_STRIDES, TRUNK_STRIDE
-from sharpmask_tf.layers import CenterCrop2D
+from sharpmask_tf.layers import CenterCrop2D, GradientScale
 
 # Layers of head C, by role. Inference rebuilds them as convolutions from these names.
 HEAD_REDUCE = "head_reduce"
@@ -17,6 +17,7 @@ HEAD_OBJECT = "head_object"
 MASK_LOGITS = "mask_logits"
 SCORE_HIDDEN = "score_hidden"
 SCORE_LOGITS = "score_logits"
+SCORE_GRADIENT = "score_gradient"
 
 
 def deepmask_graph(
@@ -32,8 +33,10 @@ def deepmask_graph(
     dropout: float,
     trunk_flavour: str = "keras",
     pretrained_trunk: bool = True,
+    score_gradient: float = 1.0,
 ):
-    """Builds DeepMask's tensors; SharpMask extends the same graph.
+    """Builds DeepMask's tensors; SharpMask extends the same graph. A `score_gradient` under 1
+    puts a `GradientScale` layer ("score_gradient") at the score branch's input.
 
     Returns:
         (inputs, taps, object_vector, outputs): the (B, S, S, 3) patch input with
@@ -55,7 +58,10 @@ def deepmask_graph(
     m = keras.layers.Reshape((mask_size, mask_size), name="mask_reshape")(m)
     masks = keras.layers.Activation("linear", dtype="float32", name="masks")(m)
 
-    s = keras.layers.Dropout(dropout, name="score_dropout1")(object_vector)
+    s = object_vector
+    if score_gradient != 1.0:
+        s = GradientScale(score_gradient, name=SCORE_GRADIENT)(s)
+    s = keras.layers.Dropout(dropout, name="score_dropout1")(s)
     s = keras.layers.Dense(score_hidden, activation="relu", name=SCORE_HIDDEN)(s)
     s = keras.layers.Dropout(dropout, name="score_dropout2")(s)
     s = keras.layers.Dense(1, name=SCORE_LOGITS)(s)
@@ -99,6 +105,9 @@ class DeepMask(keras.Model):
         pretrained_trunk: whether the trunk gets pretrained weights: True freezes its BatchNorm
             and picks the flavour's input transform; False trains BatchNorm with batch statistics
             on mean/std RGB input (`backbone.input_normalization`).
+        score_gradient: the factor on the score loss's gradient where it enters the object vector
+            (so in the head and trunk); 1 is the paper's joint training, 0 trains the score branch
+            alone on features the masks shape. The forward pass is the same for any factor.
         name: the model's name.
         dtype: the dtype policy its layers are built with (None: the global policy); the masks and
             scores are float32 under any policy.
@@ -118,6 +127,7 @@ class DeepMask(keras.Model):
         "dropout",
         "trunk_flavour",
         "pretrained_trunk",
+        "score_gradient",
     )
 
     def __init__(
@@ -134,6 +144,7 @@ class DeepMask(keras.Model):
         dropout: float = 0.5,
         trunk_flavour: str = "keras",
         pretrained_trunk: bool = True,
+        score_gradient: float = 1.0,
         name: str = "deepmask",
         dtype: str | None = None,
         **kwargs,
@@ -143,6 +154,7 @@ class DeepMask(keras.Model):
         arguments = {key: given[key] for key in self.ARGUMENTS}
         arguments["trunk_blocks"] = tuple(trunk_blocks)
         arguments["pretrained_trunk"] = bool(pretrained_trunk)
+        arguments["score_gradient"] = float(score_gradient)
         kwargs = {key: value for key, value in kwargs.items() if key not in arguments}
         with dtype_policy_scope(dtype):
             inputs, outputs, features = self._graph(arguments)

@@ -100,6 +100,31 @@ class CenterCrop2D(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="sharpmask_tf")
+class GradientScale(keras.layers.Layer):
+    """The identity forward; backward, the gradient times `factor` (0 stops it).
+
+    The forward value is the input itself, bit for bit: stop_gradient(x) + factor * (x -
+    stop_gradient(x)) adds an exact zero.
+    """
+
+    def __init__(self, factor: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= factor <= 1.0:
+            raise ValueError(f"factor must be in [0, 1]. Received: factor={factor!r}")
+        self.factor = float(factor)
+
+    def call(self, x):
+        held = keras.ops.stop_gradient(x)
+        return held + keras.ops.cast(self.factor, x.dtype) * (x - held)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+@keras.saving.register_keras_serializable(package="sharpmask_tf")
 class Upsample2D(keras.layers.Layer):
     """Integer-factor upsampling, bilinear or nearest, for any (also unknown) spatial size.
 

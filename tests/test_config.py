@@ -73,6 +73,7 @@ def test_default_pyramid_is_the_papers():
         ("model.upsampling=cubic", "upsampling", "'cubic'"),
         ("data.score_frequency=1.5", "score_frequency", "1.5"),
         ("data.mask_only_steps=-1", "mask_only_steps", "-1"),
+        ("model.score_gradient=-0.5", "score_gradient", "-0.5"),
         ("training.batch_size=0", "batch_size", "0"),
         ("inference.mask_threshold=1", "mask_threshold", "1"),
         ("inference.compute_dtype=int8", "compute_dtype", "'int8'"),

@@ -55,3 +55,53 @@ def test_reloaded_model_keeps_its_geometry_and_dtype_policy(tmp_path):
     assert loaded.get_layer("head_object").compute_dtype == "float16"
     assert loaded.get_layer("trunk").get_layer("conv1_conv").compute_dtype == "float16"
     assert all(v.dtype == "float32" for v in loaded.weights)
+
+
+def _head_gradients(model, x, labels):
+    """Gradients of the score loss and of the mask loss, by variable path."""
+    out = {}
+    for name in ("scores", "masks"):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=False)[name]
+            loss = tf.reduce_sum(tf.math.softplus(-labels[name] * logits))
+        grads = tape.gradient(loss, model.trainable_variables)
+        out[name] = {v.path: g for v, g in zip(model.trainable_variables, grads)}
+    return out
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.25])
+def test_score_gradient_scales_only_the_scores_gradient_into_head_and_trunk(factor):
+    joint = build_model(get_config("small", ["model.refinement=false"]))
+    scaled = build_model(get_config("small", ["model.refinement=false", f"model.score_gradient={factor}"]))
+    scaled.set_weights(joint.get_weights())
+    rng = np.random.default_rng(5)
+    x = rng.random((3, 96, 96, 3)).astype("float32")
+    labels = {
+        "scores": np.array([[1.0], [-1.0], [1.0]], "float32"),
+        "masks": np.sign(rng.normal(size=(3, 32, 32))).astype("float32"),
+    }
+    for k, v in joint(x).items():
+        np.testing.assert_array_equal(np.asarray(scaled(x)[k]), np.asarray(v))  # the same forward
+    reference, got = _head_gradients(joint, x, labels), _head_gradients(scaled, x, labels)
+    # The layers both losses train: the trunk and head C's shared part, up to the object vector.
+    shared_layers = [scaled.get_layer("trunk"), scaled.get_layer("head_reduce"), scaled.get_layer("head_object")]
+    shared = {v.path for layer in shared_layers for v in layer.trainable_variables}
+    assert len(shared) > 10 and set(shared) < set(got["scores"])
+    for path, grad in got["scores"].items():
+        want = reference["scores"][path]
+        if path in shared:
+            np.testing.assert_allclose(np.asarray(grad), factor * np.asarray(want), rtol=1e-4, atol=1e-6)
+        elif want is not None:  # the score branch's own layers learn as before
+            np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=1e-5, atol=1e-7)
+    for path, grad in got["masks"].items():  # the masks' gradients are untouched
+        want = reference["masks"][path]
+        if want is not None:
+            np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=1e-5, atol=1e-7)
+
+
+def test_score_gradient_survives_a_reload(tmp_path):
+    model = build_model(get_config("small", ["model.refinement=false", "model.score_gradient=0.1"]))
+    model.save(tmp_path / "deepmask.keras")
+    loaded = keras.saving.load_model(tmp_path / "deepmask.keras")
+    assert loaded.score_gradient == 0.1 and loaded.get_layer("score_gradient").factor == 0.1
+    assert "score_gradient" not in [layer.name for layer in build_model(get_config("small")).layers]

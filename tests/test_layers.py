@@ -6,6 +6,7 @@ import tensorflow as tf
 from sharpmask_tf.layers import (
     CenterCrop2D,
     FrozenBatchNormalization,
+    GradientScale,
     ImageNormalization,
     MirrorPad2D,
     Upsample2D,
@@ -35,6 +36,8 @@ def test_bad_layer_arguments():
         MirrorPad2D(1, "wrap")
     with pytest.raises(ValueError, match="interpolation='area'"):
         Upsample2D(2, "area")
+    with pytest.raises(ValueError, match="factor=1.5"):
+        GradientScale(1.5)
 
 
 def test_center_crop():
@@ -89,6 +92,7 @@ def test_caffe_normalization_is_keras_resnet_preprocessing():
         ImageNormalization(),
         ImageNormalization("caffe"),
         FrozenBatchNormalization(epsilon=1e-3),
+        GradientScale(0.25),
     ],
 )
 def test_layers_serialise(layer):
@@ -130,3 +134,16 @@ def test_mirror_index_reads_what_numpy_padding_writes(mode, size):
     assert [mirror_index(int(i), size, mode) for i in index] == want.tolist()
     with pytest.raises(ValueError, match="mode='zero'"):
         mirror_index(index, size, "zero")
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.1, 1.0])
+def test_gradient_scale_is_the_identity_forward_and_scales_the_gradient(factor):
+    x = tf.constant(np.random.default_rng(3).normal(size=(4, 7)).astype("float32") * 1e3)
+    weights = tf.constant(np.random.default_rng(4).normal(size=(4, 7)).astype("float32"))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = GradientScale(factor)(x)
+        loss = tf.reduce_sum(tf.sin(y) * weights)
+    np.testing.assert_array_equal(y.numpy(), x.numpy())  # bit for bit
+    # d/dx sum(sin(x) * w) = cos(x) * w, written out independently of the layer.
+    np.testing.assert_allclose(tape.gradient(loss, x).numpy(), factor * np.cos(x.numpy()) * weights.numpy(), rtol=1e-6)
