@@ -263,7 +263,9 @@ class StageTask:
             t = self.config.training
             val = dict(self._make_validation_patches(self.config, t.val_patches, self._data_stage, t.seed))
             if self.stage == "deepmask":
-                score_config = self.config.override(["data.score_frequency=1.0"])
+                # Every batch a score batch, from the first on: training's mask-only start
+                # (data.mask_only_steps) would make the first ones mask batches, all positives.
+                score_config = self.config.override(["data.score_frequency=1.0", "data.mask_only_steps=0"])
                 batch = min(t.val_patches, VALIDATION_CHUNK)
                 batches = list(
                     self._make_dataset(

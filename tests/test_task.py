@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import test_train_fakes as fakes
+from data_testing import config_for, crowded_dataset
 from strategies import two_cpus
 
 from sharpmask_tf.config import get_config
@@ -128,6 +129,16 @@ def test_validation_step_scores_patches_as_evaluate_patches(stage):
     side = val["masks"].shape[1]
     assert shown["images"].shape[0] == shown["labels"].shape[0] == 2
     assert shown["logits"].shape == (2, side, side)
+
+
+def test_stage1_validation_scores_objects_and_background_despite_a_mask_only_start(tmp_path, monkeypatch):
+    """The score validation set is score samples, positives and negatives, however many of
+    training's first steps are mask batches (the small preset's data.mask_only_steps)."""
+    monkeypatch.setenv("SHARPMASK_TF_CACHE", str(tmp_path / "cache"))
+    config = config_for(*crowded_dataset(str(tmp_path)), "data.mask_only_steps=1000", "training.val_patches=32")
+    labels = StageTask(config, "deepmask").validation_data()["score_labels"]
+    assert labels.shape == (32, 1)
+    assert set(np.unique(labels).tolist()) == {-1.0, 1.0}
 
 
 def _reference_learning_rate(step, stage):
