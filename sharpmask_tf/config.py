@@ -181,6 +181,7 @@ class DataConfig:
     on_bad_annotation: str = "skip"  # "error" raises; "skip" counts, logs and drops
     num_parallel_calls: int = -1  # tf.data parallelism; -1 is AUTOTUNE
     patches_per_image: int = 1  # windows cut per decoded image; 1 is the paper's (README, Data)
+    spread_patches: bool = False  # an image's windows go to consecutive batches, not one (README, Data)
     seed: int = 0  # sampler seed
 
     def __post_init__(self) -> None:

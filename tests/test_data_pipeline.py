@@ -237,3 +237,65 @@ def test_undecodable_image_is_redrawn_or_raises_in_the_pipeline(tmp_path):
     assert planner.sampler.skipped["undecodable image"] > 0
     with pytest.raises(tf.errors.OpError, match="truncated JPEG"):
         take(make_dataset(config_for(path, str(image_dir), "data.on_bad_annotation=error"), batch_size=8), 4)
+
+
+def spread_reference(config, stage, seed, tag, round_, batch, k, replicas=1):
+    """Round `round_` of the spread stream of kind tag 0 (mask) redrawn from its seed and cut by
+    the NumPy sampler, dealt as the README says: step j, replica r takes window j of the groups
+    [r * batch, (r + 1) * batch); returns the k * replicas batches' masks in stream order."""
+    d = config.data
+    sampler = PatchSampler.from_config(CocoDataset(d.train_annotations, d.train_images), config, stage)
+    rng = np.random.default_rng([seed, pipeline._TRAIN_STREAM, 0, stage, tag, round_])
+    windows = sampler.draw_windows(rng, "mask", replicas * batch * k, k)
+    batches = []
+    for j in range(k):
+        for r in range(replicas):
+            chosen = [windows[g * k + j] for g in range(r * batch, (r + 1) * batch)]
+            masks = [sampler.crop_label(w)[:, ::-1] if w.flip else sampler.crop_label(w) for w in chosen]
+            batches.append(np.stack(masks))
+    return batches
+
+
+def test_spread_patches_deal_an_images_windows_to_consecutive_batches(crowded):
+    """Two rounds of stage 2 with 2 windows per image and batch 4: each batch takes one window of
+    each of 4 groups, and a group's 2 windows go to consecutive batches."""
+    config = config_for(*crowded, "data.patches_per_image=2", "data.spread_patches=true")
+    batches = take(make_dataset(config, stage=2, batch_size=4, seed=2), 4)
+    expected = spread_reference(config, 2, 2, 0, 0, 4, 2) + spread_reference(config, 2, 2, 0, 1, 4, 2)
+    for batch, masks in zip(batches, expected):
+        np.testing.assert_array_equal(batch["masks"], masks)
+        assert np.all(batch["mask_weight"] == 1) and np.all(batch["scores"] == 1)
+    # Without spreading the same windows' groups sit inside one batch.
+    grouped = take(make_dataset(config.override(["data.spread_patches=false"]), stage=2, batch_size=4, seed=2), 1)
+    assert not np.array_equal(grouped[0]["masks"], batches[0]["masks"])
+    # The same (seed, step) gives the same batch.
+    again = take(make_dataset(config, stage=2, batch_size=4, seed=2).skip(3), 1)[0]
+    for key in again:
+        np.testing.assert_array_equal(again[key], batches[3][key])
+
+
+def test_spread_patches_keep_the_kind_of_every_step(crowded):
+    """Stage 1's kinds (the mask-only start, then the per-step coin) are those of the stream
+    without spreading, and score batches hold score samples of both signs."""
+    overrides = ("data.patches_per_image=2", "data.mask_only_steps=3")
+    plain = take(make_dataset(config_for(*crowded, *overrides), stage=1, batch_size=4, seed=4), 16)
+    spread_config = config_for(*crowded, *overrides, "data.spread_patches=true")
+    spread = take(make_dataset(spread_config, stage=1, batch_size=4, seed=4), 16)
+    kinds = [["score" if b["score_weight"][0] else "mask" for b in s] for s in (plain, spread)]
+    assert kinds[0] == kinds[1] and kinds[0][:3] == ["mask"] * 3 and "score" in kinds[0][3:]
+    for batch, kind in zip(spread, kinds[1]):
+        assert np.all(batch["score_weight"] == (kind == "score")) and np.all(batch["mask_weight"] == (kind == "mask"))
+    scores = np.concatenate([b["scores"] for b, kind in zip(spread, kinds[1]) if kind == "score"])
+    assert set(np.unique(scores).tolist()) == {-1.0, 1.0}
+
+
+def test_spread_patches_give_each_replica_of_a_step_other_images(crowded):
+    """Two local replicas: a round holds 2 x 4 groups; step j's two batches are window j of
+    groups 0-3 and of groups 4-7."""
+    config = config_for(*crowded, "data.patches_per_image=2", "data.spread_patches=true")
+    context = tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0, num_replicas_in_sync=2)
+    batches = take(make_dataset(config, stage=2, batch_size=8, input_context=context, seed=6), 4)
+    expected = spread_reference(config, 2, 6, 0, 0, 4, 2, replicas=2)
+    assert [b["masks"].shape[0] for b in batches] == [4] * 4
+    for batch, masks in zip(batches, expected):
+        np.testing.assert_array_equal(batch["masks"], masks)

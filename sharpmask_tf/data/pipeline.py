@@ -132,6 +132,64 @@ def _render(groups: tf.data.Dataset, planner: PatchPlanner, parallel: int) -> tf
     return groups.map(to_patches, num_parallel_calls=parallel, deterministic=True).unbatch()
 
 
+def _spread_batches(
+    planner: PatchPlanner,
+    share: _Share,
+    seed: int,
+    stage: int,
+    score_frequency: float,
+    k: int,
+    mask_only: int,
+    parallel: int,
+) -> tf.data.Dataset:
+    """The endless stream of `make_dataset` with `data.spread_patches`: the k windows of each
+    decoded image go to k consecutive steps' batches of their kind.
+
+    Each kind has its own stream of rounds. A round draws local_replicas * batch groups of k
+    windows (one image each) and deals them out as k steps' worth of batches: step j of the round
+    takes every group's j-th window, replica r the groups [r * batch, (r + 1) * batch). So every
+    batch, and every step's batches together, hold one window per image, as with one window per
+    image. The batch kinds follow `_kind` step by step, as without spreading.
+    """
+    replicas, batch, label = share.local_replicas, share.batch, planner.sampler.label_size
+    groups = replicas * batch
+
+    def kind_stream(kind: str, tag: int) -> tf.data.Dataset:
+        def draw(index: np.ndarray) -> list[np.ndarray]:
+            rng = np.random.default_rng([seed, _TRAIN_STREAM, share.pipeline, stage, tag, int(index)])
+            plan = _draw(planner, rng, kind, groups * k, k)
+            return [plan[key] for key in _PLAN_SHAPES]
+
+        plans = tf.data.Dataset.counter().map(
+            _plan_function(draw, groups * k, k, label), num_parallel_calls=parallel, deterministic=True
+        )
+
+        def deal(round_: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            # (replicas * batch * k, ...) group by group -> (k * replicas, batch, ...) step by step.
+            def one(x: tf.Tensor) -> tf.Tensor:
+                x = tf.reshape(x, (replicas, batch, k, *x.shape[1:]))
+                x = tf.transpose(x, (2, 0, 1, *range(3, len(x.shape))))
+                return tf.reshape(x, (k * replicas, batch, *x.shape[3:]))
+
+            return {key: one(value) for key, value in round_.items()}
+
+        rounds = _render(plans.unbatch(), planner, parallel).batch(groups * k, drop_remainder=True)
+        return rounds.map(deal).unbatch()
+
+    def choice(index: tf.Tensor) -> tf.Tensor:
+        def pick(i: np.ndarray) -> np.ndarray:
+            kind = _kind(seed, stage, int(i) // replicas, score_frequency, mask_only)
+            return np.int64(kind == "score")
+
+        return tf.ensure_shape(tf.numpy_function(pick, [index], tf.int64, stateful=False), ())
+
+    streams = [kind_stream("mask", 0)]
+    if score_frequency > 0:
+        streams.append(kind_stream("score", 1))
+    choices = tf.data.Dataset.counter().map(choice)
+    return tf.data.Dataset.choose_from_datasets(streams, choices)
+
+
 class _Share(NamedTuple):
     """An input pipeline's part of the global batches."""
 
@@ -169,16 +227,26 @@ def _plans(
 
     def draw(index: np.ndarray) -> list[np.ndarray]:
         rng = np.random.default_rng([seed, _TRAIN_STREAM, share.pipeline, stage, int(index)])
-        # The kind is drawn per global step, the same on every replica: a pipeline hands its
-        # batches to its local replicas in turn, so batch `index` belongs to step index // replicas.
-        step = int(index) // share.local_replicas
-        coin = np.random.default_rng([seed, _KIND_STREAM, stage, step]).random()
-        kind = "score" if coin < score_frequency and step >= mask_only else "mask"
+        kind = _kind(seed, stage, int(index) // share.local_replicas, score_frequency, mask_only)
         plan = _draw(planner, rng, kind, share.batch, k)
         return [plan[key] for key in _PLAN_SHAPES]
 
-    label = planner.sampler.label_size
-    shapes = {key: (share.batch // k, *shape(k, label)) for key, shape in _PLAN_SHAPES.items()}
+    return _plan_function(draw, share.batch, k, planner.sampler.label_size)
+
+
+def _kind(seed: int, stage: int, step: int, score_frequency: float, mask_only: int) -> str:
+    """The kind of a stream's global step, the same on every replica: a pipeline hands its
+    batches to its local replicas in turn, so its batch i belongs to step i // local replicas."""
+    coin = np.random.default_rng([seed, _KIND_STREAM, stage, step]).random()
+    return "score" if coin < score_frequency and step >= mask_only else "mask"
+
+
+def _plan_function(
+    draw: Callable[[np.ndarray], list[np.ndarray]], windows: int, k: int, label: int
+) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+    """`draw` (a batch index to the `_PLAN_SHAPES` arrays of `windows` windows in groups of k)
+    as a tf.data function."""
+    shapes = {key: (windows // k, *shape(k, label)) for key, shape in _PLAN_SHAPES.items()}
     types = [_PLAN_TYPES.get(key, tf.float32) for key in _PLAN_SHAPES]
 
     def to_plan(index: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -226,7 +294,10 @@ def make_dataset(
         patches_per_image: windows cut from each decoded image (see `PatchSampler.draw_windows`:
             each window's distribution is unchanged, windows of one image are dependent); None is
             `data.patches_per_image`, 1 the paper's sampling. The (per-replica) batch must be a
-            multiple of it.
+            multiple of it. With `data.spread_patches` (and `repeat`) an image's windows go to
+            that many consecutive steps' batches of their kind instead of one batch, so that a
+            batch holds one window per group as with 1 (`_spread_batches`); batch i is then a
+            pure function of (seed, p, stage, i) too.
         first_step: the training step of the stream's first global batch (a resumed stage's
             step), against which `data.mask_only_steps` counts.
 
@@ -246,6 +317,12 @@ def make_dataset(
     mask_only = max(0, config.data.mask_only_steps - first_step)
     to_plan = _plans(planner, share, seed, stage, config.data.score_frequency if stage == 1 else 0.0, k, mask_only)
     parallel = tf.data.AUTOTUNE if config.data.num_parallel_calls == -1 else config.data.num_parallel_calls
+    if repeat and config.data.spread_patches and k > 1:
+        frequency = config.data.score_frequency if stage == 1 else 0.0
+        dataset = _spread_batches(planner, share, seed, stage, frequency, k, mask_only, parallel)
+        return dataset.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY)).prefetch(
+            tf.data.AUTOTUNE
+        )
     if repeat:
         count, indices = tf.data.INFINITE_CARDINALITY, tf.data.Dataset.counter()
     else:
