@@ -3,6 +3,7 @@
     python -m benchmarks.bench_data                       # generates data/coco_scale if absent
     python -m benchmarks.bench_data --seconds 10 --cores 1 2 --patches-per-image 1 4
     python -m benchmarks.bench_data --fraction 0.1 --cache data/coco_cache   # a tenth, cache kept
+    python -m benchmarks.bench_data --spread    # also 4 patches per image with data.spread_patches
 
 The split has COCO train2017's counts (118,287 640x480 images, 829,875 polygon annotations, 80
 categories; `--fraction` scales the image and annotation counts) but only `--photos` distinct JPEG
@@ -228,6 +229,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="time budget per measurement")
     parser.add_argument("--cores", type=int, nargs="*", default=None, help="core counts (default 1, 2, all)")
     parser.add_argument("--patches-per-image", type=int, nargs="*", default=[1, 4], help="make_dataset variants")
+    parser.add_argument("--spread", action="store_true", help="also time each of them over 1 with data.spread_patches")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (median and range)")
     parser.add_argument("--cache", help="split cache folder to keep and reuse (default: a fresh one, validating again)")
     parser.add_argument("--load-only", type=int, default=0, help="(internal) print load_report on this many cores")
@@ -257,15 +259,19 @@ def main() -> None:
         os.environ["SHARPMASK_TF_CACHE"] = cache
         packed = load_packed_split(config, "train")
         print(f"CPU cores: {len(CORES)}; float32 matmul: {matmul_gflops():.0f} GFLOP/s (all cores)", flush=True)
-        rates = measure(config, packed, cores, args.patches_per_image, args.seconds, args.rounds)
+        variants = [str(k) for k in args.patches_per_image]
+        variants += [f"{k} spread" for k in args.patches_per_image if k > 1 and args.spread]
+        rates = measure(config, packed, cores, variants, args.seconds, args.rounds)
         confine_to_cores(len(CORES))
     print(table(rates, args.rounds))
 
 
-def measure(config, packed, cores: list[int], variants: list[int], seconds: float, rounds: int) -> dict:
+def measure(config, packed, cores: list[int], variants: list[str], seconds: float, rounds: int) -> dict:
     """Patches/s and patches per CPU-second of today's pipeline (key k=0) and `make_dataset` with
-    k patches per image, by (cores, stage, k): one (wall, CPU) pair per round, the rounds
-    interleaved so that a change of the machine's load spreads over every configuration."""
+    k patches per image ("k", or "k spread" with data.spread_patches), by (cores, stage, k): one
+    (wall, CPU) pair per round, the rounds interleaved so that a change of the machine's load
+    spreads over every configuration."""
+    spread = config.override(["data.spread_patches=true"])
     batch = config.training.batch_size
     rates: dict = {}
     for round_ in range(rounds):
@@ -275,7 +281,9 @@ def measure(config, packed, cores: list[int], variants: list[int], seconds: floa
                 sampler = PatchSampler.from_config(packed, config, stage)
                 frequency = config.data.score_frequency if stage == 1 else 0.0
                 pipelines = {0: numpy_pipeline(sampler, batch, frequency)}
-                pipelines.update({k: make_dataset(config, stage=stage, patches_per_image=k) for k in variants})
+                for v in variants:
+                    chosen = spread if v.endswith("spread") else config
+                    pipelines[v] = make_dataset(chosen, stage=stage, patches_per_image=int(v.split()[0]))
                 for k, dataset in pipelines.items():
                     rate = pipeline_rate(dataset.with_options(options), batch, seconds)
                     rates.setdefault((n, stage, k), []).append(rate)
