@@ -478,9 +478,10 @@ def _small() -> Config:
             # The score's gradient enters the shared object vector and trunk at a tenth
             # (2026-12-01): at the paper's full gradient the score fought the masks for the
             # trunk (1000 mixed steps: training mask loss 0.227 against 0.185 with the score's
-            # gradient stopped there). With 0.1 stage 1 reached patch IoU 0.414 and 90.6% score
-            # accuracy against 0.346 / 86.7% at 1.0, and DeepMask segm AR@100 17.3 against 11.7 on
-            # the demo's 30 images; with 0 the score reached only 61% (AR@100 15.8).
+            # gradient stopped there). With 0.1 stage 1 reached patch IoU 0.414 and scored 90.6% of
+            # the validation objects positive against 0.346 / 86.7% at 1.0 (README: before 6f87dd1
+            # that was all "score accuracy" measured), and DeepMask segm AR@100 17.3 against 11.7
+            # on the demo's 30 images; with 0 only 61% (AR@100 15.8).
             score_gradient=0.1,
         ),
         # The first 1000 of stage 1's steps are mask batches only (2026-12-01): interleaved with
