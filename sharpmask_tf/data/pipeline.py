@@ -148,8 +148,9 @@ def _spread_batches(
     Each kind has its own stream of rounds. A round draws local_replicas * batch groups of k
     windows (one image each) and deals them out as k steps' worth of batches: step j of the round
     takes every group's j-th window, replica r the groups [r * batch, (r + 1) * batch). So every
-    batch, and every step's batches together, hold one window per image, as with one window per
-    image. The batch kinds follow `_kind` step by step, as without spreading.
+    batch, and every step's batches together, hold one window per group, each group drawn on its
+    own as each window is with one window per image. The batch kinds follow `_kind` step by step,
+    as without spreading.
     """
     replicas, batch, label = share.local_replicas, share.batch, planner.sampler.label_size
     groups = replicas * batch
@@ -315,10 +316,10 @@ def make_dataset(
     share = _share(config.training.batch_size if batch_size is None else batch_size, input_context, k)
     seed = config.data.seed if seed is None else seed
     mask_only = max(0, config.data.mask_only_steps - first_step)
-    to_plan = _plans(planner, share, seed, stage, config.data.score_frequency if stage == 1 else 0.0, k, mask_only)
+    frequency = config.data.score_frequency if stage == 1 else 0.0
+    to_plan = _plans(planner, share, seed, stage, frequency, k, mask_only)
     parallel = tf.data.AUTOTUNE if config.data.num_parallel_calls == -1 else config.data.num_parallel_calls
     if repeat and config.data.spread_patches and k > 1:
-        frequency = config.data.score_frequency if stage == 1 else 0.0
         dataset = _spread_batches(planner, share, seed, stage, frequency, k, mask_only, parallel)
         return dataset.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY)).prefetch(
             tf.data.AUTOTUNE
