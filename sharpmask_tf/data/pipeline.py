@@ -156,10 +156,9 @@ def _spread_batches(
     groups = replicas * batch
 
     def kind_stream(kind: str, tag: int) -> tf.data.Dataset:
-        def draw(index: np.ndarray) -> list[np.ndarray]:
+        def draw(index: np.ndarray) -> dict[str, np.ndarray]:
             rng = np.random.default_rng([seed, _TRAIN_STREAM, share.pipeline, stage, tag, int(index)])
-            plan = _draw(planner, rng, kind, groups * k, k)
-            return [plan[key] for key in _PLAN_SHAPES]
+            return _draw(planner, rng, kind, groups * k, k)
 
         plans = tf.data.Dataset.counter().map(
             _plan_function(draw, groups * k, k, label), num_parallel_calls=parallel, deterministic=True
@@ -226,11 +225,10 @@ def _plans(
     """The map from a batch index to its rendering plan (`_draw`), as a tf.data function; the
     stream's first `mask_only` steps are mask batches."""
 
-    def draw(index: np.ndarray) -> list[np.ndarray]:
+    def draw(index: np.ndarray) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, _TRAIN_STREAM, share.pipeline, stage, int(index)])
         kind = _kind(seed, stage, int(index) // share.local_replicas, score_frequency, mask_only)
-        plan = _draw(planner, rng, kind, share.batch, k)
-        return [plan[key] for key in _PLAN_SHAPES]
+        return _draw(planner, rng, kind, share.batch, k)
 
     return _plan_function(draw, share.batch, k, planner.sampler.label_size)
 
@@ -243,15 +241,19 @@ def _kind(seed: int, stage: int, step: int, score_frequency: float, mask_only: i
 
 
 def _plan_function(
-    draw: Callable[[np.ndarray], list[np.ndarray]], windows: int, k: int, label: int
+    draw: Callable[[np.ndarray], dict[str, np.ndarray]], windows: int, k: int, label: int
 ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
-    """`draw` (a batch index to the `_PLAN_SHAPES` arrays of `windows` windows in groups of k)
-    as a tf.data function."""
+    """`draw` (a batch index to the `_draw` plan of `windows` windows in groups of k) as a
+    tf.data function."""
     shapes = {key: (windows // k, *shape(k, label)) for key, shape in _PLAN_SHAPES.items()}
     types = [_PLAN_TYPES.get(key, tf.float32) for key in _PLAN_SHAPES]
 
+    def arrays(index: np.ndarray) -> list[np.ndarray]:
+        plan = draw(index)
+        return [plan[key] for key in _PLAN_SHAPES]
+
     def to_plan(index: tf.Tensor) -> dict[str, tf.Tensor]:
-        tensors = tf.numpy_function(draw, [index], types, stateful=False)
+        tensors = tf.numpy_function(arrays, [index], types, stateful=False)
         return {key: tf.ensure_shape(t, shapes[key]) for key, t in zip(_PLAN_SHAPES, tensors)}
 
     return to_plan
@@ -317,13 +319,13 @@ def make_dataset(
     seed = config.data.seed if seed is None else seed
     mask_only = max(0, config.data.mask_only_steps - first_step)
     frequency = config.data.score_frequency if stage == 1 else 0.0
-    to_plan = _plans(planner, share, seed, stage, frequency, k, mask_only)
     parallel = tf.data.AUTOTUNE if config.data.num_parallel_calls == -1 else config.data.num_parallel_calls
     if repeat and config.data.spread_patches and k > 1:
         dataset = _spread_batches(planner, share, seed, stage, frequency, k, mask_only, parallel)
         return dataset.apply(tf.data.experimental.assert_cardinality(tf.data.INFINITE_CARDINALITY)).prefetch(
             tf.data.AUTOTUNE
         )
+    to_plan = _plans(planner, share, seed, stage, frequency, k, mask_only)
     if repeat:
         count, indices = tf.data.INFINITE_CARDINALITY, tf.data.Dataset.counter()
     else:
