@@ -4,6 +4,7 @@
     python -m benchmarks.bench_data --seconds 10 --cores 1 2 --patches-per-image 1 4
     python -m benchmarks.bench_data --fraction 0.1 --cache data/coco_cache   # a tenth, cache kept
     python -m benchmarks.bench_data --spread    # also 4 patches per image with data.spread_patches
+    python -m benchmarks.bench_data --decode --cores 1 --patches-per-image 1   # what JPEG decoding alone costs
 
 The split has COCO train2017's counts (118,287 640x480 images, 829,875 polygon annotations, 80
 categories; `--fraction` scales the image and annotation counts) but only `--photos` distinct JPEG
@@ -21,7 +22,9 @@ geometry (192 px patches, batch 32) in stage 1 and 2, the process confined to 1,
 (every thread's CPU affinity and tf.data's thread pool): today's pipeline
 (`PatchSampler.sample_batch` in `tf.numpy_function`, as `make_dataset` was; it reads labels from
 the same packed RLEs) beside `make_dataset`, measured in turn, in `--rounds` interleaved rounds
-(median and range).
+(median and range). With `--decode`, a second table: what JPEG decoding alone costs per patch
+on one core (`decode_costs`), beside the whole patch, which bounds what any pipeline that decodes
+one image per patch can reach.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from PIL import Image
 from benchmarks.common import matmul_gflops
 from sharpmask_tf.config import get_config
 from sharpmask_tf.data import PatchSampler, load_packed_split, make_dataset
-from sharpmask_tf.data.pipeline import BATCH_KEYS
+from sharpmask_tf.data.pipeline import BATCH_KEYS, _draw, _planner
+from sharpmask_tf.data.render import JPEG_REDUCTIONS
 
 COCO_TRAIN_IMAGES = 118_287
 COCO_TRAIN_ANNOTATIONS = 829_875
@@ -230,6 +234,7 @@ def main() -> None:
     parser.add_argument("--cores", type=int, nargs="*", default=None, help="core counts (default 1, 2, all)")
     parser.add_argument("--patches-per-image", type=int, nargs="*", default=[1, 4], help="make_dataset variants")
     parser.add_argument("--spread", action="store_true", help="also time each of them over 1 with data.spread_patches")
+    parser.add_argument("--decode", action="store_true", help="also time JPEG decoding alone, on one core")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (median and range)")
     parser.add_argument("--cache", help="split cache folder to keep and reuse (default: a fresh one, validating again)")
     parser.add_argument("--load-only", type=int, default=0, help="(internal) print load_report on this many cores")
@@ -262,8 +267,11 @@ def main() -> None:
         variants = [str(k) for k in args.patches_per_image]
         variants += [f"{k} spread" for k in args.patches_per_image if k > 1 and args.spread]
         rates = measure(config, packed, cores, variants, args.seconds, args.rounds)
+        decoding = decode_costs(config, packed, args.seconds, args.rounds) if args.decode else None
         confine_to_cores(len(CORES))
     print(table(rates, args.rounds))
+    if decoding:
+        print(decode_table(decoding, rates))
 
 
 def measure(config, packed, cores: list[int], variants: list[str], seconds: float, rounds: int) -> dict:
@@ -289,6 +297,85 @@ def measure(config, packed, cores: list[int], variants: list[str], seconds: floa
                     rates.setdefault((n, stage, k), []).append(rate)
                     print(f"round {round_ + 1}: cores {n}, stage {stage}, k {k}: {rate}", flush=True)
     return rates
+
+
+# What decode_costs times per patch, beside make_dataset's whole patch: the decode as planned, the
+# same crops' rows at 1/8 (libjpeg then runs little more than its entropy decoding, which a crop
+# cannot skip for the rows above it), and whole images at 1/1 and 1/8.
+DECODES = ("as planned", "planned crops at 1/8", "whole image at 1/1", "whole image at 1/8")
+
+
+def decode_costs(config, packed, seconds: float, rounds: int, patches: int = 512) -> dict:
+    """Milliseconds per patch of JPEG decoding alone on one core, by (stage, DECODES entry): the
+    crops and DCT reductions `make_dataset` plans for `patches` mask samples at one patch per image,
+    their files read into memory first, decoded one at a time in a tf.data map (`rounds` rounds
+    of `seconds`, the median)."""
+    options = confine_to_cores(1)
+    costs: dict = {}
+    for stage in (1, 2):
+        planner = _planner(packed, config.data, config.model, config.inference, stage)
+        plan = _draw(planner, np.random.default_rng([0, stage]), "mask", patches, 1)
+        jpeg = plan["decoder"] < len(JPEG_REDUCTIONS)
+        contents = [open(planner.paths[i], "rb").read() for i in plan["image"][jpeg]]
+        ratio = np.array(JPEG_REDUCTIONS)[plan["decoder"][jpeg]]
+        crop = plan["crop"][jpeg]
+        # The same image rows and columns at 1/8: y and x rounded down, the far edges up.
+        shrink = (8 // ratio)[:, None]
+        far = -(-(crop[:, :2] + crop[:, 2:]) // shrink)
+        eighth = np.concatenate([crop[:, :2] // shrink, far - crop[:, :2] // shrink], 1)
+        work = {
+            DECODES[0]: (ratio, crop),
+            DECODES[1]: (np.full_like(ratio, 8), eighth),
+            DECODES[2]: (np.ones_like(ratio), None),
+            DECODES[3]: (np.full_like(ratio, 8), None),
+        }
+        for name, (ratios, crops) in work.items():
+            times = []
+            for _ in range(rounds):
+                times.append(
+                    1e3 / pipeline_rate(_decoder(contents, ratios, crops).with_options(options), 1, seconds)[0]
+                )
+            costs[(stage, name)] = times
+            print(f"stage {stage}, decoding {name}: {np.median(times):.2f} ms per patch", flush=True)
+    return costs
+
+
+def _decoder(contents: list[bytes], ratios: np.ndarray, crops: np.ndarray | None) -> tf.data.Dataset:
+    """An endless stream decoding each file in turn at its ratio (and crop, where given)."""
+    branches = {r: i for i, r in enumerate(JPEG_REDUCTIONS)}
+    index = np.array([branches[int(r)] for r in ratios], np.int32)
+    whole = crops is None
+    crops = np.zeros((len(contents), 4), np.int32) if whole else crops.astype(np.int32)
+
+    def decode(data: tf.Tensor, branch: tf.Tensor, crop: tf.Tensor) -> tf.Tensor:
+        def one(r: int):
+            if whole:
+                return lambda: tf.shape(tf.io.decode_jpeg(data, channels=3, ratio=r, dct_method="INTEGER_ACCURATE"))
+            return lambda: tf.shape(
+                tf.io.decode_and_crop_jpeg(data, crop, channels=3, ratio=r, dct_method="INTEGER_ACCURATE")
+            )
+
+        return tf.switch_case(branch, [one(r) for r in JPEG_REDUCTIONS])
+
+    files = tf.data.Dataset.from_tensor_slices((tf.constant(contents), index, crops))
+    return files.repeat().map(decode, num_parallel_calls=1)
+
+
+def decode_table(costs: dict, rates: dict) -> str:
+    """The Markdown table of `decode_costs`: per-patch milliseconds beside make_dataset's whole
+    patch on one core at one patch per image, and the patches/s per core each would allow alone."""
+    lines = [
+        "| stage | make_dataset, 1 core, 1 per image: ms per patch | " + " | ".join(DECODES) + " |",
+        "|---|---|" + "---|" * len(DECODES),
+    ]
+    for stage in (1, 2):
+        whole = rates.get((1, stage, "1"))
+        cells = [f"{1e3 / np.median([r[0] for r in whole]):.2f}" if whole else "-"]
+        for name in DECODES:
+            ms = float(np.median(costs[(stage, name)]))
+            cells.append(f"{ms:.2f} ({1e3 / ms:.0f}/s)")
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(rates: dict, rounds: int) -> str:

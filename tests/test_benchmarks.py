@@ -38,3 +38,20 @@ def test_bench_train_rejects_a_bad_override():
 
     assert done.returncode == 2, done.stderr[-3000:]
     assert "optimizer" in done.stderr.splitlines()[-1]
+
+
+def test_bench_data_prints_the_rates_and_what_decoding_alone_costs(tmp_path):
+    done = _bench(
+        "bench_data", "--out", str(tmp_path / "split"), "--cache", str(tmp_path / "cache"),
+        "--photos", "3", "--fraction", "0.0005", "--seconds", "0.2", "--rounds", "1",
+        "--cores", "1", "--patches-per-image", "1", "--decode",
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    rates = re.findall(r"^\| 1 \| ([12]) \| 1 \| ([0-9]+) \| [0-9]+ \| ([0-9]+) \|", done.stdout, re.M)
+    assert [stage for stage, _, _ in rates] == ["1", "2"], done.stdout
+    decoding = re.findall(r"^\| ([12]) \| ([0-9.]+) \|((?: [0-9.]+ \([0-9]+/s\) \|){4})$", done.stdout, re.M)
+    assert [stage for stage, _, _ in decoding] == ["1", "2"], done.stdout
+    for _, whole_patch, cells in decoding:
+        assert float(whole_patch) > 0
+        assert all(float(ms) > 0 for ms in re.findall(r"([0-9.]+) \(", cells))
