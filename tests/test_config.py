@@ -37,7 +37,7 @@ def test_overrides_are_typed():
     assert c.training.lr_decay_epochs == (25.0, 75.0)
     assert c.inference.nms_threshold == 0.5 and c.model.trunk_weights is None
     assert c.inference.compute_dtype == "bfloat16"
-    assert get_config("small").model.refine_k == 16  # presets are not mutated
+    assert get_config("small").model.refine_k == 128  # presets are not mutated
 
 
 def test_resnet50_presets_start_from_imagenet_and_freeze_batch_norm():
