@@ -3,13 +3,16 @@
     python -m benchmarks.bench_quality                        # one demo run in a fresh clone of HEAD
     python -m benchmarks.bench_quality --runs 3               # three, with mean and spread
     python -m benchmarks.bench_quality --in-place             # in this checkout (its data/ and --out)
+    python -m benchmarks.bench_quality --seeds 0 1 2          # one run per training and sampler seed
     python -m benchmarks.bench_quality --summary demo_output/summary.json other/summary.json
 
 Each run is `python -m sharpmask_tf.demo` in its own process (the demo's recipe: the small preset,
 data generation included when the data is absent). By default each run happens in a fresh `git
 clone` of this repository's HEAD under a temporary folder, so it generates the synthetic dataset
 itself, as `make demo` on a new checkout does; committed code only. `--summary` trains nothing and
-reads the given summary.json files.
+reads the given summary.json files. On one machine the runs of one seed agree to the digit, so
+`--seeds` gives the spread of the training itself: run i passes `--set training.seed=S --set
+data.seed=S` for the i-th seed S (seed 0 is `make demo`'s run; the synthetic data stays the same).
 
 Prints a Markdown table: per run, then mean, spread (max - min) and spread relative to the mean,
 of SharpMask segm AR@100 and AR@1k, DeepMask segm AR@100, SharpMask per-patch mean IoU and share
@@ -52,9 +55,9 @@ def read_row(summary: dict, read) -> float | None:
         return None
 
 
-def run_demo(index: int, root: Path, in_place: bool, timeout_s: float) -> Path:
+def run_demo(index: int, root: Path, in_place: bool, timeout_s: float, seed: int | None = None) -> Path:
     """Runs the demo once and returns its summary.json: in this checkout (`--out` under `root`) or
-    in a fresh clone of HEAD under `root`."""
+    in a fresh clone of HEAD under `root`; with `seed`, training and sampling from that seed."""
     if in_place:
         cwd, out = REPO, root / f"run{index}"
     else:
@@ -62,17 +65,22 @@ def run_demo(index: int, root: Path, in_place: bool, timeout_s: float) -> Path:
         subprocess.run(["git", "clone", "--quiet", str(REPO), str(cwd)], check=True, timeout=120)
         out = cwd / "demo_output"
     env = {**os.environ, "PYTHONPATH": str(cwd)}
+    seeds = [] if seed is None else ["--set", f"training.seed={seed}", "--set", f"data.seed={seed}"]
     start = time.time()
     subprocess.run(
-        [sys.executable, "-m", "sharpmask_tf.demo", "--out", str(out)], cwd=cwd, env=env, check=True, timeout=timeout_s
+        [sys.executable, "-m", "sharpmask_tf.demo", "--out", str(out), *seeds],
+        cwd=cwd,
+        env=env,
+        check=True,
+        timeout=timeout_s,
     )
     print(f"run {index}: {time.time() - start:.0f} s wall clock, {out / 'summary.json'}", flush=True)
     return out / "summary.json"
 
 
-def table(summaries: list[dict]) -> str:
-    """The goal table of the given summaries as Markdown."""
-    runs = [f"run {i + 1}" for i in range(len(summaries))]
+def table(summaries: list[dict], names: list[str] | None = None) -> str:
+    """The goal table of the given summaries as Markdown, one column per run (named `names`)."""
+    runs = names or [f"run {i + 1}" for i in range(len(summaries))]
     lines = [
         "| | " + " | ".join(runs) + " | mean | spread | spread / mean | goal |",
         "|---" * (len(runs) + 5) + "|",
@@ -97,6 +105,7 @@ def main() -> None:
     parser.add_argument("--in-place", action="store_true", help="run in this checkout instead of fresh clones")
     parser.add_argument("--root", help="where the clones or runs go (default: a new temporary folder)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per demo run")
+    parser.add_argument("--seeds", type=int, nargs="+", help="one run per seed (instead of --runs)")
     parser.add_argument("--summary", nargs="+", help="only print the table of these summary.json files")
     args = parser.parse_args()
     if args.summary:
@@ -104,10 +113,14 @@ def main() -> None:
     else:
         if args.runs < 1:
             parser.error(f"--runs must be >= 1. Received: --runs {args.runs}")
+        if args.seeds and any(s < 0 for s in args.seeds):
+            parser.error(f"--seeds must be non-negative. Received: --seeds {args.seeds}")
+        seeds = args.seeds or [None] * args.runs
         root = Path(args.root or tempfile.mkdtemp(prefix="bench_quality_"))
         root.mkdir(parents=True, exist_ok=True)
-        paths = [run_demo(i + 1, root, args.in_place, args.timeout) for i in range(args.runs)]
-    print(table([json.loads(p.read_text()) for p in paths]))
+        paths = [run_demo(i + 1, root, args.in_place, args.timeout, seed) for i, seed in enumerate(seeds)]
+    names = [f"seed {s}" for s in args.seeds] if args.seeds and not args.summary else None
+    print(table([json.loads(p.read_text()) for p in paths], names))
 
 
 if __name__ == "__main__":
