@@ -477,8 +477,8 @@ def _small() -> Config:
             # quarter's gives 0.796). Stage 2 alone, 1000 steps from the same stage 1 (128
             # validation patches, mean IoU / share over IoU .7): k=16 0.581 / 42%, 32 0.576 / 43%,
             # 64 0.601 / 51%, 128 0.629 / 55%, 256 0.641 / 59% (0.643 / 58% with skip widths
-            # 128 / 64); a step at 128 takes about 1.5 times one at 16, at 256 1.4-2 times one at
-            # 128. A wider trunk (24) gave 0.546, training the trunk too in stage 2 0.567, a
+            # 128 / 64). A stage-2 step at 128 takes 2.2 times one at 16 (bench_train: 170 against
+            # 367 patches/s; 1.5-1.7 times in the demo's loop), at 256 1.4-2 times one at 128. A wider trunk (24) gave 0.546, training the trunk too in stage 2 0.567, a
             # 3000-step stage 2 at k=16 0.587. The horizontal nets' first convs: 64 (R1..R3) and
             # 32 (R4).
             refine_k=128,
