@@ -187,7 +187,8 @@ def test_full_image_refinement_equals_the_patch_models_on_the_same_features(over
         ]
         features.append(tf.stack(crops))
     want = np.asarray(refinement(features))
-    assert want.std() > 0.5, want.std()  # logits that vary, so the tolerance means something
+    # Logits that vary on the scale of the tolerance (relative to their largest), so it means something.
+    assert want.std() > 0.1 * np.abs(want).max(), (want.std(), np.abs(want).max())
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4 * np.abs(want).max())
 
 
