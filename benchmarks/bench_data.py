@@ -316,7 +316,7 @@ def decode_costs(config, packed, seconds: float, rounds: int, patches: int = 512
         planner = _planner(packed, config.data, config.model, config.inference, stage)
         plan = _draw(planner, np.random.default_rng([0, stage]), "mask", patches, 1)
         jpeg = plan["decoder"] < len(JPEG_REDUCTIONS)
-        contents = [open(planner.paths[i], "rb").read() for i in plan["image"][jpeg]]
+        contents = [_read(planner.paths[i]) for i in plan["image"][jpeg]]
         ratio = np.array(JPEG_REDUCTIONS)[plan["decoder"][jpeg]]
         crop = plan["crop"][jpeg]
         # The same image rows and columns at 1/8: y and x rounded down, the far edges up.
@@ -338,6 +338,11 @@ def decode_costs(config, packed, seconds: float, rounds: int, patches: int = 512
             costs[(stage, name)] = times
             print(f"stage {stage}, decoding {name}: {np.median(times):.2f} ms per patch", flush=True)
     return costs
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _decoder(contents: list[bytes], ratios: np.ndarray, crops: np.ndarray | None) -> tf.data.Dataset:
