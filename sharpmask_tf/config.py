@@ -478,9 +478,9 @@ def _small() -> Config:
             # validation patches, mean IoU / share over IoU .7): k=16 0.581 / 42%, 32 0.576 / 43%,
             # 64 0.601 / 51%, 128 0.629 / 55%, 256 0.641 / 59% (0.643 / 58% with skip widths
             # 128 / 64). A stage-2 step at 128 takes 2.2 times one at 16 (bench_train: 170 against
-            # 367 patches/s; 1.5-1.7 times in the demo's loop), at 256 1.4-2 times one at 128. A wider trunk (24) gave 0.546, training the trunk too in stage 2 0.567, a
-            # 3000-step stage 2 at k=16 0.587. The horizontal nets' first convs: 64 (R1..R3) and
-            # 32 (R4).
+            # 367 patches/s; 1.5-1.7 times in the demo's loop), at 256 1.4-2 times one at 128. A
+            # wider trunk (24) gave 0.546, training the trunk too in stage 2 0.567, a 3000-step
+            # stage 2 at k=16 0.587. The horizontal nets' first convs: 64 (R1..R3) and 32 (R4).
             refine_k=128,
             refine_skip_hidden=64,
             refine_skip_hidden_last=32,
@@ -511,10 +511,11 @@ def _small() -> Config:
             # 2.9). The stage-1 model kept is step 3000's (after both decays, 87% score accuracy;
             # it ties step 1500's share over IoU .7). A 2000-step stage 1 kept step 1500's (77%):
             # with a 2500-step stage 2 after it, DeepMask AR@100 fell to 5.8 and SharpMask's to
-            # 15.6 on the same 50 images. At refine_k=16 stage 2 stopped at 1000 steps at 1e-3: with the score
-            # gradient at 0.1, a 2000-step stage 2 (1e-3, then 3e-4 after step 1500) kept step
-            # 1000's model (validation share over IoU .7 0.438 against 0.422 at 1500 and 2000), and
-            # the 1000 steps after it cost `make demo` about 2 of its 15 minutes. With refine_k=128
+            # 15.6 on the same 50 images. At refine_k=16 stage 2 stopped at 1000 steps at 1e-3:
+            # with the score gradient at 0.1, a 2000-step stage 2 (1e-3, then 3e-4 after step
+            # 1500) kept step 1000's model (validation share over IoU .7 0.438 against 0.422 at
+            # 1500 and 2000), and the 1000 steps after it cost `make demo` about 2 of its 15
+            # minutes. With refine_k=128
             # stage 2 goes on learning: 2000 steps, 3e-4 after step 1500, reached validation mean
             # IoU 0.629 / 0.654 / 0.651 at steps 1000 / 1500 / 2000 (share over .7 56% / 54% / 57%,
             # step 2000's kept), about 100 s more of `make demo` on 2 cores (2026-12-02).
