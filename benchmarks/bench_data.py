@@ -321,8 +321,8 @@ def decode_costs(config, packed, seconds: float, rounds: int, patches: int = 512
         crop = plan["crop"][jpeg]
         # The same image rows and columns at 1/8: y and x rounded down, the far edges up.
         shrink = (8 // ratio)[:, None]
-        far = -(-(crop[:, :2] + crop[:, 2:]) // shrink)
-        eighth = np.concatenate([crop[:, :2] // shrink, far - crop[:, :2] // shrink], 1)
+        near, far = crop[:, :2] // shrink, -(-(crop[:, :2] + crop[:, 2:]) // shrink)
+        eighth = np.concatenate([near, far - near], 1)
         work = {
             DECODES[0]: (ratio, crop),
             DECODES[1]: (np.full_like(ratio, 8), eighth),
