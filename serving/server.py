@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import functools
 import logging
 import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
@@ -49,6 +51,9 @@ from serving.protocol import (
 from serving.rest import RestServer
 
 logger = logging.getLogger(__name__)
+
+# How often the CLI's main thread looks for a SIGTERM/SIGINT its handler recorded.
+_SIGNAL_POLL_SECONDS = 0.2
 
 
 class ModelServer:
@@ -350,18 +355,25 @@ def _server_from_args(args: argparse.Namespace) -> ModelServer:
 def _serve_until_signalled(server: ModelServer, port_file: str | None) -> None:
     """Starts the server and serves until SIGTERM or SIGINT, with the port in `port_file` meanwhile."""
     server.start()
-    stop = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum, _frame):
-        logger.info("Received %s; shutting down", signal.Signals(signum).name)
-        stop.set()
+        # Only a list append: Python runs the handler in the main thread between two bytecodes,
+        # wherever it is, and a handler that takes a lock (threading.Event.set, logging) deadlocks
+        # when the main thread was holding that lock.
+        received.append(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # Written once the signals are handled too, so whoever reads it may send SIGTERM at once.
     if port_file:
         write_port_file(port_file, server.port)
-    stop.wait()
+    # A sleep, not a wait on a lock: a signal the kernel hands to another thread only flags the
+    # handler, which the main thread then runs once it next executes bytecode, i.e. after this
+    # sleep, whereas a lock wait without timeout would never return.
+    while not received:
+        time.sleep(_SIGNAL_POLL_SECONDS)
+    logger.info("Received %s; shutting down", signal.Signals(received[0]).name)
     server.stop()
     if port_file:
         Path(port_file).unlink(missing_ok=True)
@@ -375,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = _server_from_args(args)
     except (ValueError, OSError, text_format.ParseError, RequestError) as e:
         parser.error(str(e))
+    # `kill -USR1 <pid>` writes every thread's Python stack to stderr, e.g. for a server that hangs.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     _serve_until_signalled(server, args.port_file)
     logger.info("Stopped")
     return 0

@@ -15,6 +15,7 @@ import dataclasses
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -196,5 +197,10 @@ def cli_server(flags: Sequence[str], scratch: Path) -> Iterator[CliServer]:
         yield CliServer(process, int(port_file.read_text()), port_file, log)
     finally:
         if process.poll() is None:
+            # A server still running here failed its test: its thread stacks go to its log first
+            # (serving.server dumps them on SIGUSR1), and the log's end to the test's output.
+            process.send_signal(signal.SIGUSR1)
+            time.sleep(2)
             process.kill()
             process.wait(timeout=HANG_GUARD)
+            print(f"serving.server's log ({log}), its end:\n{log.read_text()[-8000:]}")

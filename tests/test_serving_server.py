@@ -16,6 +16,7 @@ from serving_testing import (
     MODEL,
     cli_server,
     encode,
+    eventually,
     predict_request,
     save_stats_model,
     save_stats_versions,
@@ -323,6 +324,44 @@ def test_cli_writes_the_bound_port_to_the_port_file_and_removes_it_at_shutdown(b
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=HANG_GUARD) == 0
         assert not server.port_file.exists()
+
+
+def _threads_taking(pid: int, signum: int) -> list[int]:
+    """The ids of the process's threads other than its main one that do not block `signum`."""
+    tids = []
+    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
+        status = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/task/{tid}/status").read().splitlines())
+        if tid != pid and not int(status["SigBlk"], 16) >> (signum - 1) & 1:
+            tids.append(tid)
+    return tids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc/<pid>/task")
+def test_cli_shuts_down_when_the_kernel_hands_sigterm_to_a_thread_other_than_the_main_one(base_path, tmp_path):
+    # kill(2) of a thread's id delivers the process's signal to that thread. Python's C handler
+    # then only flags it for the main thread, which a wait on a lock without timeout would never see.
+    flags = ["--model-base-path", str(base_path), "--model-name", MODEL, "--rest-api-port", "0"]
+    with cli_server(flags, tmp_path) as server:
+        others = _threads_taking(server.process.pid, signal.SIGTERM)
+        assert others, "the server runs no thread that takes SIGTERM"
+        os.kill(others[0], signal.SIGTERM)
+        assert server.process.wait(timeout=HANG_GUARD) == 0
+        assert not server.port_file.exists()
+        assert "Received SIGTERM; shutting down" in server.log_text()
+
+
+def test_cli_writes_every_threads_stack_to_its_log_on_sigusr1_and_keeps_serving(base_path, tmp_path):
+    flags = ["--model-base-path", str(base_path), "--model-name", MODEL, "--rest-api-port", "0"]
+    with cli_server(flags, tmp_path) as server:
+        server.process.send_signal(signal.SIGUSR1)
+        eventually(lambda: "_serve_until_signalled" in server.log_text())
+        # Every thread: the main one sleeping for a signal, the poller between two scans.
+        log = server.log_text()
+        assert "(most recent call first)" in log and "in _poll" in log, log[-4000:]
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            assert list(version_states(channel)) == [2]
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=HANG_GUARD) == 0
 
 
 @pytest.mark.slow
