@@ -44,8 +44,8 @@ from PIL import Image
 from benchmarks.common import matmul_gflops
 from sharpmask_tf.config import get_config
 from sharpmask_tf.data import PatchSampler, load_packed_split, make_dataset
-from sharpmask_tf.data.pipeline import BATCH_KEYS, _draw, _planner
-from sharpmask_tf.data.render import JPEG_REDUCTIONS
+from sharpmask_tf.data.pipeline import BATCH_KEYS, draw_plan, patch_planner
+from sharpmask_tf.data.render import JPEG_REDUCTIONS, decode_region
 
 COCO_TRAIN_IMAGES = 118_287
 COCO_TRAIN_ANNOTATIONS = 829_875
@@ -313,8 +313,8 @@ def decode_costs(config, packed, seconds: float, rounds: int, patches: int = 512
     options = confine_to_cores(1)
     costs: dict = {}
     for stage in (1, 2):
-        planner = _planner(packed, config.data, config.model, config.inference, stage)
-        plan = _draw(planner, np.random.default_rng([0, stage]), "mask", patches, 1)
+        planner = patch_planner(packed, config.data, config.model, config.inference, stage)
+        plan = draw_plan(planner, np.random.default_rng([0, stage]), "mask", patches, 1)
         jpeg = plan["decoder"] < len(JPEG_REDUCTIONS)
         contents = [_read(planner.paths[i]) for i in plan["image"][jpeg]]
         ratio = np.array(JPEG_REDUCTIONS)[plan["decoder"][jpeg]]
@@ -346,21 +346,15 @@ def _read(path: str) -> bytes:
 
 
 def _decoder(contents: list[bytes], ratios: np.ndarray, crops: np.ndarray | None) -> tf.data.Dataset:
-    """An endless stream decoding each file in turn at its ratio (and crop, where given)."""
+    """An endless stream decoding each file in turn at its ratio (and crop, where given) with the
+    pipeline's own `decode_region`, yielding only the decoded shape."""
     branches = {r: i for i, r in enumerate(JPEG_REDUCTIONS)}
     index = np.array([branches[int(r)] for r in ratios], np.int32)
     whole = crops is None
     crops = np.zeros((len(contents), 4), np.int32) if whole else crops.astype(np.int32)
 
     def decode(data: tf.Tensor, branch: tf.Tensor, crop: tf.Tensor) -> tf.Tensor:
-        def one(r: int):
-            if whole:
-                return lambda: tf.shape(tf.io.decode_jpeg(data, channels=3, ratio=r, dct_method="INTEGER_ACCURATE"))
-            return lambda: tf.shape(
-                tf.io.decode_and_crop_jpeg(data, crop, channels=3, ratio=r, dct_method="INTEGER_ACCURATE")
-            )
-
-        return tf.switch_case(branch, [one(r) for r in JPEG_REDUCTIONS])
+        return tf.shape(decode_region(data, branch, None if whole else crop))
 
     files = tf.data.Dataset.from_tensor_slices((tf.constant(contents), index, crops))
     return files.repeat().map(decode, num_parallel_calls=1)

@@ -233,7 +233,7 @@ def test_undecodable_image_is_redrawn_or_raises_in_the_pipeline(tmp_path):
     batches = take(make_dataset(config, batch_size=8), 4)
     assert len(batches) == 4 and all(np.isfinite(b["images"]).all() for b in batches)
     split = pipeline.load_packed_split(config, "train")
-    planner = pipeline._planner(split, config.data, config.model, config.inference, 1)
+    planner = pipeline.patch_planner(split, config.data, config.model, config.inference, 1)
     assert planner.sampler.skipped["undecodable image"] > 0
     with pytest.raises(tf.errors.OpError, match="truncated JPEG"):
         take(make_dataset(config_for(path, str(image_dir), "data.on_bad_annotation=error"), batch_size=8), 4)

@@ -102,14 +102,14 @@ def load_packed_split(config: Config, split: str) -> PackedSplit:
 
 
 @functools.lru_cache(maxsize=8)
-def _planner(dataset: PackedSplit, data: DataConfig, model: ModelConfig, inference: InferenceConfig, stage: int):
+def patch_planner(dataset: PackedSplit, data: DataConfig, model: ModelConfig, inference: InferenceConfig, stage: int):
     """One sampler and planner per dataset and sampling config: indexing a COCO-sized split
     takes seconds, and the planner remembers which images it has checked."""
     config = Config(model=model, data=data, inference=inference)
     return PatchPlanner(PatchSampler.from_config(dataset, config, stage))
 
 
-def _draw(planner: PatchPlanner, rng: np.random.Generator, kind: str, batch: int, k: int) -> dict[str, np.ndarray]:
+def draw_plan(planner: PatchPlanner, rng: np.random.Generator, kind: str, batch: int, k: int) -> dict[str, np.ndarray]:
     """One batch's windows as a rendering plan plus their scores and weights, (G, K, ...) arrays."""
     windows = planner.sampler.draw_windows(rng, kind, batch, k, planner.usable)
     plan = planner.plan(windows, k, with_labels=kind == "mask")
@@ -158,7 +158,7 @@ def _spread_batches(
     def kind_stream(kind: str, tag: int) -> tf.data.Dataset:
         def draw(index: np.ndarray) -> dict[str, np.ndarray]:
             rng = np.random.default_rng([seed, _TRAIN_STREAM, share.pipeline, stage, tag, int(index)])
-            return _draw(planner, rng, kind, groups * k, k)
+            return draw_plan(planner, rng, kind, groups * k, k)
 
         plans = tf.data.Dataset.counter().map(
             _plan_function(draw, groups * k, k, label), num_parallel_calls=parallel, deterministic=True
@@ -222,13 +222,13 @@ def _share(global_batch: int, input_context: tf.distribute.InputContext | None, 
 def _plans(
     planner: PatchPlanner, share: _Share, seed: int, stage: int, score_frequency: float, k: int, mask_only: int
 ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
-    """The map from a batch index to its rendering plan (`_draw`), as a tf.data function; the
+    """The map from a batch index to its rendering plan (`draw_plan`), as a tf.data function; the
     stream's first `mask_only` steps are mask batches."""
 
     def draw(index: np.ndarray) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, _TRAIN_STREAM, share.pipeline, stage, int(index)])
         kind = _kind(seed, stage, int(index) // share.local_replicas, score_frequency, mask_only)
-        return _draw(planner, rng, kind, share.batch, k)
+        return draw_plan(planner, rng, kind, share.batch, k)
 
     return _plan_function(draw, share.batch, k, planner.sampler.label_size)
 
@@ -243,7 +243,7 @@ def _kind(seed: int, stage: int, step: int, score_frequency: float, mask_only: i
 def _plan_function(
     draw: Callable[[np.ndarray], dict[str, np.ndarray]], windows: int, k: int, label: int
 ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
-    """`draw` (a batch index to the `_draw` plan of `windows` windows in groups of k) as a
+    """`draw` (a batch index to the `draw_plan` plan of `windows` windows in groups of k) as a
     tf.data function."""
     shapes = {key: (windows // k, *shape(k, label)) for key, shape in _PLAN_SHAPES.items()}
     types = [_PLAN_TYPES.get(key, tf.float32) for key in _PLAN_SHAPES]
@@ -313,7 +313,7 @@ def make_dataset(
         ValueError: for a bad split, stage, batch size or patches_per_image.
         DatasetError: for a missing or malformed dataset.
     """
-    planner = _planner(load_packed_split(config, split), config.data, config.model, config.inference, stage)
+    planner = patch_planner(load_packed_split(config, split), config.data, config.model, config.inference, stage)
     k = config.data.patches_per_image if patches_per_image is None else patches_per_image
     share = _share(config.training.batch_size if batch_size is None else batch_size, input_context, k)
     seed = config.data.seed if seed is None else seed
@@ -356,7 +356,7 @@ def make_validation_patches(config: Config, num_patches: int, stage: int, seed: 
     """
     if num_patches < 1:
         raise ValueError(f"num_patches must be positive. Received: num_patches={num_patches!r}")
-    planner = _planner(load_packed_split(config, "val"), config.data, config.model, config.inference, stage)
-    plan = _draw(planner, np.random.default_rng([seed, _VALIDATION_STREAM, stage]), "mask", num_patches, 1)
+    planner = patch_planner(load_packed_split(config, "val"), config.data, config.model, config.inference, stage)
+    plan = draw_plan(planner, np.random.default_rng([seed, _VALIDATION_STREAM, stage]), "mask", num_patches, 1)
     patches = _render(tf.data.Dataset.from_tensor_slices(plan), planner, tf.data.AUTOTUNE).batch(num_patches)
     return {key: value.numpy() for key, value in patches.get_single_element().items()}

@@ -244,6 +244,34 @@ def rle_bounds(counts: tf.Tensor) -> tf.Tensor:
     return tf.cumsum(runs)
 
 
+def decode_region(contents: tf.Tensor, decoder: tf.Tensor, crop: tf.Tensor | None = None) -> tf.Tensor:
+    """The RGB pixels of one encoded image as a plan decodes them.
+
+    Args:
+        contents: the file's bytes, a tf.string scalar.
+        decoder: an int32 scalar: i < len(JPEG_REDUCTIONS) decodes a JPEG at the DCT reduction
+            JPEG_REDUCTIONS[i], `_NOT_JPEG` any other format at full size.
+        crop: (4,) int32 (y, x, height, width) of the window to decode, in the reduced image's
+            pixels; None for the whole image.
+
+    Returns:
+        (h, w, 3) uint8.
+    """
+
+    def jpeg(reduction: int):
+        if crop is None:
+            return lambda: tf.io.decode_jpeg(contents, channels=3, ratio=reduction, dct_method="INTEGER_ACCURATE")
+        return lambda: tf.io.decode_and_crop_jpeg(
+            contents, crop, channels=3, ratio=reduction, dct_method="INTEGER_ACCURATE"
+        )
+
+    def other():
+        image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+        return image if crop is None else image[crop[0] : crop[0] + crop[2], crop[1] : crop[1] + crop[3]]
+
+    return tf.cast(tf.switch_case(decoder, [jpeg(r) for r in JPEG_REDUCTIONS] + [other]), tf.uint8)
+
+
 def render_group(
     group: dict[str, tf.Tensor], paths: tf.Tensor, input_size: int, label_size: int
 ) -> dict[str, tf.Tensor]:
@@ -261,21 +289,9 @@ def render_group(
         float32 in {+1, -1}.
     """
     contents = tf.io.read_file(tf.gather(paths, group["image"]))
-    crop = group["crop"]
-
-    def jpeg(reduction: int):
-        return lambda: tf.io.decode_and_crop_jpeg(
-            contents, crop, channels=3, ratio=reduction, dct_method="INTEGER_ACCURATE"
-        )
-
-    def other():
-        image = tf.io.decode_image(contents, channels=3, expand_animations=False)
-        return image[crop[0] : crop[0] + crop[2], crop[1] : crop[1] + crop[3]]
-
-    decoded = tf.switch_case(group["decoder"], [jpeg(r) for r in JPEG_REDUCTIONS] + [other])
+    decoded = decode_region(contents, group["decoder"], group["crop"])
     # One replicated pixel on every side: samples within half a pixel of the image's edge (inside
     # it) read the edge pixel, as Pillow's do.
-    decoded = tf.cast(decoded, tf.uint8)
     decoded = tf.concat([decoded[:1], decoded, decoded[-1:]], 0)
     decoded = tf.concat([decoded[:, :1], decoded, decoded[:, -1:]], 1)[None]
     images = []
