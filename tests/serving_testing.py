@@ -167,6 +167,11 @@ def run_module(args: Sequence[str]) -> subprocess.CompletedProcess:
     )
 
 
+def single_model_flags(base_path: str | os.PathLike) -> list[str]:
+    """`python -m serving.server` flags serving the fixture model MODEL from `base_path`, gRPC only."""
+    return ["--model-base-path", str(base_path), "--model-name", MODEL, "--rest-api-port", "0"]
+
+
 @dataclasses.dataclass
 class CliServer:
     """A `python -m serving.server` subprocess that listens (see `cli_server`)."""

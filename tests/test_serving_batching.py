@@ -22,6 +22,7 @@ from serving_testing import (
     http,
     predict_request,
     save_stats_model,
+    single_model_flags,
     solid,
 )
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
@@ -216,7 +217,7 @@ def test_sixteen_different_images_get_their_own_sharpmask_proposals(tmp_path):
 @pytest.mark.slow
 def test_the_cli_batches_with_the_shipped_parameters_file(base_path, tmp_path):
     parameters = os.path.join(REPO, "serving", "batching_parameters.txt")
-    flags = ["--model-base-path", str(base_path), "--model-name", MODEL, "--rest-api-port", "0"]
+    flags = single_model_flags(base_path)
     flags += ["--enable-batching", "--batching-parameters-file", parameters]
     with cli_server(flags, tmp_path) as server:
         images = [encode(solid((v, v, v)), "PNG") for v in (40, 80, 120, 160)]

@@ -12,7 +12,17 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from serving_testing import HANG_GUARD, MODEL, REPO, cli_server, encode, run_module, save_stats_model, solid
+from serving_testing import (
+    HANG_GUARD,
+    MODEL,
+    REPO,
+    cli_server,
+    encode,
+    run_module,
+    save_stats_model,
+    single_model_flags,
+    solid,
+)
 
 from serving.client import ServingClient, ServingError
 from serving.server import start_server
@@ -144,7 +154,7 @@ def test_the_readmes_client_command_runs_as_written(server, images, tmp_path):
 
 @pytest.mark.slow
 def test_command_lines_serve_predict_as_json_and_stop_on_sigterm(base_path, images, tmp_path):
-    flags = ["--model-base-path", str(base_path), "--model-name", MODEL, "--rest-api-port", "0"]
+    flags = single_model_flags(base_path)
     with cli_server(flags, tmp_path) as server:
         paths = []
         for i, data in enumerate(images):

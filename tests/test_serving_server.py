@@ -4,6 +4,7 @@ ImageStats fixture SavedModels (`serving_testing`)."""
 import os
 import signal
 import threading
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -20,6 +21,7 @@ from serving_testing import (
     predict_request,
     save_stats_model,
     save_stats_versions,
+    single_model_flags,
     solid,
     version_states,
 )
@@ -313,7 +315,7 @@ def test_example_model_server_config_parses_and_labels_point_at_served_versions(
 
 @pytest.mark.slow
 def test_cli_writes_the_bound_port_to_the_port_file_and_removes_it_at_shutdown(base_path, tmp_path):
-    flags = ["--model-base-path", str(base_path), "--model-name", MODEL, "--rest-api-port", "0"]
+    flags = single_model_flags(base_path)
     with cli_server(flags, tmp_path) as server:
         # The file is the whole port (no staging file left beside it), the one the log line shows.
         assert os.listdir(server.port_file.parent) == ["port"]
@@ -330,7 +332,8 @@ def _threads_taking(pid: int, signum: int) -> list[int]:
     """The ids of the process's threads other than its main one that do not block `signum`."""
     tids = []
     for tid in map(int, os.listdir(f"/proc/{pid}/task")):
-        status = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/task/{tid}/status").read().splitlines())
+        lines = Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines()
+        status = dict(line.split(":\t", 1) for line in lines)
         if tid != pid and not int(status["SigBlk"], 16) >> (signum - 1) & 1:
             tids.append(tid)
     return tids
@@ -340,7 +343,7 @@ def _threads_taking(pid: int, signum: int) -> list[int]:
 def test_cli_shuts_down_when_the_kernel_hands_sigterm_to_a_thread_other_than_the_main_one(base_path, tmp_path):
     # kill(2) of a thread's id delivers the process's signal to that thread. Python's C handler
     # then only flags it for the main thread, which a wait on a lock without timeout would never see.
-    flags = ["--model-base-path", str(base_path), "--model-name", MODEL, "--rest-api-port", "0"]
+    flags = single_model_flags(base_path)
     with cli_server(flags, tmp_path) as server:
         others = _threads_taking(server.process.pid, signal.SIGTERM)
         assert others, "the server runs no thread that takes SIGTERM"
@@ -351,7 +354,7 @@ def test_cli_shuts_down_when_the_kernel_hands_sigterm_to_a_thread_other_than_the
 
 
 def test_cli_writes_every_threads_stack_to_its_log_on_sigusr1_and_keeps_serving(base_path, tmp_path):
-    flags = ["--model-base-path", str(base_path), "--model-name", MODEL, "--rest-api-port", "0"]
+    flags = single_model_flags(base_path)
     with cli_server(flags, tmp_path) as server:
         server.process.send_signal(signal.SIGUSR1)
         eventually(lambda: "_serve_until_signalled" in server.log_text())
