@@ -238,6 +238,7 @@ class TrainingConfig:
     checkpoint_every: int = 500  # steps between checkpoints
     validate_every: int = 1000  # steps between validations
     val_patches: int = 256  # held-out jittered patches per validation
+    val_seed: int = 0  # their seed, apart from `seed`: runs of every seed are scored on the same patches
     log_every: int = 50  # steps between TensorBoard scalars
     mixed_precision: bool = False  # mixed_float16 compute, float32 variables
     jit: bool = False  # XLA-compile the train step

@@ -261,7 +261,7 @@ class StageTask:
         """The stage's fixed validation set: mask patches and, in stage 1, score patches."""
         if self._validation is None:
             t = self.config.training
-            val = dict(self._make_validation_patches(self.config, t.val_patches, self._data_stage, t.seed))
+            val = dict(self._make_validation_patches(self.config, t.val_patches, self._data_stage, t.val_seed))
             if self.stage == "deepmask":
                 # Every batch a score batch, from the first on: training's mask-only start
                 # (data.mask_only_steps) would make the first ones mask batches, all positives.
@@ -269,7 +269,12 @@ class StageTask:
                 batch = min(t.val_patches, VALIDATION_CHUNK)
                 batches = list(
                     self._make_dataset(
-                        score_config, split="val", stage=self._data_stage, batch_size=batch, seed=t.seed, repeat=True
+                        score_config,
+                        split="val",
+                        stage=self._data_stage,
+                        batch_size=batch,
+                        seed=t.val_seed,
+                        repeat=True,
                     ).take(math.ceil(t.val_patches / batch))
                 )
                 val["score_images"] = np.concatenate([b["images"].numpy() for b in batches])[: t.val_patches]

@@ -141,6 +141,25 @@ def test_stage1_validation_scores_objects_and_background_despite_a_mask_only_sta
     assert set(np.unique(labels).tolist()) == {-1.0, 1.0}
 
 
+def test_validation_patches_follow_val_seed_not_the_training_seed(tmp_path, monkeypatch):
+    """Runs of different training and sampler seeds are scored on the same validation patches
+    (mask and score ones), so that their figures compare the training; training.val_seed draws
+    another set."""
+    monkeypatch.setenv("SHARPMASK_TF_CACHE", str(tmp_path / "cache"))
+    files = crowded_dataset(str(tmp_path))
+
+    def validation(*overrides):
+        return StageTask(config_for(*files, "training.val_patches=8", *overrides), "deepmask").validation_data()
+
+    base = validation()
+    other_seeds = validation("training.seed=5", "data.seed=5")
+    other_set = validation("training.val_seed=5")
+    for key in ("images", "masks", "score_images", "score_labels"):
+        np.testing.assert_array_equal(other_seeds[key], base[key], err_msg=key)
+    assert not np.array_equal(other_set["images"], base["images"])
+    assert not np.array_equal(other_set["score_images"], base["score_images"])
+
+
 def _reference_learning_rate(step, stage):
     """The reference's `updateScheduler` regimes at a 0-based step of its 4000-batch epochs."""
     epoch = step // 4000 + 1
