@@ -225,7 +225,7 @@ def test_the_small_recipe_learns_masks_on_synthetic_data(tmp_path):
         ],
     )
     t = config.training
-    labels = make_validation_patches(config, t.val_patches, 1, t.seed)["masks"]
+    labels = make_validation_patches(config, t.val_patches, 1, t.val_seed)["masks"]
     all_object = mask_iou(np.ones(labels.shape, np.float32), labels).mean()
     metrics = train(config, str(tmp_path / "m"), stage="deepmask", progress=False)
     losses = _event_scalars(tmp_path / "m" / "logs" / "deepmask" / "train", "mask_loss")
