@@ -12,7 +12,8 @@ clone` of this repository's HEAD under a temporary folder, so it generates the s
 itself, as `make demo` on a new checkout does; committed code only. `--summary` trains nothing and
 reads the given summary.json files. On one machine the runs of one seed agree to the digit, so
 `--seeds` gives the spread of the training itself: run i passes `--set training.seed=S --set
-data.seed=S` for the i-th seed S (seed 0 is `make demo`'s run; the synthetic data stays the same).
+data.seed=S` for the i-th seed S (seed 0 is `make demo`'s run; the synthetic data and the
+validation patches, `training.val_seed`, stay the same).
 
 Prints a Markdown table: per run, then mean, spread (max - min) and spread relative to the mean,
 of SharpMask segm AR@100 and AR@1k, DeepMask segm AR@100, SharpMask per-patch mean IoU and share

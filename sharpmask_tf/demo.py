@@ -37,7 +37,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="SECTION.FIELD=VALUE",
         help="config overrides on top of the small preset",
     )
-    parser.add_argument("--eval-images", type=int, default=30, help="val images for average recall")
+    parser.add_argument("--eval-images", type=int, default=20, help="val images for average recall")
     parser.add_argument("--eval-proposals", type=int, default=1000, help="proposals per image for average recall")
     return parser.parse_args(argv)
 
