@@ -159,10 +159,12 @@ def test_full_image_refinement_equals_the_patch_models_on_the_same_features(over
     # With 48 px of context every crop (3, 6, 12, 24 cells at conv4 .. conv1) covers the skip
     # nets' 3-cell reach: the patch model's refinement, fed the full image's trunk features over
     # its patch, must give exactly the logits of the generator's path (skip nets folded and run
-    # once on the whole map, windows gathered from them, phase-convolution vertical path).
+    # once on the whole map, windows gathered from them, phase-convolution vertical path). That
+    # holds for windows cut after the horizontal nets (`model.skip_crop=after`, ModelConfig's
+    # default); the small preset cuts them before, as SharpMask.lua's patch net does.
     tf.keras.utils.set_random_seed(7)
     context = 48
-    model = build_model(get_config("small", [*overrides, f"model.context={context}"]))
+    model = build_model(get_config("small", [*overrides, f"model.context={context}", "model.skip_crop=after"]))
     rng = np.random.default_rng(8)
     for net in ("skip", "refine"):  # biases too, so every border term matters
         for w in model.get_layer(net).weights:
