@@ -4,6 +4,7 @@
     python -m benchmarks.bench_quality --runs 3               # three, with mean and spread
     python -m benchmarks.bench_quality --in-place             # in this checkout (its data/ and --out)
     python -m benchmarks.bench_quality --seeds 0 1 2          # one run per training and sampler seed
+    python -m benchmarks.bench_quality --set training.stage2_steps=5000   # another recipe
     python -m benchmarks.bench_quality --summary demo_output/summary.json other/summary.json
 
 Each run is `python -m sharpmask_tf.demo` in its own process (the demo's recipe: the small preset,
@@ -13,7 +14,8 @@ itself, as `make demo` on a new checkout does; committed code only. `--summary` 
 reads the given summary.json files. On one machine the runs of one seed agree to the digit, so
 `--seeds` gives the spread of the training itself: run i passes `--set training.seed=S --set
 data.seed=S` for the i-th seed S (seed 0 is `make demo`'s run; the synthetic data and the
-validation patches, `training.val_seed`, stay the same).
+validation patches, `training.val_seed`, stay the same). `--set SECTION.FIELD=VALUE` (repeatable)
+passes config overrides to every run, after the seeds, as `python -m sharpmask_tf.demo --set` does.
 
 Prints a Markdown table: per run, then mean, spread (max - min) and spread relative to the mean,
 of SharpMask segm AR@100 and AR@1k, DeepMask segm AR@100, SharpMask per-patch mean IoU and share
@@ -33,6 +35,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from sharpmask_tf.config import get_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Row label, goal, and how to read the value from a summary.json (None when the summary lacks it).
@@ -56,9 +60,24 @@ def read_row(summary: dict, read) -> float | None:
         return None
 
 
-def run_demo(index: int, root: Path, in_place: bool, timeout_s: float, seed: int | None = None) -> Path:
+def demo_command(out: Path, seed: int | None = None, overrides: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The demo's command line: results under `out`; with `seed`, training and sampling from that
+    seed; `overrides` (`SECTION.FIELD=VALUE`) after the seed's."""
+    sets = [] if seed is None else [f"training.seed={seed}", f"data.seed={seed}"]
+    sets += list(overrides)
+    return [sys.executable, "-m", "sharpmask_tf.demo", "--out", str(out), *(a for s in sets for a in ("--set", s))]
+
+
+def run_demo(
+    index: int,
+    root: Path,
+    in_place: bool,
+    timeout_s: float,
+    seed: int | None = None,
+    overrides: tuple[str, ...] | list[str] = (),
+) -> Path:
     """Runs the demo once and returns its summary.json: in this checkout (`--out` under `root`) or
-    in a fresh clone of HEAD under `root`; with `seed`, training and sampling from that seed."""
+    in a fresh clone of HEAD under `root`; `seed` and `overrides` as `demo_command` takes them."""
     if in_place:
         cwd, out = REPO, root / f"run{index}"
     else:
@@ -66,10 +85,9 @@ def run_demo(index: int, root: Path, in_place: bool, timeout_s: float, seed: int
         subprocess.run(["git", "clone", "--quiet", str(REPO), str(cwd)], check=True, timeout=120)
         out = cwd / "demo_output"
     env = {**os.environ, "PYTHONPATH": str(cwd)}
-    seeds = [] if seed is None else ["--set", f"training.seed={seed}", "--set", f"data.seed={seed}"]
     start = time.time()
     subprocess.run(
-        [sys.executable, "-m", "sharpmask_tf.demo", "--out", str(out), *seeds],
+        demo_command(out, seed, overrides),
         cwd=cwd,
         env=env,
         check=True,
@@ -108,6 +126,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per demo run")
     parser.add_argument("--seeds", type=int, nargs="+", help="one run per seed (instead of --runs)")
     parser.add_argument("--summary", nargs="+", help="only print the table of these summary.json files")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override for every run"
+    )
     args = parser.parse_args()
     if args.summary:
         paths = [Path(p) for p in args.summary]
@@ -116,10 +137,14 @@ def main() -> None:
             parser.error(f"--runs must be >= 1. Received: --runs {args.runs}")
         if args.seeds and any(s < 0 for s in args.seeds):
             parser.error(f"--seeds must be non-negative. Received: --seeds {args.seeds}")
+        try:  # a bad override fails here, not in the first demo after its clone
+            get_config("small", args.set)
+        except ValueError as e:
+            parser.error(str(e))
         seeds = args.seeds or [None] * args.runs
         root = Path(args.root or tempfile.mkdtemp(prefix="bench_quality_"))
         root.mkdir(parents=True, exist_ok=True)
-        paths = [run_demo(i + 1, root, args.in_place, args.timeout, seed) for i, seed in enumerate(seeds)]
+        paths = [run_demo(i + 1, root, args.in_place, args.timeout, seed, args.set) for i, seed in enumerate(seeds)]
     names = [f"seed {s}" for s in args.seeds] if args.seeds and not args.summary else None
     print(table([json.loads(p.read_text()) for p in paths], names))
 
