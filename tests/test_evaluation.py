@@ -264,6 +264,29 @@ def test_coco_results_round_trip_masks():
     assert coco_results({"masks": masks[:0], "boxes": np.zeros((0, 4)), "scores": np.zeros(0)}, 1) == []
 
 
+def test_coco_results_encode_the_bytes_pycocotools_encodes_of_whole_masks():
+    # coco_results encodes each mask from the columns it occupies; the reference is pycocotools'
+    # own encoder over every pixel of the mask (Fortran order, as its documentation asks).
+    rng = np.random.default_rng(3)
+    height, width = 13, 11
+    masks = np.zeros((12, height, width), bool)
+    masks[0] = True  # every pixel: first and last pixels set, no zeros at all
+    masks[1, 0, 0] = True  # the very first pixel alone
+    masks[2, -1, -1] = True  # the very last pixel alone
+    masks[3, 5, 4] = True  # one interior pixel
+    masks[4, :, 3] = True  # a whole column: runs that cross from one column into the next
+    masks[5, 2:9, 0] = masks[5, 1:4, -1] = True  # the first and the last column, the middle empty
+    masks[6:] = rng.random((6, height, width)) < np.linspace(0.05, 0.9, 6)[:, None, None]
+    masks[7, :, :4] = masks[7, :, -3:] = False
+    scores = np.linspace(1, 0, len(masks))
+    results = coco_results({"masks": masks, "boxes": mask_boxes(masks).numpy(), "scores": scores}, 1)
+    assert len(results) == len(masks)
+    for mask, result in zip(masks, results):
+        expected = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        assert result["segmentation"] == {"size": [height, width], "counts": expected["counts"].decode("ascii")}
+        np.testing.assert_array_equal(mask_utils.decode(result["segmentation"]), mask)
+
+
 def run_cli(*args, timeout=120):
     """The evaluation CLI in its own process, so that a hang fails the test instead of CI."""
     import os
