@@ -130,6 +130,8 @@ def main() -> None:
         "--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="config override for every run"
     )
     args = parser.parse_args()
+    if args.summary and args.set:
+        parser.error(f"--set applies to runs, and --summary runs nothing. Received: --set {' '.join(args.set)}")
     if args.summary:
         paths = [Path(p) for p in args.summary]
     else:

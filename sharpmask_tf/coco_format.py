@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from sharpmask_tf.data.coco import CocoDataset, indexed_coco, segmentation_problem, segmentation_to_rle
 
@@ -67,10 +68,8 @@ def _rle(mask: np.ndarray, columns: np.ndarray) -> dict[str, Any]:
 
     COCO's runs go down the columns, so all left of the first occupied column and right of the
     last is one run of zeros each; only the columns in between are copied in column order (a
-    whole-image transpose of 1000 proposals cost more than proposing them).
+    whole-image transpose of 1000 proposals cost about as much as proposing them).
     """
-    from pycocotools import mask as mask_utils
-
     height, width = mask.shape
     occupied = np.flatnonzero(columns)
     x0, x1 = int(occupied[0]), int(occupied[-1]) + 1

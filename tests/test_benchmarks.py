@@ -100,3 +100,9 @@ def test_bench_quality_rejects_a_bad_override_before_any_run(tmp_path):
     assert result.returncode == 2
     assert "training.stage2_steps must be non-negative" in result.stderr.splitlines()[-1]
     assert not (tmp_path / "root").exists()
+
+
+def test_bench_quality_refuses_overrides_with_finished_runs(tmp_path):
+    result = _bench("bench_quality", "--summary", str(tmp_path / "s.json"), "--set", "training.seed=1", timeout=120)
+    assert result.returncode == 2
+    assert "--summary runs nothing" in result.stderr.splitlines()[-1]
