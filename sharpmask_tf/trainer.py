@@ -33,7 +33,9 @@ A model directory holds:
 SIGTERM and SIGINT are recorded for the whole of `Trainer.run` and acted on at the next of its
 stop points: after each step, after a stage's last validation, after its export and after
 metrics.json. There every worker agrees (a collective, as in the step), saves the current step
-unless it is saved, and raises `TrainingInterrupted`.
+unless it is saved, and raises `TrainingInterrupted`. Under several workers, `Trainer.run`
+returns or raises only once every worker has ended its last collective (`wait_for_workers`):
+a worker that left first could strand a peer's share of the last all-reduce.
 
 About 450 lines: `Trainer`'s methods are the loop's steps over one shared state (strategy, model
 directory, writers, stop signals); the parts without that state live in `stop_signals.py`,
@@ -65,7 +67,7 @@ from sharpmask_tf.checkpoints import (
 )
 from sharpmask_tf.config import Config
 from sharpmask_tf.deepmask import dtype_policy_scope
-from sharpmask_tf.distribute import cluster_role, resolve_strategy
+from sharpmask_tf.distribute import cluster_role, resolve_strategy, wait_for_workers
 from sharpmask_tf.stop_signals import StopSignals, TrainingInterrupted, sum_over_replicas
 from sharpmask_tf.summaries import InputWait, mask_panels, write_train_summaries
 from sharpmask_tf.task import STAGES, DatasetFn, StageTask, ValidationFn, stage_model
@@ -164,17 +166,22 @@ class Trainer:
         """`check(stage)`, then `train`'s work: see there."""
         self.check(stage)
         metrics: dict[str, Any] = {}
-        with self._stop, dtype_policy_scope("mixed_float16" if self.config.training.mixed_precision else "float32"):
-            self.write_config()
-            deepmask = None
-            if stage in ("deepmask", "both"):
-                deepmask, metrics["deepmask"] = self.run_stage("deepmask")
-            if stage in ("sharpmask", "both"):
-                _, metrics["sharpmask"] = self.run_stage("sharpmask", init_from=deepmask)
-            merged = self.write_metrics(metrics)
-            last = list(metrics)[-1]
-            if self.stop_agreed(self._stop):
-                raise TrainingInterrupted(last, metrics[last]["step"], self._stop.signum or signal.SIGTERM)
+        try:
+            with self._stop, dtype_policy_scope("mixed_float16" if self.config.training.mixed_precision else "float32"):
+                self.write_config()
+                deepmask = None
+                if stage in ("deepmask", "both"):
+                    deepmask, metrics["deepmask"] = self.run_stage("deepmask")
+                if stage in ("sharpmask", "both"):
+                    _, metrics["sharpmask"] = self.run_stage("sharpmask", init_from=deepmask)
+                merged = self.write_metrics(metrics)
+                last = list(metrics)[-1]
+                if self.stop_agreed(self._stop):
+                    raise TrainingInterrupted(last, metrics[last]["step"], self._stop.signum or signal.SIGTERM)
+        except TrainingInterrupted:
+            wait_for_workers(self.strategy, warn=self._log)
+            raise
+        wait_for_workers(self.strategy, warn=self._log)
         return merged
 
     def write_config(self) -> None:

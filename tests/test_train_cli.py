@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow as tf
-from train_cli_testing import SCRIPT, dataset_args, run_train, set_args, train_env
+from train_cli_testing import SCRIPT, dataset_args, free_ports, run_train, set_args, train_env
 
 from sharpmask_tf.config import get_config
 
@@ -285,20 +284,9 @@ def test_a_broken_latest_checkpoint_resumes_from_the_one_before(tmp_path, data_a
     assert sorted(os.listdir(stage_dir)) == before
 
 
-def _free_ports(n):
-    """n distinct ports free now (all sockets are held open until every port is chosen)."""
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow
 def test_two_workers_end_with_identical_weights(tmp_path, data_args):
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
     model_dir = tmp_path / "m"
     args = data_args + [
         "--model-dir",

@@ -1,9 +1,11 @@
 """training/train.py as a real process, for the tests that run it: its path, its environment, a
-run with a timeout, and its arguments for a dataset and for config overrides."""
+run with a timeout, its arguments for a dataset and for config overrides, and free ports for a
+cluster of worker processes."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -35,3 +37,14 @@ def dataset_args(root: str, num_train: int, num_val: int, seed: int) -> list[str
     """`--train-data` and `--val-data` of a synthetic dataset generated under `root`."""
     paths = generate_dataset(root, num_train=num_train, num_val=num_val, seed=seed)
     return ["--train-data", f"{paths['train']}:{root}/train", "--val-data", f"{paths['val']}:{root}/val"]
+
+
+def free_ports(n):
+    """n distinct ports free now (all sockets are held open until every port is chosen)."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
