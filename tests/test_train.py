@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 
 import keras
@@ -51,8 +52,8 @@ def test_each_training_stream_starts_at_the_step_it_resumes_from(tmp_path):
         return fakes.make_dataset(config, split, stage, first_step=first_step, **kwargs)
 
     data = dict(make_dataset=recording, make_validation_patches=fakes.make_validation_patches)
-    train(_tiny("training.stage1_steps=2"), str(tmp_path), progress=False, **data)
-    train(_tiny("training.stage1_steps=5"), str(tmp_path), progress=False, **data)
+    train(_tiny("training.stage1_steps=2"), str(tmp_path), stage="deepmask", progress=False, **data)
+    train(_tiny("training.stage1_steps=5"), str(tmp_path), stage="deepmask", progress=False, **data)
     assert first_steps == [0, 2]
 
 
@@ -81,10 +82,18 @@ def test_mirrored_two_devices_equal_one_device(tmp_path):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
 
 
-def test_stage2_changes_no_trunk_or_head_weight(tmp_path):
-    train(_tiny(), str(tmp_path), progress=False, **DATA)
-    deepmask = keras.saving.load_model(tmp_path / "deepmask.keras")
-    sharpmask = keras.saving.load_model(tmp_path / "sharpmask.keras")
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One `_tiny()` run of both stages, its metrics and model directory, for the tests that only read
+    them (a test that writes there works on a copy)."""
+    model_dir = tmp_path_factory.mktemp("tiny_run")
+    return train(_tiny(), str(model_dir), progress=False, **DATA), model_dir
+
+
+def test_stage2_changes_no_trunk_or_head_weight(tiny_run):
+    _, model_dir = tiny_run
+    deepmask = keras.saving.load_model(model_dir / "deepmask.keras")
+    sharpmask = keras.saving.load_model(model_dir / "sharpmask.keras")
     before = _weights(deepmask)
     after = _weights(sharpmask)
     shared = before.keys() & after.keys()
@@ -106,8 +115,9 @@ def _event_scalars(log_dir, tag):
     return [v for _, v in sorted(values)]
 
 
-def test_training_writes_model_dir_and_resumes_without_retraining(tmp_path):
-    metrics = train(_tiny(), str(tmp_path), progress=False, **DATA)
+def test_training_writes_model_dir_and_resumes_without_retraining(tiny_run, tmp_path):
+    metrics, model_dir = tiny_run
+    shutil.copytree(model_dir, tmp_path, dirs_exist_ok=True)
     for name in ("config.json", "deepmask.keras", "sharpmask.keras", "metrics.json"):
         assert (tmp_path / name).exists(), name
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
