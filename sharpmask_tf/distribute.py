@@ -47,11 +47,17 @@ def resolve_strategy(name: str = "auto") -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
+def _cluster_resolver(strategy: tf.distribute.Strategy):
+    """The strategy's cluster resolver when this process is a task of a cluster, else None."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return resolver if resolver is not None and resolver.task_type else None
+
+
 def cluster_role(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
     """(is_chief, worker index) of this process under a strategy: the chief writes the model
     directory; the others write their checkpoints under `workers/<index>/`."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
+    resolver = _cluster_resolver(strategy)
+    if resolver is None:
         return True, 0
     task_type, task_id = resolver.task_type, int(resolver.task_id or 0)
     has_chief = "chief" in resolver.cluster_spec().as_dict()
@@ -60,8 +66,8 @@ def cluster_role(strategy: tf.distribute.Strategy) -> tuple[bool, int]:
 
 def num_workers(strategy: tf.distribute.Strategy) -> int:
     """How many worker processes (chief included) the strategy's cluster has; 1 without one."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
+    resolver = _cluster_resolver(strategy)
+    if resolver is None:
         return 1
     spec = resolver.cluster_spec().as_dict()
     return sum(len(spec.get(job, ())) for job in ("chief", "worker"))
