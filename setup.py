@@ -15,6 +15,7 @@ setup(
         "pycocotools>=2.0.8",
         "numpy",
         "pillow",
+        "opencv-python-headless>=5.1",
         "matplotlib",
         "tqdm",
     ],

@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 
 from sharpmask_tf.config import get_config
 from sharpmask_tf.data.coco import CocoDataset, DatasetError, _decode_rle_string
-from sharpmask_tf.data.render import PatchPlanner, image_problem, jpeg_reduction, render_group, rle_bounds
+from sharpmask_tf.data.render import PatchPlanner, image_problem, jpeg_reduction, render, rle_bounds
 from sharpmask_tf.data.sampler import PatchSampler
 
 
@@ -23,16 +23,14 @@ def planner_for(path, image_dir, preset="sharpmask_resnet50", stage=1, *override
     return PatchPlanner(PatchSampler.from_config(CocoDataset(path, image_dir), config, stage))
 
 
-def render(planner, windows, k, with_labels):
+def cut(planner, windows, k, with_labels):
+    """The windows' patches and labels as the pipeline renders them, in one batch."""
     plan = planner.plan(windows, k, with_labels)
-    paths = tf.constant(planner.paths)
     s = planner.sampler
-    images, masks = [], []
-    for g in range(len(windows) // k):
-        out = render_group({key: tf.constant(v[g]) for key, v in plan.items()}, paths, s.input_size, s.label_size)
-        images.append(out["images"].numpy())
-        masks.append(out["masks"].numpy())
-    return np.concatenate(images), np.concatenate(masks), plan
+    groups = tf.data.Dataset.from_tensor_slices(plan)
+    batch = render(groups, tf.constant(planner.paths), s.input_size, s.label_size, len(windows) // k, 2)
+    out = batch.get_single_element()
+    return out["images"].numpy(), out["masks"].numpy(), plan
 
 
 def reference(sampler, window, with_label):
@@ -54,7 +52,7 @@ def test_patches_equal_the_numpy_sampler_within_rounding(tmp_path, dataset):
         reductions = set()
         for kind in ("mask", "score"):
             windows = planner.sampler.draw_windows(rng, kind, 24, 1, planner.usable)
-            images, masks, plan = render(planner, windows, 1, kind == "mask")
+            images, masks, plan = cut(planner, windows, 1, kind == "mask")
             reductions.update(plan["decoder"].tolist())
             assert {w.flip for w in windows} == {False, True}
             for window, image, mask in zip(windows, images, masks):
@@ -71,7 +69,7 @@ def test_groups_share_an_image_and_keep_exact_labels(tmp_path):
     windows = planner.sampler.draw_windows(np.random.default_rng(0), "mask", 16, 4, planner.usable)
     assert all(len({w.image_id for w in windows[i : i + 4]}) == 1 for i in range(0, 16, 4))
     assert len({w.image_id for w in windows}) > 1
-    images, masks, _ = render(planner, windows, 4, True)
+    images, masks, _ = cut(planner, windows, 4, True)
     for window, image, mask in zip(windows, images, masks):
         expected_image, expected_mask = reference(planner.sampler, window, True)
         np.testing.assert_array_equal(mask, expected_mask)
@@ -81,7 +79,6 @@ def test_groups_share_an_image_and_keep_exact_labels(tmp_path):
 
 def test_rle_bounds_give_pycocotools_masks():
     rng = np.random.default_rng(0)
-    bounds = tf.function(rle_bounds)
     for trial in range(40):
         height, width = (int(v) for v in rng.integers(1, 90, 2))
         mask = (rng.random((height, width)) < rng.random()).astype(np.uint8)
@@ -89,7 +86,7 @@ def test_rle_bounds_give_pycocotools_masks():
             mask[:] = 0
             mask[height // 3 :, width // 4 :] = 1
         counts = mask_utils.encode(np.asfortranarray(mask))["counts"]
-        ends = bounds(tf.constant(counts)).numpy()
+        ends = rle_bounds(counts)
         np.testing.assert_array_equal(ends, np.cumsum(_decode_rle_string(counts.decode())))
         pixels = np.arange(height * width)
         decoded = (np.searchsorted(ends, pixels, side="right") % 2).reshape(width, height).T
@@ -147,7 +144,7 @@ def test_png_images_are_cut_like_jpegs(tmp_path):
         f.write(text.replace('.jpg"', '.png"'))
     planner = planner_for(path, image_dir)
     windows = planner.sampler.draw_windows(np.random.default_rng(0), "mask", 8, 1, planner.usable)
-    images, masks, plan = render(planner, windows, 1, True)
+    images, masks, plan = cut(planner, windows, 1, True)
     assert set(plan["decoder"].tolist()) == {4}
     for window, image, mask in zip(windows, images, masks):
         expected_image, expected_mask = reference(planner.sampler, window, True)

@@ -13,7 +13,7 @@ import tensorflow as tf
 from sharpmask_tf.config import Config, DataConfig, InferenceConfig, ModelConfig
 from sharpmask_tf.data.coco import CocoDataset
 from sharpmask_tf.data.packed import PackedSplit, load_packed
-from sharpmask_tf.data.render import PatchPlanner, render_group
+from sharpmask_tf.data.render import PatchPlanner, render
 from sharpmask_tf.data.sampler import PatchSampler
 
 SPLITS = ("train", "val")
@@ -25,7 +25,7 @@ _PLAN_SHAPES = {
     "decoder": lambda k, label: (),
     "crop": lambda k, label: (4,),
     "height": lambda k, label: (),
-    "boxes": lambda k, label: (k, 4),
+    "affine": lambda k, label: (k, 4),
     "inside": lambda k, label: (k, 4),
     "label_rows": lambda k, label: (k, label),
     "label_cols": lambda k, label: (k, label),
@@ -120,16 +120,12 @@ def draw_plan(planner: PatchPlanner, rng: np.random.Generator, kind: str, batch:
     return plan
 
 
-def _render(groups: tf.data.Dataset, planner: PatchPlanner, parallel: int) -> tf.data.Dataset:
-    """Planned groups to patches: each group's image decoded once, `parallel` groups at a time."""
-    paths = tf.constant(planner.paths)
+def _render(groups: tf.data.Dataset, planner: PatchPlanner, parallel: int, groups_per_batch: int) -> tf.data.Dataset:
+    """Planned groups to batches of `groups_per_batch` groups' patches with their scores and
+    weights: each group's image decoded once, `parallel` groups at a time (`render.render`)."""
     size, label = planner.sampler.input_size, planner.sampler.label_size
-
-    def to_patches(group: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        patches = render_group(group, paths, size, label)
-        return {**patches, **{key: group[key] for key in ("scores", "mask_weight", "score_weight")}}
-
-    return groups.map(to_patches, num_parallel_calls=parallel, deterministic=True).unbatch()
+    keep = ("scores", "mask_weight", "score_weight")
+    return render(groups, tf.constant(planner.paths), size, label, groups_per_batch, parallel, keep)
 
 
 def _spread_batches(
@@ -173,7 +169,7 @@ def _spread_batches(
 
             return {key: one(value) for key, value in round_.items()}
 
-        rounds = _render(plans.unbatch(), planner, parallel).batch(groups * k, drop_remainder=True)
+        rounds = _render(plans.unbatch(), planner, parallel, groups)
         return rounds.map(deal).unbatch()
 
     def choice(index: tf.Tensor) -> tf.Tensor:
@@ -278,8 +274,8 @@ def make_dataset(
     input pipeline p is a pure function of (seed, p, stage, i), so the stream is deterministic and
     every pipeline's stream is distinct.
     The windows are drawn in Python (`PatchSampler.draw_windows`, cheap); the patches are decoded,
-    cut and labelled by TensorFlow ops (`render.render_group`), `data.num_parallel_calls` images
-    at a time on every core, and prefetched. The trainer records how long its steps wait for
+    labelled by TensorFlow ops and cut by OpenCV (`render.render`), `data.num_parallel_calls`
+    images at a time on every core, and prefetched. The trainer records how long its steps wait for
     this stream (`summaries.InputWait`).
 
     Args:
@@ -332,7 +328,7 @@ def make_dataset(
         count = max(1, len(planner.sampler.positives) // (share.batch * share.pipelines))
         indices = tf.data.Dataset.range(count)
     groups = indices.map(to_plan, num_parallel_calls=parallel, deterministic=True).unbatch()
-    dataset = _render(groups, planner, parallel).batch(share.batch, drop_remainder=True)
+    dataset = _render(groups, planner, parallel, share.batch // k)
     return dataset.apply(tf.data.experimental.assert_cardinality(count)).prefetch(tf.data.AUTOTUNE)
 
 
@@ -358,5 +354,5 @@ def make_validation_patches(config: Config, num_patches: int, stage: int, seed: 
         raise ValueError(f"num_patches must be positive. Received: num_patches={num_patches!r}")
     planner = patch_planner(load_packed_split(config, "val"), config.data, config.model, config.inference, stage)
     plan = draw_plan(planner, np.random.default_rng([seed, _VALIDATION_STREAM, stage]), "mask", num_patches, 1)
-    patches = _render(tf.data.Dataset.from_tensor_slices(plan), planner, tf.data.AUTOTUNE).batch(num_patches)
+    patches = _render(tf.data.Dataset.from_tensor_slices(plan), planner, tf.data.AUTOTUNE, num_patches)
     return {key: value.numpy() for key, value in patches.get_single_element().items()}
