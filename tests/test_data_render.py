@@ -14,8 +14,9 @@ from pycocotools import mask as mask_utils
 
 from sharpmask_tf.config import get_config
 from sharpmask_tf.data.coco import CocoDataset, DatasetError, _decode_rle_string
-from sharpmask_tf.data.render import PatchPlanner, image_problem, jpeg_reduction, render, rle_bounds
+from sharpmask_tf.data.render import PatchPlanner, cut_patches, image_problem, jpeg_reduction, render, rle_bounds
 from sharpmask_tf.data.sampler import PatchSampler
+from sharpmask_tf.images import GREY
 
 
 def planner_for(path, image_dir, preset="sharpmask_resnet50", stage=1, *overrides):
@@ -160,3 +161,51 @@ def test_undecodable_images_are_redrawn_or_raise(tmp_path):
     strict = planner_for(path, str(image_dir), "sharpmask_resnet50", 1, "data.on_bad_annotation=error")
     with pytest.raises(DatasetError, match="truncated JPEG"):
         strict.sampler.draw_windows(np.random.default_rng(0), "mask", 20, 1, strict.usable)
+
+
+def _bilinear(image, ys, xs):
+    """Bilinear samples of an (h, w, c) image at rows ys and columns xs (pixel centres at
+    integers), its edge pixels repeated beyond it: an independent reference for cut_patches."""
+    padded = np.pad(image.astype(np.float64), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    y = np.clip(ys + 1, 0, padded.shape[0] - 1)
+    x = np.clip(xs + 1, 0, padded.shape[1] - 1)
+    y0 = np.minimum(np.floor(y).astype(int), padded.shape[0] - 2)
+    x0 = np.minimum(np.floor(x).astype(int), padded.shape[1] - 2)
+    wy, wx = (y - y0)[:, None, None], (x - x0)[None, :, None]
+    top = padded[y0][:, x0] * (1 - wx) + padded[y0][:, x0 + 1] * wx
+    bottom = padded[y0 + 1][:, x0] * (1 - wx) + padded[y0 + 1][:, x0 + 1] * wx
+    return top * (1 - wy) + bottom * wy
+
+
+def test_cut_patches_are_exact_bilinear_samples_grey_outside():
+    """Exact to float32 rounding (OpenCV 4 rounds positions to 1/32 pixel: up to 7 of 255 off here),
+    flipped windows included, one crop shared by a group's windows."""
+    rng = np.random.default_rng(0)
+    size = 24
+    crops = [rng.integers(0, 256, shape).astype(np.uint8) for shape in [(40, 31, 3), (17, 50, 3)]]
+    affine = np.zeros((2, 2, 4), np.float32)
+    inside = np.zeros((2, 2, 4), np.int32)
+    for g, crop in enumerate(crops):
+        for j in range(2):
+            dy, dx = (rng.uniform(0.3, min(1.6, (n - 1) / (size - 1))) for n in crop.shape[:2])
+            y0 = rng.uniform(-0.5, crop.shape[0] - 0.5 - dy * (size - 1))
+            x0 = rng.uniform(-0.5, crop.shape[1] - 0.5 - dx * (size - 1))
+            if j == 1:  # flipped: column 0 samples the right end
+                x0, dx = x0 + dx * (size - 1), -dx
+            affine[g, j] = y0, dy, x0, dx
+            inside[g, j] = rng.integers(0, 6), size - rng.integers(0, 6), rng.integers(0, 6), size - rng.integers(0, 6)
+    pixels = np.concatenate([c.reshape(-1) for c in crops])
+    starts = np.cumsum([0, *(c.size for c in crops)])
+    shapes = np.array([c.shape[:2] for c in crops])
+    out = cut_patches(pixels, starts, shapes, affine, inside, size)
+    assert out.shape == (4, size, size, 3) and out.dtype == np.float32
+    for g, crop in enumerate(crops):
+        for j in range(2):
+            y0, dy, x0, dx = affine[g, j].astype(np.float64)
+            expected = _bilinear(crop, y0 + dy * np.arange(size), x0 + dx * np.arange(size)) / 255
+            r0, r1, c0, c1 = inside[g, j]
+            patch = out[g * 2 + j]
+            np.testing.assert_allclose(patch[r0:r1, c0:c1], expected[r0:r1, c0:c1], atol=2e-6)
+            outside = np.ones((size, size), bool)
+            outside[r0:r1, c0:c1] = False
+            assert np.all(patch[outside] == GREY)
