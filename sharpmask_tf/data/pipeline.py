@@ -273,9 +273,9 @@ def make_dataset(
     `data.mask_only_steps` are all mask samples; stage 2 batches are mask samples. Batch i of
     input pipeline p is a pure function of (seed, p, stage, i), so the stream is deterministic and
     every pipeline's stream is distinct.
-    The windows are drawn in Python (`PatchSampler.draw_windows`, cheap); the patches are decoded,
-    labelled by TensorFlow ops and cut by OpenCV (`render.render`), `data.num_parallel_calls`
-    images at a time on every core, and prefetched. The trainer records how long its steps wait for
+    The windows are drawn in Python (`PatchSampler.draw_windows`, cheap); the images are decoded
+    by TensorFlow ops and the patches cut by OpenCV and labelled in NumPy (`render.render`),
+    `data.num_parallel_calls` images (and batches) at a time on every core, and prefetched. The trainer records how long its steps wait for
     this stream (`summaries.InputWait`).
 
     Args:
